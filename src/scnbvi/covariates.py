@@ -1,0 +1,212 @@
+"""Per-gene lengths and per-cell sequencing depth, turned into the log offsets of the model."""
+
+import csv
+import re
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from scnbvi.data import atomic_output
+from scnbvi.errors import InputError
+
+GTF_COLUMNS = ["seqname", "source", "feature", "start", "end", "score", "strand", "frame", "attributes"]
+DEPTH_SOURCES = ("obs", "total_counts", "constant")
+IMPUTE_FIX = "add them to the table or set covariates.gene_length.source: impute"
+
+
+def gene_lengths_from_table(path, var_names) -> np.ndarray:
+    """Lengths from a two-column TSV (gene, length; header optional), in the order of `var_names`."""
+    path = _existing_file(path)
+    try:
+        table = pd.read_csv(path, sep="\t", header=None, dtype=str, quoting=csv.QUOTE_NONE)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise InputError(path, "file", f"not a readable TSV ({error})", "write two tab-separated columns: gene, length") from error
+    if table.shape[1] != 2:
+        raise InputError(path, "columns", f"expected 2 columns (gene, length), found {table.shape[1]}",
+                         "write two tab-separated columns: gene, length")
+    table.columns = ["gene", "length"]
+    if pd.isna(pd.to_numeric(table["length"].iloc[0], errors="coerce")):
+        table = table.iloc[1:]  # the first row is a header
+    lengths = pd.to_numeric(table["length"], errors="coerce")
+    bad = lengths.isna() | (lengths <= 0)
+    if bad.any():
+        first = bad.to_numpy().argmax()
+        raise InputError(
+            path, "length", f"{int(bad.sum())} lengths are not positive numbers "
+            f"(first: gene {table['gene'].iloc[first]!r} = {table['length'].iloc[first]!r})",
+            "give every gene a length in base pairs > 0",
+        )
+    lengths.index = table["gene"].to_numpy()
+    duplicated = lengths.index[lengths.index.duplicated()]
+    if len(duplicated):
+        raise InputError(path, "gene", f"{len(duplicated)} genes appear more than once (first: {duplicated[0]!r})",
+                         "keep one row per gene")
+    return _aligned(lengths, var_names, path, "gene")
+
+
+def gene_lengths_from_gtf(path, var_names, attribute="gene_id") -> np.ndarray:
+    """Length of each gene as the union of its exons, so exons shared by transcripts count once."""
+    path = _existing_file(path)
+    try:
+        gtf = pd.read_csv(
+            path, sep="\t", comment="#", header=None, names=GTF_COLUMNS, usecols=["feature", "start", "end", "attributes"],
+            dtype={"feature": str, "attributes": str}, quoting=csv.QUOTE_NONE, compression="infer",
+        )
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError, ValueError) as error:
+        raise InputError(path, "file", f"not a readable GTF ({error})", "pass a GTF file (plain or .gz)") from error
+    exons = gtf[gtf["feature"] == "exon"].copy()
+    pattern = rf'(?:^|;)\s*{re.escape(attribute)}\s+"?([^";]+)"?'
+    exons["gene"] = exons["attributes"].str.extract(pattern, expand=False)
+    exons = exons.dropna(subset=["gene"])
+    if exons.empty:
+        raise InputError(path, attribute, f"no exon line has a {attribute!r} attribute",
+                         "use a GTF with exon features, or set the attribute to gene_id or gene_name")
+    exons["start"] = pd.to_numeric(exons["start"], errors="coerce")
+    exons["end"] = pd.to_numeric(exons["end"], errors="coerce")
+    bad = exons["start"].isna() | exons["end"].isna() | (exons["start"] < 1) | (exons["end"] < exons["start"])
+    if bad.any():
+        first = exons[bad].iloc[0]
+        raise InputError(path, "start/end", f"{int(bad.sum())} exons have invalid coordinates "
+                         f"(first: gene {first['gene']!r}, {first['start']}..{first['end']})",
+                         "use 1-based inclusive coordinates with start <= end")
+    return _aligned(_union_lengths(exons), var_names, path, attribute)
+
+
+def gene_lengths_from_var(adata: ad.AnnData, column: str, source) -> np.ndarray:
+    """Lengths from a numeric ``adata.var`` column (many annotated .h5ad files carry one)."""
+    field = f"var[{column!r}]"
+    if column not in adata.var.columns:
+        raise InputError(source, field, f"column not found (available: {list(adata.var.columns)})",
+                         "set covariates.gene_length.column to one of them, or another gene_length source")
+    lengths = pd.to_numeric(adata.var[column], errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(lengths) | (lengths <= 0)
+    if bad.any():
+        raise InputError(source, field, f"{int(bad.sum())} genes have no positive length (first: {adata.var_names[bad.argmax()]!r})",
+                         "fill them in, or set covariates.gene_length.source: impute")
+    return lengths
+
+
+def impute_gene_lengths(n_genes, seed) -> np.ndarray:
+    """Plausible lengths (1-3 kb) when none are known, seeded so runs repeat."""
+    return np.random.default_rng(seed).uniform(1000, 3000, n_genes)
+
+
+def sequencing_depth(
+    adata: ad.AnnData,
+    *,
+    source="obs",
+    column="Bases",
+    constant=10_000.0,
+    seed=0,
+    per_cell=True,
+    src_name="covariates.depth",
+) -> tuple[np.ndarray, int]:
+    """Per-cell sequencing depth and how many cells had theirs imputed.
+
+    Cells without counts have no usable total, but only matter when depth is used per cell;
+    the scalar (median) depth of the original model tolerates them.
+    """
+    if source == "obs":
+        return _depth_from_obs(adata, column, seed, src_name)
+    if source == "total_counts":
+        totals = np.asarray(adata.X.sum(axis=1), dtype=np.float64).ravel()
+        zero = totals <= 0
+        if per_cell and zero.any():
+            raise InputError(
+                src_name, "X", f"{int(zero.sum())} cells have zero counts (first: {adata.obs_names[zero.argmax()]!r}), "
+                "so their total is no depth", "drop them with load.zero_cells: drop, or set covariates.depth.per_cell: false",
+            )
+        return totals, 0
+    if source == "constant":
+        if not np.isfinite(constant) or constant <= 0:
+            raise InputError(src_name, "constant", f"{constant!r} is not a positive number", "give a depth > 0")
+        return np.full(adata.n_obs, float(constant)), 0
+    raise InputError(src_name, "source", f"unknown source {source!r}", f"use one of {list(DEPTH_SOURCES)}")
+
+
+def log_offsets(depth, lengths, *, per_cell=False, depth_ref=1e5, length_ref=2000.0) -> tuple[np.ndarray, np.ndarray]:
+    """Log offsets log(s/s_ref) per cell and log(L/L_ref) per gene.
+
+    Without `per_cell` every cell gets the median depth, as in the original model.
+    """
+    depth = np.asarray(depth, dtype=np.float64)
+    cell_depth = depth if per_cell else np.full(depth.shape, np.median(depth))
+    gene_log_offset = np.log(np.asarray(lengths, dtype=np.float64) / length_ref)
+    return np.log(cell_depth / depth_ref), gene_log_offset
+
+
+def write_covariates(cells_path, genes_path, *, obs_names, depth, cell_log_offset, var_names, gene_length,
+                     gene_log_offset) -> None:
+    """Write the cell and gene covariates as two TSVs, each atomically."""
+    cells = pd.DataFrame({"depth": depth, "log_offset": cell_log_offset}, index=pd.Index(obs_names, name="cell"))
+    genes = pd.DataFrame({"length": gene_length, "log_offset": gene_log_offset}, index=pd.Index(var_names, name="gene"))
+    for table, path in ((cells, cells_path), (genes, genes_path)):
+        with atomic_output(path) as temporary_path:
+            table.to_csv(temporary_path, sep="\t")
+
+
+def read_covariates(cells_path, genes_path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read the two tables written by `write_covariates`, indexed by cell and gene name."""
+    return (_read_covariate_table(cells_path, "cell", ["depth", "log_offset"]),
+            _read_covariate_table(genes_path, "gene", ["length", "log_offset"]))
+
+
+def _read_covariate_table(path, index_name, columns) -> pd.DataFrame:
+    path = _existing_file(path)
+    table = pd.read_csv(path, sep="\t", dtype={index_name: str}, float_precision="round_trip")
+    missing = [name for name in [index_name, *columns] if name not in table.columns]
+    if missing:
+        raise InputError(path, "columns", f"missing columns {missing} (found {list(table.columns)})",
+                         "rerun the covariates step")
+    return table.set_index(index_name)[columns]
+
+
+def _existing_file(path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file", "file not found", "check the path in the config")
+    return path
+
+
+def _union_lengths(exons: pd.DataFrame) -> pd.Series:
+    """Base pairs covered by each gene's exons (1-based inclusive), overlaps counted once.
+
+    With exons sorted by start, an exon adds the bases beyond the furthest end seen so far in its gene.
+    """
+    exons = exons.sort_values(["gene", "start"], kind="stable")
+    furthest_end = exons.groupby("gene", sort=False)["end"].cummax()
+    previous_end = furthest_end.groupby(exons["gene"], sort=False).shift(1).fillna(0)
+    new_bases = (exons["end"] - np.maximum(exons["start"] - 1, previous_end)).clip(lower=0)
+    return new_bases.groupby(exons["gene"]).sum().astype(np.float64)
+
+
+def _aligned(lengths: pd.Series, var_names, source, field) -> np.ndarray:
+    """Lengths in the order of `var_names`; every gene of the data must be present."""
+    var_names = pd.Index(var_names)
+    missing = var_names[~var_names.isin(lengths.index)]
+    if len(missing):
+        raise InputError(
+            source, field,
+            f"{len(missing)} of {len(var_names)} genes of the data are missing (first: {list(missing[:5])})",
+            IMPUTE_FIX,
+        )
+    return lengths.reindex(var_names).to_numpy(dtype=np.float64)
+
+
+def _depth_from_obs(adata, column, seed, src_name) -> tuple[np.ndarray, int]:
+    """Depth from an obs column; missing or non-positive values are imputed log-normally (seeded)."""
+    field = f"obs[{column!r}]"
+    if column not in adata.obs.columns:
+        raise InputError(src_name, field, f"column not found (available: {list(adata.obs.columns)})",
+                         "set covariates.depth.column to one of them, or covariates.depth.source: total_counts or constant")
+    values = adata.obs[column]
+    if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+        raise InputError(src_name, field, f"column is not numeric (dtype {values.dtype})",
+                         "use a numeric depth column, or set covariates.depth.source: total_counts or constant")
+    depth = values.to_numpy(dtype=np.float64, na_value=np.nan, copy=True)
+    unusable = ~np.isfinite(depth) | (depth <= 0)
+    n_imputed = int(unusable.sum())
+    depth[unusable] = np.random.default_rng(seed).lognormal(10, 0.5, n_imputed)
+    return depth, n_imputed

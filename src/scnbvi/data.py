@@ -1,0 +1,279 @@
+"""Read, check, clean and slice single-cell count matrices (cells x genes, sparse CSR)."""
+
+import contextlib
+import hashlib
+import numbers
+import os
+import tempfile
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from scnbvi.errors import InputError
+
+RAW_COUNTS_FIX = "pass raw counts (adata.raw or a counts layer), not normalised or scaled data"
+QC_ACTIONS = ("keep", "drop")
+CELL_METHODS = ("all", "first", "random")
+GENE_METHODS = ("all", "first", "random", "hvg")
+
+
+def read_counts(path) -> ad.AnnData:
+    """Load an .h5ad into memory as checked integer counts in CSR, the layout every later step expects."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file", "file not found", "check the path, or create the file before running")
+    try:
+        adata = ad.read_h5ad(path)
+    except Exception as error:  # h5py and anndata raise many types for a bad file
+        raise InputError(
+            path, "file", f"not a readable .h5ad file ({type(error).__name__}: {error})",
+            "write the counts with anndata's AnnData.write_h5ad",
+        ) from error
+    if adata.X is None:
+        raise InputError(path, "X", "the file has no X matrix", "store the raw counts in X")
+    counts = _as_csr(adata.X)
+    counts.sum_duplicates()
+    counts.eliminate_zeros()
+    adata.X = counts
+    validate_counts(adata, path)
+    adata.X = _as_smallest_integer(counts, path)
+    return adata
+
+
+def validate_counts(adata: ad.AnnData, source) -> None:
+    """Reject anything that is not a matrix of raw counts, naming the first bad entry so it can be found."""
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise InputError(
+            source, "X", f"the matrix is empty ({adata.n_obs} cells x {adata.n_vars} genes)",
+            "pass a file with at least one cell and one gene",
+        )
+    counts = _as_csr(adata.X)
+    values = counts.data
+    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
+        raise InputError(source, "X", f"dtype {values.dtype} is not a real number type", RAW_COUNTS_FIX)
+    if np.issubdtype(values.dtype, np.floating):
+        _reject_entries(adata, counts, ~np.isfinite(values), source, "non-finite values (NaN or inf)",
+                        "replace missing counts by 0 or remove the affected cells; " + RAW_COUNTS_FIX)
+    _reject_entries(adata, counts, values < 0, source, "negative values", RAW_COUNTS_FIX)
+    if np.issubdtype(values.dtype, np.floating):
+        _reject_entries(adata, counts, values != np.round(values), source, "non-integer values", RAW_COUNTS_FIX)
+
+
+def qc_report(adata: ad.AnnData) -> dict:
+    """Count the cells and genes that a user may want to drop before fitting."""
+    counts = _canonical_csr(adata.X)
+    return {
+        "n_cells": int(adata.n_obs),
+        "n_genes": int(adata.n_vars),
+        "nnz": int(counts.nnz),
+        "all_zero_cells": int(np.sum(np.diff(counts.indptr) == 0)),
+        "all_zero_genes": int(np.sum(np.bincount(counts.indices, minlength=adata.n_vars) == 0)),
+        "duplicate_cells": int(_duplicate_cell_mask(counts).sum()),
+    }
+
+
+def apply_qc_actions(adata: ad.AnnData, zero_cells="keep", zero_genes="keep", duplicate_cells="keep") -> ad.AnnData:
+    """Drop all-zero cells, all-zero genes or repeated cells as configured; duplicates keep their first occurrence."""
+    actions = {"zero_cells": zero_cells, "zero_genes": zero_genes, "duplicate_cells": duplicate_cells}
+    for name, action in actions.items():
+        if action not in QC_ACTIONS:
+            raise InputError("config", f"load.{name}", f"unknown action {action!r}", "use 'keep' or 'drop'")
+    counts = _canonical_csr(adata.X)
+    keep_cells = np.ones(adata.n_obs, dtype=bool)
+    keep_genes = np.ones(adata.n_vars, dtype=bool)
+    if zero_cells == "drop":
+        keep_cells &= np.diff(counts.indptr) > 0
+    if duplicate_cells == "drop":
+        keep_cells &= ~_duplicate_cell_mask(counts)
+    if zero_genes == "drop":
+        keep_genes &= np.bincount(counts.indices, minlength=adata.n_vars) > 0
+    if not keep_cells.any():
+        raise InputError("config", "load.zero_cells", "every cell has zero counts", "check that X holds the counts")
+    if not keep_genes.any():
+        raise InputError("config", "load.zero_genes", "every gene has zero counts", "check that X holds the counts")
+    return _materialise(adata, keep_cells, keep_genes)
+
+
+def slice_counts(
+    adata: ad.AnnData,
+    *,
+    cells_method="first",
+    n_cells=None,
+    genes_method="first",
+    n_genes=None,
+    obs_filters=None,
+    drop_zero_cells=False,
+    drop_zero_genes=False,
+    seed=0,
+    source="slice",
+) -> ad.AnnData:
+    """Select the cells and genes to fit, reproducibly, without changing the input.
+
+    Order: obs filters, then cells, then genes (HVG is computed on the selected cells),
+    then all-zero cells/genes of the result. `source` is the config key prefix used in errors.
+    """
+    cell_index = np.arange(adata.n_obs)
+    for column, allowed in (obs_filters or {}).items():
+        if column not in adata.obs.columns:
+            raise InputError(
+                "config", f"{source}.obs_filters.{column}",
+                f"obs has no column {column!r} (available: {list(adata.obs.columns)})",
+                "use one of the available columns or remove the filter",
+            )
+        allowed = list(allowed) if isinstance(allowed, (list, tuple, set)) else [allowed]
+        passes = adata.obs[column].iloc[cell_index].isin(allowed).to_numpy()
+        if not passes.any():
+            earlier = " among the cells kept by the earlier filters" if len(cell_index) < adata.n_obs else ""
+            raise InputError(
+                "config", f"{source}.obs_filters.{column}", f"no cell has one of the values {allowed}{earlier}",
+                f"use values present in obs[{column!r}], e.g. {list(pd.unique(adata.obs[column]))[:5]}",
+            )
+        cell_index = cell_index[passes]
+
+    cell_index = cell_index[_choose(len(cell_index), cells_method, n_cells, CELL_METHODS,
+                                    np.random.default_rng(seed), f"{source}.cells")]
+    gene_rng = np.random.default_rng([seed, 1])
+    if genes_method == "hvg":
+        gene_index = _highly_variable_gene_index(adata, cell_index, n_genes, f"{source}.genes")
+    else:
+        gene_index = _choose(adata.n_vars, genes_method, n_genes, GENE_METHODS, gene_rng, f"{source}.genes")
+
+    if drop_zero_cells or drop_zero_genes:
+        counts = _as_csr(adata.X)[cell_index][:, gene_index]
+    if drop_zero_cells:
+        nonzero_cells = np.asarray((counts != 0).sum(axis=1)).ravel() > 0
+        if not nonzero_cells.any():
+            raise InputError("config", f"{source}.drop_zero_cells", "every selected cell is zero in the selected genes",
+                             "select other cells or genes, or set it to false")
+        cell_index = cell_index[nonzero_cells]
+    if drop_zero_genes:
+        nonzero_genes = np.asarray((counts != 0).sum(axis=0)).ravel() > 0
+        if not nonzero_genes.any():
+            raise InputError("config", f"{source}.drop_zero_genes", "every gene is zero in the selected cells",
+                             "select other cells or genes, or set it to false")
+        gene_index = gene_index[nonzero_genes]
+    return _materialise(adata, cell_index, gene_index)
+
+
+def write_counts(adata: ad.AnnData, path) -> None:
+    """Write an .h5ad so that readers never see a half-written file."""
+    with atomic_output(path) as temporary_path:
+        adata.write_h5ad(temporary_path)
+
+
+@contextlib.contextmanager
+def atomic_output(path):
+    """Yield a temporary path next to `path`; move it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(handle)
+    try:
+        yield Path(temporary_name)
+        os.replace(temporary_name, path)
+    except BaseException:
+        Path(temporary_name).unlink(missing_ok=True)
+        raise
+
+
+def _as_csr(matrix) -> sp.csr_matrix:
+    """CSR view of any matrix; sparse input is converted without densifying, CSR is returned as is."""
+    if isinstance(matrix, sp.csr_matrix):
+        return matrix
+    if sp.issparse(matrix):
+        return sp.csr_matrix(matrix.tocsr())
+    return sp.csr_matrix(np.asarray(matrix))
+
+
+def _canonical_csr(matrix) -> sp.csr_matrix:
+    """CSR with sorted, unique indices and no stored zeros, so rows can be compared by their bytes."""
+    counts = _as_csr(matrix)
+    if counts.has_canonical_format and not (counts.data == 0).any():
+        return counts
+    counts = counts.copy()
+    counts.sum_duplicates()
+    counts.eliminate_zeros()
+    return counts
+
+
+def _duplicate_cell_mask(counts: sp.csr_matrix) -> np.ndarray:
+    """True for each cell whose counts equal those of an earlier cell (all-zero cells repeat each other)."""
+    seen = set()
+    duplicate = np.zeros(counts.shape[0], dtype=bool)
+    for row, (start, end) in enumerate(zip(counts.indptr[:-1], counts.indptr[1:])):
+        digest = hashlib.blake2b(counts.indices[start:end].tobytes(), digest_size=16)
+        digest.update(counts.data[start:end].tobytes())
+        key = digest.digest()
+        duplicate[row] = key in seen
+        seen.add(key)
+    return duplicate
+
+
+def _reject_entries(adata, counts, bad, source, what, fix) -> None:
+    """Raise for the stored entries flagged in `bad`, naming the first one by cell and gene."""
+    n_bad = int(np.count_nonzero(bad))
+    if n_bad == 0:
+        return
+    first = int(np.argmax(bad))
+    row = int(np.searchsorted(counts.indptr, first, side="right") - 1)
+    gene = adata.var_names[counts.indices[first]]
+    value = counts.data[first]
+    raise InputError(
+        source, "X",
+        f"{n_bad} {what} (first: cell {adata.obs_names[row]!r}, gene {gene!r} = {value:g})", fix,
+    )
+
+
+def _as_smallest_integer(counts: sp.csr_matrix, source) -> sp.csr_matrix:
+    """Store checked counts as int32 when they fit (halves memory), else int64."""
+    largest = counts.data.max() if counts.nnz else 0
+    if largest > np.iinfo(np.int64).max:
+        raise InputError(source, "X", f"count {largest:g} is too large for a 64-bit integer", RAW_COUNTS_FIX)
+    dtype = np.int32 if largest <= np.iinfo(np.int32).max else np.int64
+    return counts.astype(dtype, copy=False)
+
+
+def _choose(n_available, method, n, methods, rng, field) -> np.ndarray:
+    """Positions (sorted) of the first or a seeded random n of `n_available` items; n None or too big means all."""
+    if method not in methods:
+        raise InputError("config", f"{field}.method", f"unknown method {method!r}", f"use one of {list(methods)}")
+    n_wanted = _requested_size(n_available, n, f"{field}.n")
+    if method == "all" or n_wanted == n_available:
+        return np.arange(n_available)
+    if method == "first":
+        return np.arange(n_wanted)
+    return np.sort(rng.choice(n_available, size=n_wanted, replace=False))
+
+
+def _requested_size(n_available, n, field) -> int:
+    """Validate a requested count and cap it at what is available."""
+    if n is None:
+        return n_available
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise InputError("config", field, f"{n!r} is not a positive integer", "give a whole number >= 1, or null for all")
+    return min(int(n), n_available)
+
+
+def _highly_variable_gene_index(adata, cell_index, n_genes, field) -> np.ndarray:
+    """Positions (in original order) of the n most variable genes by Seurat v3, which models raw counts."""
+    import scanpy as sc
+
+    n_wanted = _requested_size(adata.n_vars, n_genes, f"{field}.n")
+    if n_wanted == adata.n_vars:
+        return np.arange(adata.n_vars)
+    if len(cell_index) < 2:
+        raise InputError("config", f"{field}.method", "hvg needs at least 2 selected cells",
+                         "select more cells or use genes.method: first or random")
+    selected = ad.AnnData(X=_as_csr(adata.X)[cell_index].astype(np.float64))
+    ranking = sc.pp.highly_variable_genes(selected, flavor="seurat_v3", n_top_genes=n_wanted, inplace=False)
+    return np.flatnonzero(ranking["highly_variable"].to_numpy())
+
+
+def _materialise(adata, cell_selector, gene_selector) -> ad.AnnData:
+    """An independent AnnData of the selection, with CSR counts."""
+    result = adata[cell_selector, gene_selector].copy()
+    result.X = _as_csr(result.X)
+    return result

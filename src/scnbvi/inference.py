@@ -1,0 +1,482 @@
+"""Mean-field ADVI of the model, with two interchangeable engines.
+
+``pymc`` runs ``pm.fit`` on a PyTensor backend (``c``, ``numba`` or the pure-Python ``py``
+linker). ``jax`` compiles the same model's log density to JAX and drives ADVI in a jitted optax
+loop. Both stream minibatches from a sparse matrix, share the convergence rule and return the
+same :class:`FitResult`, so everything downstream is engine-agnostic.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pymc as pm
+import pytensor
+import pytensor.tensor as pt
+import scipy.sparse as sp
+
+from scnbvi.batches import BatchSampler, pad_nonzeros
+from scnbvi.model import BATCH_CONTAINERS, build_model
+
+log = logging.getLogger("scnbvi")
+
+BACKENDS = ("c", "py", "numba", "jax")
+CONVERGENCE_RULES = ("elbo", "parameters")
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How to fit; mirrors the ``inference`` section of the workflow config."""
+
+    minibatch: str = "cells"
+    batch_size: int = 128
+    max_iterations: int = 300_000
+    learning_rate: float = 0.01
+    seed: int = 0
+    draws: int = 1000
+    init: str = "data"
+    convergence: str = "elbo"
+    tolerance: float = 1e-3
+    check_every: int = 500
+    patience: int = 3
+    eval_cells: int = 1024
+    eval_samples: int = 4
+    log_every_seconds: float = 10.0
+
+
+@dataclass
+class FitResult:
+    """The fitted mean-field Gaussian (unconstrained space) and how the fit went."""
+
+    means: dict[str, np.ndarray]
+    stds: dict[str, np.ndarray]
+    losses: np.ndarray
+    checks: list[tuple[int, float]]
+    steps: int
+    epochs: float
+    converged: bool
+    stop_reason: str
+    fit_seconds: float
+    compile_seconds: float
+    engine: str
+    backend: str
+    attrs: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def engine_for(backend: str) -> str:
+    """The engine that runs a backend: JAX has its own loop, the rest go through ``pm.fit``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return "jax" if backend == "jax" else "pymc"
+
+
+def require_backend(backend: str) -> None:
+    """Fail early, with what is missing, when a backend cannot run on this machine."""
+    engine_for(backend)
+    if backend == "c" and not pytensor.config.cxx:
+        raise RuntimeError(
+            "backend 'c' needs a C++ compiler (g++) and none was found on this machine; "
+            "install one or set backend: py (pure-Python linker, slower)"
+        )
+    if backend in ("numba", "jax"):
+        try:
+            __import__(backend)
+        except ImportError as err:
+            raise RuntimeError(
+                f"backend {backend!r} needs the Python package {backend!r}, which is not "
+                f"installed ({err}); install it or choose backend c or py"
+            ) from err
+
+
+def pytensor_mode(backend: str):
+    """The PyTensor compile mode of a ``pymc``-engine backend."""
+    if backend == "py":
+        return pytensor.compile.mode.Mode(linker="py", optimizer="fast_run")
+    if backend == "numba":
+        return "NUMBA"
+    if backend == "jax":
+        return pytensor.compile.mode.Mode(linker="py", optimizer="fast_compile")
+    return "FAST_RUN"
+
+
+# --------------------------------------------------------------------------- initialisation
+
+
+def data_driven_initvals(counts: sp.csr_matrix, cell_log_offset, gene_log_offset) -> dict:
+    """Start gene effects at log mean expression and cell effects at log library size.
+
+    Both are centred so that the population means start at zero; this places the fit near
+    the optimum's ridge and cuts the number of steps ADVI needs.
+    """
+    counts = sp.csr_matrix(counts)
+    cell_totals = np.asarray(counts.sum(axis=1)).ravel()
+    gene_totals = np.asarray(counts.sum(axis=0)).ravel()
+    cell_effect = np.log(cell_totals + 0.5) - cell_log_offset
+    cell_effect -= cell_effect.mean()
+    log_cell_exposure = np.logaddexp.reduce(cell_effect + cell_log_offset)
+    gene_effect = np.log(gene_totals + 0.5) - log_cell_exposure - gene_log_offset
+    sigma_cell = max(cell_effect.std(), 0.05)
+    sigma_gene = max(gene_effect.std(), 0.05)
+    mu_gene = gene_effect.mean()
+    return {
+        "mu_gene": np.array(mu_gene),
+        "sigma_gene": np.array(sigma_gene),
+        "z_gene": (gene_effect - mu_gene) / sigma_gene,
+        "mu_cond": np.array(0.0),
+        "sigma_cond": np.array(sigma_cell),
+        "z_cell": cell_effect / sigma_cell,
+    }
+
+
+# --------------------------------------------------------------------------- convergence
+
+
+class ConvergenceMonitor:
+    """Decides when to stop, from checks taken every ``check_every`` steps.
+
+    ``elbo``: a low-noise ELBO estimate on a fixed set of cells with fixed Monte-Carlo draws
+    (common random numbers), so minibatch noise cannot fake a plateau; stop when it improved
+    by less than ``tolerance`` (relative) over the last ``patience`` checks.
+    ``parameters``: the original notebook's rule (``pm.callbacks.CheckParametersConvergence``):
+    stop when the largest relative change of the variational parameters between two checks
+    is below ``tolerance``.
+    """
+
+    def __init__(self, rule: str, tolerance: float, patience: int):
+        if rule not in CONVERGENCE_RULES:
+            raise ValueError(f"convergence must be one of {CONVERGENCE_RULES}, got {rule!r}")
+        self.rule, self.tolerance, self.patience = rule, tolerance, patience
+        self.history: list[float] = []
+        self._previous_params: np.ndarray | None = None
+
+    def update_elbo(self, elbo: float) -> bool:
+        self.history.append(elbo)
+        if len(self.history) <= self.patience:
+            return False
+        past = self.history[-1 - self.patience]
+        return (elbo - past) / abs(elbo) < self.tolerance
+
+    def update_parameters(self, params: np.ndarray) -> bool:
+        previous, self._previous_params = self._previous_params, params.copy()
+        if previous is None:
+            return False
+        change = np.abs((params - previous) / previous)
+        return float(np.max(change)) < self.tolerance
+
+
+class Progress:
+    """Plain progress lines (step, epoch, loss, rate, ETA) that read well in a batch job log."""
+
+    def __init__(self, total: int, steps_per_epoch: float, every_seconds: float):
+        self.total, self.steps_per_epoch, self.every = total, steps_per_epoch, every_seconds
+        self.start = self.last = time.perf_counter()
+
+    def maybe_log(self, step: int, loss: float, elbo: float | None = None, force=False):
+        now = time.perf_counter()
+        if not force and now - self.last < self.every:
+            return
+        self.last = now
+        rate = step / max(now - self.start, 1e-9)
+        eta = (self.total - step) / max(rate, 1e-9)
+        extra = "" if elbo is None else f" eval_elbo {elbo:.6g}"
+        log.info(
+            "step %d/%d epoch %.2f loss %.6g%s %.1f it/s eta(max) %s",
+            step, self.total, step / self.steps_per_epoch, loss, extra, rate, _clock(eta),
+        )
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def _free_layout(model: pm.Model) -> list[tuple[str, tuple[int, ...]]]:
+    point = model.initial_point()
+    return [(v.name, point[v.name].shape) for v in model.value_vars]
+
+
+def _split(flat: np.ndarray, layout) -> dict[str, np.ndarray]:
+    out, start = {}, 0
+    for name, shape in layout:
+        size = int(np.prod(shape, dtype=int))
+        out[name] = np.asarray(flat[start : start + size]).reshape(shape)
+        start += size
+    return out
+
+
+def _entropy(stds: np.ndarray) -> float:
+    return float(np.sum(np.log(stds)) + 0.5 * stds.size * (1.0 + math.log(2 * math.pi)))
+
+
+def fixed_normal_draws(n_samples: int, dim: int, seed: int) -> np.ndarray:
+    """Common random numbers for the low-noise ELBO estimate."""
+    return np.random.default_rng([seed, 7]).standard_normal((n_samples, dim))
+
+
+# --------------------------------------------------------------------------- engines
+
+
+def fit(
+    counts: sp.csr_matrix,
+    cell_log_offset: np.ndarray,
+    gene_log_offset: np.ndarray,
+    settings: InferenceSettings,
+    backend: str = "c",
+    gene_dispersion: bool = False,
+    cell_names=None,
+    gene_names=None,
+) -> tuple[pm.Model, FitResult]:
+    """Fit the model to a sparse cells x genes count matrix; returns the model and the fit."""
+    require_backend(backend)
+    initvals = (
+        data_driven_initvals(counts, cell_log_offset, gene_log_offset)
+        if settings.init == "data"
+        else None
+    )
+    sampler = BatchSampler(counts, settings.minibatch, settings.batch_size, settings.seed)
+    model = build_model(
+        cell_log_offset=cell_log_offset,
+        gene_log_offset=gene_log_offset,
+        mode=settings.minibatch,
+        batch_size=sampler.batch_size,
+        gene_dispersion=gene_dispersion,
+        cell_names=cell_names,
+        gene_names=gene_names,
+        initvals=initvals,
+    )
+    run = _fit_jax if engine_for(backend) == "jax" else _fit_pymc
+    result = run(model, sampler, settings, backend)
+    log.info(
+        "stopped after %d steps (%.2f epochs, %.1f s, compile %.1f s): %s",
+        result.steps, result.epochs, result.fit_seconds, result.compile_seconds, result.stop_reason,
+    )
+    return model, result
+
+
+def _stop_reason(converged: bool, steps: int, settings: InferenceSettings) -> str:
+    if converged:
+        return f"converged ({settings.convergence} rule, tolerance {settings.tolerance:g})"
+    return f"reached max_iterations={settings.max_iterations} without converging"
+
+
+def _fit_pymc(model, sampler, settings, backend) -> FitResult:
+    mode = pytensor_mode(backend)
+    containers = [model[name] for name in BATCH_CONTAINERS[sampler.mode]]
+
+    def load(batch):
+        for container in containers:
+            container.set_value(batch[container.name].astype(container.dtype))
+
+    layout = _free_layout(model)
+    eval_batch = sampler.evaluation_batch(settings.eval_cells, settings.seed)
+    draws = fixed_normal_draws(settings.eval_samples, sum(int(np.prod(s)) for _, s in layout), settings.seed)
+    monitor = ConvergenceMonitor(settings.convergence, settings.tolerance, settings.patience)
+    progress = Progress(settings.max_iterations, sampler.steps_per_epoch, settings.log_every_seconds)
+    checks: list[tuple[int, float]] = []
+    state = {"converged": False}
+
+    t0 = time.perf_counter()
+    with model:
+        logp_fn = model.compile_logp(jacobian=True, mode=mode)
+        advi = pm.ADVI(random_seed=settings.seed)
+    group = advi.approx.groups[0]
+    order = [group.ordering[name] for name, _ in layout]
+    compile_seconds = time.perf_counter() - t0
+
+    def current():
+        mean_flat = group.params_dict["mu"].get_value()
+        rho_flat = group.params_dict["rho"].get_value()
+        mean = np.concatenate([mean_flat[o[1]] for o in order])
+        std = np.log1p(np.exp(np.concatenate([rho_flat[o[1]] for o in order])))
+        return mean, std, np.concatenate([mean_flat, rho_flat])
+
+    def evaluate(mean, std) -> float:
+        load(eval_batch)
+        values = [logp_fn(_split(mean + std * eps, layout)) for eps in draws]
+        return float(np.mean(values)) + _entropy(std)
+
+    def after_step(approx, losses, step):
+        if step == 1:
+            timing["first_step"] = time.perf_counter()
+        load(sampler.next())
+        if step % settings.check_every == 0:
+            mean, std, params = current()
+            if settings.convergence == "elbo":
+                checks.append((step, evaluate(mean, std)))
+                done = monitor.update_elbo(checks[-1][1])
+            else:
+                done = monitor.update_parameters(params)
+            progress.maybe_log(step, losses[-1], checks[-1][1] if checks else None, force=True)
+            if done:
+                state["converged"] = True
+                raise StopIteration
+        else:
+            progress.maybe_log(step, losses[-1])
+
+    load(sampler.next())
+    timing = {"start": time.perf_counter()}
+    with model:
+        try:
+            pm.fit(
+                n=settings.max_iterations,
+                method=advi,
+                obj_optimizer=pm.adam(learning_rate=settings.learning_rate),
+                callbacks=[after_step],
+                progressbar=False,
+                compile_kwargs={"mode": mode},
+            )
+        except FloatingPointError as err:
+            raise FloatingPointError(_divergence_message(len(advi.hist), settings)) from err
+    losses = np.asarray(advi.hist, dtype=float)
+    steps = len(losses)
+    compile_seconds += timing.get("first_step", timing["start"]) - timing["start"]
+    fit_seconds = time.perf_counter() - timing.get("first_step", timing["start"])
+    mean, std, _ = current()
+    return FitResult(
+        means=_split(mean, layout),
+        stds=_split(std, layout),
+        losses=losses,
+        checks=checks,
+        steps=steps,
+        epochs=steps / sampler.steps_per_epoch,
+        converged=state["converged"],
+        stop_reason=_stop_reason(state["converged"], steps, settings),
+        fit_seconds=fit_seconds,
+        compile_seconds=compile_seconds,
+        engine="pymc",
+        backend=backend,
+    )
+
+
+def _divergence_message(step: int, settings: InferenceSettings) -> str:
+    return (
+        f"ADVI diverged at step {step} (loss is not finite) with learning_rate="
+        f"{settings.learning_rate:g}; fix: lower inference.learning_rate (e.g. "
+        f"{settings.learning_rate / 10:g})"
+    )
+
+
+def _jax_logp(model: pm.Model, container_names):
+    """The model's log density (Jacobian included) as a JAX function of (values..., batch...).
+
+    The data containers are swapped for symbolic inputs first, so each step can pass its
+    own minibatch instead of the constants that jaxification would bake in.
+    """
+    from pymc.sampling.jax import get_jaxified_graph
+    from pytensor.graph.replace import graph_replace
+
+    containers = [model[name] for name in container_names]
+    inputs = [pt.tensor(name=f"{c.name}_batch", dtype=c.dtype, shape=(None,) * c.ndim) for c in containers]
+    logp = graph_replace(model.logp(jacobian=True), dict(zip(containers, inputs)), strict=False)
+    return get_jaxified_graph(inputs=model.value_vars + inputs, outputs=[logp])
+
+
+def _fit_jax(model, sampler, settings, backend) -> FitResult:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    names = BATCH_CONTAINERS[sampler.mode]
+    next_batch = (lambda: pad_nonzeros(sampler.next())) if sampler.mode == "cells" else sampler.next
+    layout = _free_layout(model)
+    sizes = [int(np.prod(shape, dtype=int)) for _, shape in layout]
+    bounds = np.cumsum([0, *sizes])
+    logp_graph = _jax_logp(model, names)
+
+    def logp(flat, batch):
+        values = [flat[bounds[k] : bounds[k + 1]].reshape(shape) for k, (_, shape) in enumerate(layout)]
+        return logp_graph(*values, *[batch[name] for name in names])[0]
+
+    optimizer = optax.adam(settings.learning_rate)
+    point = model.initial_point()
+    params = {
+        "mu": jnp.concatenate([jnp.ravel(point[name]) for name, _ in layout]),
+        "rho": jnp.zeros(int(bounds[-1])),
+    }
+    opt_state = optimizer.init(params)
+    key = jax.random.PRNGKey(settings.seed)
+
+    @jax.jit
+    def step(params, opt_state, step_key, batch):
+        def loss(p):
+            std = jax.nn.softplus(p["rho"])
+            draw = p["mu"] + std * jax.random.normal(step_key, p["mu"].shape)
+            return -(logp(draw, batch) + jnp.sum(jnp.log(std)))
+
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    eval_batch = sampler.evaluation_batch(settings.eval_cells, settings.seed)
+    eval_batch = {k: jnp.asarray(v) for k, v in eval_batch.items()}
+    eval_draws = jnp.asarray(fixed_normal_draws(settings.eval_samples, int(bounds[-1]), settings.seed))
+
+    @jax.jit
+    def evaluate(params):
+        std = jax.nn.softplus(params["rho"])
+        values = jax.vmap(lambda eps: logp(params["mu"] + std * eps, eval_batch))(eval_draws)
+        return jnp.mean(values) + jnp.sum(jnp.log(std))
+
+    t0 = time.perf_counter()
+    params, opt_state, first_loss = step(params, opt_state, jax.random.fold_in(key, 0), next_batch())
+    first_loss.block_until_ready()
+    evaluate(params).block_until_ready()
+    compile_seconds = time.perf_counter() - t0
+
+    monitor = ConvergenceMonitor(settings.convergence, settings.tolerance, settings.patience)
+    progress = Progress(settings.max_iterations, sampler.steps_per_epoch, settings.log_every_seconds)
+    losses = [first_loss]
+    checks: list[tuple[int, float]] = []
+    converged = False
+    entropy_constant = 0.5 * int(bounds[-1]) * (1.0 + math.log(2 * math.pi))
+    t0 = time.perf_counter()
+    for steps in range(2, settings.max_iterations + 1):
+        params, opt_state, loss = step(params, opt_state, jax.random.fold_in(key, steps - 1), next_batch())
+        losses.append(loss)
+        if steps % settings.check_every == 0:
+            last = float(loss)
+            if not np.isfinite(last):
+                raise FloatingPointError(_divergence_message(steps, settings))
+            if settings.convergence == "elbo":
+                checks.append((steps, float(evaluate(params)) + entropy_constant))
+                done = monitor.update_elbo(checks[-1][1])
+            else:
+                done = monitor.update_parameters(np.concatenate([np.asarray(params["mu"]), np.asarray(params["rho"])]))
+            progress.maybe_log(steps, last, checks[-1][1] if checks else None, force=True)
+            if done:
+                converged = True
+                break
+    else:
+        steps = settings.max_iterations
+    losses = np.asarray(jnp.stack(losses), dtype=float) - entropy_constant
+    fit_seconds = time.perf_counter() - t0
+    if not np.all(np.isfinite(losses)):
+        raise FloatingPointError(_divergence_message(int(np.argmax(~np.isfinite(losses))) + 1, settings))
+    mean = np.asarray(params["mu"])
+    std = np.asarray(jax.nn.softplus(params["rho"]))
+    return FitResult(
+        means=_split(mean, layout),
+        stds=_split(std, layout),
+        losses=losses,
+        checks=checks,
+        steps=steps,
+        epochs=steps / sampler.steps_per_epoch,
+        converged=converged,
+        stop_reason=_stop_reason(converged, steps, settings),
+        fit_seconds=fit_seconds,
+        compile_seconds=compile_seconds,
+        engine="jax",
+        backend=backend,
+    )

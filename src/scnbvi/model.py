@@ -1,0 +1,131 @@
+"""The hierarchical Negative-Binomial model, defined once in PyMC and shared by both engines.
+
+log mu_ig = (mu_gene + sigma_gene*z_g) + (mu_cond + sigma_cond*z_i) + log(s_i/s_ref) + log(L_g/L_ref)
+y_ig ~ NB(mu_ig, alpha), z ~ N(0, 1) (non-centred), alpha ~ HalfCauchy(2).
+
+The observed counts enter through data containers that hold one minibatch at a time, so the
+matrix itself never has to live inside the graph. Two minibatch layouts exist:
+``cells`` (a block of whole cells with all genes, given by its non-zero entries) and
+``entries`` (flattened (gene, cell, count) triples, the layout of the original notebook).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pymc as pm
+import pytensor.tensor as pt
+
+MINIBATCH_MODES = ("cells", "entries")
+
+# Hyperpriors of the population-level parameters (log scale).
+PRIOR_MU_SD = 1.0
+PRIOR_SIGMA_SD = 1.0
+PRIOR_ALPHA_BETA = 2.0
+
+# Data containers that each minibatch fills, by layout. A ``cells`` block is its cells'
+# indices plus its non-zero entries (row within the block, gene, count).
+BATCH_CONTAINERS = {
+    "cells": ("cell_index", "nz_row", "nz_gene", "nz_count"),
+    "entries": ("counts", "cell_index", "gene_index"),
+}
+
+
+def empty_batch(mode: str, batch_size: int) -> dict[str, np.ndarray]:
+    """A zero-filled batch with the shapes and dtypes of the given layout."""
+    if mode == "cells":
+        return {
+            "cell_index": np.zeros(batch_size, dtype=np.int32),
+            "nz_row": np.zeros(1, dtype=np.int32),
+            "nz_gene": np.zeros(1, dtype=np.int32),
+            "nz_count": np.zeros(1),
+        }
+    return {
+        "counts": np.zeros(batch_size),
+        "cell_index": np.zeros(batch_size, dtype=np.int32),
+        "gene_index": np.zeros(batch_size, dtype=np.int32),
+    }
+
+
+def build_model(
+    *,
+    cell_log_offset: np.ndarray,
+    gene_log_offset: np.ndarray,
+    mode: str = "cells",
+    batch_size: int = 128,
+    gene_dispersion: bool = False,
+    cell_names=None,
+    gene_names=None,
+    initvals: dict[str, np.ndarray] | None = None,
+) -> pm.Model:
+    """Build the model for a data set of ``len(cell_log_offset)`` cells x ``len(gene_log_offset)`` genes.
+
+    The likelihood is scaled by ``total_size`` so that a minibatch stands for the whole data set.
+    """
+    if mode not in MINIBATCH_MODES:
+        raise ValueError(f"minibatch mode must be one of {MINIBATCH_MODES}, got {mode!r}")
+    n_cells, n_genes = len(cell_log_offset), len(gene_log_offset)
+    coords = {
+        "cell": list(cell_names) if cell_names is not None else [f"cell{i}" for i in range(n_cells)],
+        "gene": list(gene_names) if gene_names is not None else [f"gene{g}" for g in range(n_genes)],
+    }
+    batch = empty_batch(mode, batch_size)
+    with pm.Model(coords=coords) as model:
+        data = {name: pm.Data(name, value) for name, value in batch.items()}
+
+        mu_gene = pm.Normal("mu_gene", 0.0, PRIOR_MU_SD)
+        sigma_gene = pm.HalfNormal("sigma_gene", PRIOR_SIGMA_SD)
+        z_gene = pm.Normal("z_gene", 0.0, 1.0, dims="gene")
+        mu_cond = pm.Normal("mu_cond", 0.0, PRIOR_MU_SD)
+        sigma_cond = pm.HalfNormal("sigma_cond", PRIOR_SIGMA_SD)
+        z_cell = pm.Normal("z_cell", 0.0, 1.0, dims="cell")
+        alpha = pm.HalfCauchy("alpha", PRIOR_ALPHA_BETA, dims="gene" if gene_dispersion else None)
+
+        gene_effect = pm.Deterministic("gene_effect", mu_gene + sigma_gene * z_gene, dims="gene")
+        cell_effect = pm.Deterministic("cell_effect", mu_cond + sigma_cond * z_cell, dims="cell")
+        gene_log_rate = gene_effect + pt.as_tensor(np.asarray(gene_log_offset, dtype=float))
+        cell_log_rate = cell_effect + pt.as_tensor(np.asarray(cell_log_offset, dtype=float))
+
+        cells = data["cell_index"]
+        if mode == "cells":
+            log_mu = cell_log_rate[cells][:, None] + gene_log_rate[None, :]
+            block_logp = sparse_block_nb_logp(
+                log_mu, alpha, data["nz_row"], data["nz_gene"], data["nz_count"]
+            )
+            pm.Potential("y", block_logp * n_cells / cells.shape[0])
+        else:
+            genes = data["gene_index"]
+            log_mu = cell_log_rate[cells] + gene_log_rate[genes]
+            pm.NegativeBinomial(
+                "y",
+                mu=pt.exp(log_mu),
+                alpha=alpha[genes] if gene_dispersion else alpha,
+                observed=data["counts"],
+                total_size=n_cells * n_genes,
+            )
+    if initvals:
+        for name, value in initvals.items():
+            model.set_initval(model[name], value)
+    return model
+
+
+def sparse_block_nb_logp(log_mu, alpha, nz_row, nz_gene, nz_count):
+    """Sum of NB(y | mu, alpha) log-probabilities over a block of cells x genes, zeros included.
+
+    Split so that only the count-independent part touches every entry of the block:
+    ``log NB(y) = -alpha*softplus(log mu - log alpha)`` for every entry, plus
+    ``lgamma(y+alpha) - lgamma(alpha) - lgamma(y+1) + y*(log mu - log(alpha + mu))`` for the
+    non-zero entries only. ``alpha`` is a scalar or one value per gene (column).
+    Padding entries with count 0 add exactly zero.
+    """
+    log_alpha = pt.log(alpha)
+    zero_part = -pt.sum(alpha * pt.softplus(log_mu - log_alpha))
+    nz_log_mu = log_mu[nz_row, nz_gene]
+    nz_alpha = alpha[nz_gene] if alpha.ndim else alpha
+    nz_log_alpha = pt.log(nz_alpha)
+    count_part = pt.sum(
+        pt.gammaln(nz_count + nz_alpha)
+        - pt.gammaln(nz_alpha)
+        - pt.gammaln(nz_count + 1.0)
+        + nz_count * (nz_log_mu - pt.logaddexp(nz_log_alpha, nz_log_mu))
+    )
+    return zero_part + count_part

@@ -1,0 +1,38 @@
+"""The ELBO curve: raw minibatch loss, a smoothed line and the point where the fit stopped."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Rolling median: robust to the heavy-tailed spikes of minibatch ELBO estimates."""
+    return pd.Series(values).rolling(window, min_periods=1, center=True).median().to_numpy()
+
+
+def plot_elbo(elbo: pd.DataFrame, out_path, *, converged: bool, stop_reason: str, title: str = ""):
+    """Plot ELBO (= -loss) against iteration; the y axis is symlog because early losses are huge."""
+    iteration = elbo["iteration"].to_numpy()
+    value = -elbo["loss"].to_numpy()
+    window = max(5, len(value) // 100)
+    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    ax.plot(iteration, value, color="0.75", lw=0.5, label="minibatch ELBO")
+    ax.plot(iteration, smooth(value, window), color="C0", lw=1.5, label=f"rolling median ({window} steps)")
+    if "eval_elbo" in elbo and elbo["eval_elbo"].notna().any():
+        checks = elbo.dropna(subset=["eval_elbo"])
+        ax.plot(checks["iteration"], checks["eval_elbo"], "o-", color="C2", ms=3, lw=1, label="fixed-cells ELBO (convergence check)")
+    marker = "converged" if converged else "stopped (not converged)"
+    ax.axvline(iteration[-1], color="C3" if not converged else "C1", ls="--", lw=1)
+    ax.annotate(f"{marker} at {iteration[-1]:,}", xy=(iteration[-1], np.nanmax(value)), ha="right", va="top", fontsize=9)
+    ax.set_yscale("symlog")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("ELBO")
+    ax.set_title(title or stop_reason, fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)

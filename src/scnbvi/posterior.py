@@ -1,0 +1,83 @@
+"""Posterior draws from a fitted mean-field approximation, as ArviZ InferenceData."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import arviz as az
+import numpy as np
+import pymc as pm
+import pytensor
+import pytensor.tensor as pt
+from pytensor.graph.replace import vectorize_graph
+
+from scnbvi.inference import FitResult, pytensor_mode
+
+RECORDED_PACKAGES = ("scnbvi", "pymc", "pytensor", "arviz", "numpy", "jax", "anndata")
+
+
+def posterior_variables(model: pm.Model) -> list[str]:
+    """Every free parameter and derived effect, in the model's order."""
+    return [rv.name for rv in model.free_RVs] + [d.name for d in model.deterministics]
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for package in RECORDED_PACKAGES:
+        try:
+            versions[f"version_{package}"] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[f"version_{package}"] = "not installed"
+    return versions
+
+
+def draw_posterior(
+    model: pm.Model, result: FitResult, draws: int, seed: int, chunk: int = 100
+) -> az.InferenceData:
+    """Draw from q in the unconstrained space and map the draws through the model's transforms.
+
+    The map is the model's own graph (transforms and deterministics), vectorised over draws,
+    so the engines need not know how a parameter is constrained.
+    """
+    names = posterior_variables(model)
+    outputs = model.replace_rvs_by_values([model[name] for name in names])
+    batched = [pt.tensor(dtype=v.type.dtype, shape=(None,) * (v.ndim + 1), name=v.name) for v in model.value_vars]
+    vectorised = vectorize_graph(outputs, replace=dict(zip(model.value_vars, batched)))
+    constrain = pytensor.function(batched, vectorised, mode=pytensor_mode(result.backend), on_unused_input="ignore")
+
+    rng = np.random.default_rng([seed, 11])
+    pieces: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for start in range(0, draws, chunk):
+        size = min(chunk, draws - start)
+        values = [
+            result.means[v.name] + result.stds[v.name] * rng.standard_normal((size, *result.means[v.name].shape))
+            for v in model.value_vars
+        ]
+        for name, value in zip(names, constrain(*values)):
+            pieces[name].append(value)
+    posterior = {name: np.concatenate(parts)[None, ...] for name, parts in pieces.items()}
+    dims = {name: list(model.named_vars_to_dims.get(name, ())) for name in names}
+    coords = {name: list(values) for name, values in model.coords.items()}
+    idata = az.from_dict(posterior=posterior, coords=coords, dims=dims)
+    idata.posterior.attrs.update(fit_attributes(result, seed, draws))
+    return idata
+
+
+def fit_attributes(result: FitResult, seed: int, draws: int) -> dict:
+    """What a reader of trace.nc needs to know about how it was made (netCDF-safe types)."""
+    return {
+        "inference_method": "mean-field ADVI",
+        "engine": result.engine,
+        "backend": result.backend,
+        "seed": int(seed),
+        "draws": int(draws),
+        "iterations": int(result.steps),
+        "epochs": float(result.epochs),
+        "converged": int(result.converged),
+        "stop_reason": result.stop_reason,
+        "fit_seconds": float(result.fit_seconds),
+        "compile_seconds": float(result.compile_seconds),
+        "final_loss": float(np.mean(result.losses[-100:])),
+        **{key: value for key, value in result.attrs.items()},
+        **package_versions(),
+    }

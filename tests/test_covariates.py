@@ -1,0 +1,169 @@
+"""Tests for gene lengths, sequencing depth and the log offsets built from them."""
+
+import gzip
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from scnbvi.covariates import (
+    gene_lengths_from_gtf,
+    gene_lengths_from_table,
+    impute_gene_lengths,
+    log_offsets,
+    read_covariates,
+    sequencing_depth,
+    write_covariates,
+)
+from scnbvi.errors import InputError
+
+# G1 (+ strand): exons 100-199 and 150-249 overlap -> 100..249 = 150 bp; 300-399 = 100 bp; 400-450 = 51 bp.
+#   The gene line and the CDS must be ignored. Union: 301 bp.
+# G2 (- strand): 1000-1099, 1010-1020 (inside it) and 1050-1149 -> 1000..1149 = 150 bp; 2000-2000 = 1 bp. Union: 151 bp.
+GTF = """\
+#!genome-build test
+chr1\tsrc\tgene\t100\t450\t.\t+\t.\tgene_id "G1"; gene_name "Alpha";
+chr1\tsrc\texon\t300\t399\t.\t+\t.\tgene_id "G1"; transcript_id "T1"; gene_name "Alpha";
+chr1\tsrc\texon\t100\t199\t.\t+\t.\tgene_id "G1"; transcript_id "T1"; gene_name "Alpha";
+chr1\tsrc\tCDS\t100\t1000\t.\t+\t0\tgene_id "G1"; transcript_id "T1"; gene_name "Alpha";
+chr1\tsrc\texon\t150\t249\t.\t+\t.\tgene_id "G1"; transcript_id "T2"; gene_name "Alpha";
+chr1\tsrc\texon\t400\t450\t.\t+\t.\tgene_id "G1"; transcript_id "T2"; gene_name "Alpha";
+chr2\tsrc\texon\t2000\t2000\t.\t-\t.\tgene_id "G2"; transcript_id "T4"; gene_name "Beta";
+chr2\tsrc\texon\t1050\t1149\t.\t-\t.\tgene_id "G2"; transcript_id "T4"; gene_name "Beta";
+chr2\tsrc\texon\t1010\t1020\t.\t-\t.\tgene_id "G2"; transcript_id "T4"; gene_name "Beta";
+chr2\tsrc\texon\t1000\t1099\t.\t-\t.\tgene_id "G2"; transcript_id "T3"; gene_name "Beta";
+"""
+
+
+@pytest.fixture
+def gtf_path(tmp_path):
+    path = tmp_path / "genes.gtf"
+    path.write_text(GTF)
+    return path
+
+
+def cells_with_obs(obs: pd.DataFrame, counts=None) -> ad.AnnData:
+    counts = np.ones((len(obs), 3), dtype=np.int32) if counts is None else counts
+    return ad.AnnData(X=sp.csr_matrix(counts), obs=obs)
+
+
+def test_gtf_lengths_are_exon_unions_in_var_order(gtf_path):
+    np.testing.assert_array_equal(gene_lengths_from_gtf(gtf_path, ["G2", "G1"]), [151.0, 301.0])
+
+
+def test_gtf_lengths_by_gene_name(gtf_path):
+    np.testing.assert_array_equal(gene_lengths_from_gtf(gtf_path, ["Alpha", "Beta"], attribute="gene_name"),
+                                  [301.0, 151.0])
+
+
+def test_gtf_lengths_from_gzip(tmp_path):
+    path = tmp_path / "genes.gtf.gz"
+    with gzip.open(path, "wt") as handle:
+        handle.write(GTF)
+
+    np.testing.assert_array_equal(gene_lengths_from_gtf(path, ["G1", "G2"]), [301.0, 151.0])
+
+
+def test_gtf_missing_genes_are_counted_and_named(gtf_path):
+    with pytest.raises(InputError, match=r"2 of 3 genes .* missing \(first: \['G3', 'G4'\]\)") as error:
+        gene_lengths_from_gtf(gtf_path, ["G1", "G3", "G4"])
+    assert "covariates.gene_length.source: impute" in error.value.fix
+    assert error.value.source == str(gtf_path)
+
+
+@pytest.mark.parametrize("header", ["gene\tlength\n", ""], ids=["with_header", "without_header"])
+def test_table_lengths_with_or_without_header(tmp_path, header):
+    path = tmp_path / "lengths.tsv"
+    path.write_text(header + "G1\t1500\nG2\t820.5\nG3\t99\n")
+
+    np.testing.assert_array_equal(gene_lengths_from_table(path, ["G3", "G1", "G2"]), [99.0, 1500.0, 820.5])
+
+
+def test_table_rejects_missing_genes_and_bad_lengths(tmp_path):
+    path = tmp_path / "lengths.tsv"
+    path.write_text("G1\t1500\nG2\t0\n")
+    with pytest.raises(InputError, match=r"1 lengths are not positive numbers \(first: gene 'G2'"):
+        gene_lengths_from_table(path, ["G1", "G2"])
+
+    path.write_text("G1\t1500\n")
+    with pytest.raises(InputError, match=r"1 of 2 genes .* missing \(first: \['G9'\]\); fix: add them to the table"):
+        gene_lengths_from_table(path, ["G1", "G9"])
+
+
+def test_imputed_lengths_are_seeded_and_in_range():
+    lengths = impute_gene_lengths(500, seed=3)
+
+    np.testing.assert_array_equal(lengths, impute_gene_lengths(500, seed=3))
+    assert not np.array_equal(lengths, impute_gene_lengths(500, seed=4))
+    assert lengths.shape == (500,)
+    assert lengths.min() >= 1000 and lengths.max() <= 3000
+
+
+def test_depth_from_obs_imputes_missing_and_non_positive_values():
+    adata = cells_with_obs(pd.DataFrame({"Bases": [2e5, np.nan, 3e5, 0.0, -5.0]}, index=list("abcde")))
+
+    depth, n_imputed = sequencing_depth(adata, seed=7)
+    again, _ = sequencing_depth(adata, seed=7)
+
+    assert n_imputed == 3
+    np.testing.assert_array_equal(depth[[0, 2]], [2e5, 3e5])
+    assert np.all(depth > 0)
+    np.testing.assert_array_equal(depth, again)
+    assert not np.array_equal(depth, sequencing_depth(adata, seed=8)[0])
+    assert adata.obs["Bases"].isna().sum() == 1
+
+
+def test_depth_from_obs_rejects_missing_or_text_column():
+    adata = cells_with_obs(pd.DataFrame({"reads": [1.0, 2.0], "label": ["x", "y"]}, index=["a", "b"]))
+
+    with pytest.raises(InputError, match=r"covariates.depth: obs\['Bases'\]: column not found "
+                                         r"\(available: \['reads', 'label'\]\)") as error:
+        sequencing_depth(adata)
+    assert "covariates.depth.source: total_counts or constant" in error.value.fix
+    with pytest.raises(InputError, match="not numeric"):
+        sequencing_depth(adata, column="label")
+
+
+def test_depth_from_total_counts_and_constant():
+    counts = np.array([[1, 2, 0], [0, 0, 7]], dtype=np.int32)
+    adata = cells_with_obs(pd.DataFrame(index=["a", "b"]), counts)
+
+    np.testing.assert_array_equal(sequencing_depth(adata, source="total_counts")[0], [3.0, 7.0])
+    np.testing.assert_array_equal(sequencing_depth(adata, source="constant", constant=5e4)[0], [5e4, 5e4])
+
+
+def test_depth_from_total_counts_rejects_empty_cells():
+    counts = np.array([[1, 2, 0], [0, 0, 0]], dtype=np.int32)
+    adata = cells_with_obs(pd.DataFrame(index=["a", "b"]), counts)
+
+    with pytest.raises(InputError, match=r"1 cells have zero counts \(first: 'b'\).*load.zero_cells: drop"):
+        sequencing_depth(adata, source="total_counts")
+
+
+def test_log_offsets_use_median_depth_unless_per_cell():
+    depth = np.array([1e5, 2e5, 4e5])
+    lengths = np.array([2000.0, 4000.0])
+
+    cell_offset, gene_offset = log_offsets(depth, lengths)
+    per_cell_offset, _ = log_offsets(depth, lengths, per_cell=True)
+
+    np.testing.assert_allclose(cell_offset, np.full(3, np.log(2.0)))
+    np.testing.assert_allclose(per_cell_offset, [0.0, np.log(2.0), np.log(4.0)])
+    np.testing.assert_allclose(gene_offset, [0.0, np.log(2.0)])
+
+
+def test_covariates_round_trip(tmp_path):
+    cells_path, genes_path = tmp_path / "out" / "cells.tsv", tmp_path / "out" / "genes.tsv"
+    depth, lengths = np.array([1.5e5, 2.5e5]), np.array([1234.5, 987.0, 2000.0])
+    cell_offset, gene_offset = log_offsets(depth, lengths, per_cell=True)
+
+    write_covariates(cells_path, genes_path, obs_names=["007", "b"], depth=depth, cell_log_offset=cell_offset,
+                     var_names=["G1", "G2", "G3"], gene_length=lengths, gene_log_offset=gene_offset)
+    cells, genes = read_covariates(cells_path, genes_path)
+
+    assert list(cells.index) == ["007", "b"] and list(genes.index) == ["G1", "G2", "G3"]
+    np.testing.assert_array_equal(cells["log_offset"], cell_offset)
+    np.testing.assert_array_equal(genes["length"], lengths)
+    assert sorted(path.name for path in cells_path.parent.iterdir()) == ["cells.tsv", "genes.tsv"]

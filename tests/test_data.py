@@ -1,0 +1,295 @@
+"""Tests for reading, checking, cleaning and slicing count matrices."""
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from scnbvi.data import apply_qc_actions, qc_report, read_counts, slice_counts, validate_counts, write_counts
+from scnbvi.errors import InputError
+
+SEED_DEMO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "seed_demo_1000x500.h5ad"
+N_VARIABLE_GENES = 5
+
+
+def simulated_counts(n_cells=60, n_genes=80, seed=0) -> ad.AnnData:
+    """Poisson counts, except the first genes: strongly overdispersed at a typical mean (clearly highly variable)."""
+    rng = np.random.default_rng(seed)
+    counts = rng.poisson(rng.uniform(0.2, 5.0, n_genes), size=(n_cells, n_genes))
+    gamma_shape, mean = 0.2, 3.0
+    overdispersed_means = rng.gamma(gamma_shape, mean / gamma_shape, size=(n_cells, N_VARIABLE_GENES))
+    counts[:, :N_VARIABLE_GENES] = rng.poisson(overdispersed_means)
+    obs = pd.DataFrame({"batch": np.resize(["A", "B", "C"], n_cells)},
+                       index=[f"c{i}" for i in range(n_cells)])
+    var = pd.DataFrame(index=[f"g{j}" for j in range(n_genes)])
+    return ad.AnnData(X=sp.csr_matrix(counts.astype(np.int32)), obs=obs, var=var)
+
+
+def hand_built_counts() -> ad.AnnData:
+    """Two all-zero cells, three repeated cells (c2, c4, c5) and one all-zero gene (g3)."""
+    counts = np.array([
+        [1, 0, 2, 0, 0],
+        [0, 0, 0, 0, 0],
+        [1, 0, 2, 0, 0],
+        [0, 3, 0, 0, 1],
+        [0, 0, 0, 0, 0],
+        [1, 0, 2, 0, 0],
+    ])
+    return ad.AnnData(
+        X=sp.csr_matrix(counts),
+        obs=pd.DataFrame(index=[f"c{i}" for i in range(6)]),
+        var=pd.DataFrame(index=[f"g{j}" for j in range(5)]),
+    )
+
+
+def with_matrix(matrix) -> ad.AnnData:
+    n_cells, n_genes = matrix.shape
+    return ad.AnnData(X=matrix, obs=pd.DataFrame(index=[f"c{i}" for i in range(n_cells)]),
+                      var=pd.DataFrame(index=[f"g{j}" for j in range(n_genes)]))
+
+
+def assert_same_counts(left: ad.AnnData, right: ad.AnnData):
+    assert list(left.obs_names) == list(right.obs_names)
+    assert list(left.var_names) == list(right.var_names)
+    np.testing.assert_array_equal(left.X.toarray(), right.X.toarray())
+
+
+@pytest.mark.parametrize("as_stored", [sp.csr_matrix, sp.csc_matrix, lambda m: m.toarray()],
+                         ids=["csr", "csc", "dense"])
+def test_read_counts_gives_int32_csr_for_any_layout(tmp_path, as_stored):
+    original = simulated_counts()
+    stored = original.copy()
+    stored.X = as_stored(original.X)
+    stored.write_h5ad(tmp_path / "counts.h5ad")
+
+    counts = read_counts(tmp_path / "counts.h5ad")
+
+    assert isinstance(counts.X, sp.csr_matrix)
+    assert counts.X.dtype == np.int32
+    assert_same_counts(counts, original)
+    assert list(counts.obs["batch"]) == list(original.obs["batch"])
+
+
+def test_read_counts_accepts_floats_holding_integers(tmp_path):
+    original = simulated_counts()
+    stored = original.copy()
+    stored.X = original.X.astype(np.float64)
+    stored.write_h5ad(tmp_path / "counts.h5ad")
+
+    counts = read_counts(tmp_path / "counts.h5ad")
+
+    assert counts.X.dtype == np.int32
+    assert_same_counts(counts, original)
+
+
+def test_read_counts_uses_int64_when_counts_exceed_int32(tmp_path):
+    with_matrix(sp.csr_matrix(np.array([[3.0, 2.0**33]]))).write_h5ad(tmp_path / "big.h5ad")
+
+    counts = read_counts(tmp_path / "big.h5ad")
+
+    assert counts.X.dtype == np.int64
+    assert counts.X[0, 1] == 2**33
+
+
+@pytest.mark.parametrize("bad_value, problem", [
+    (-2.0, "1 negative values"),
+    (0.5, "1 non-integer values"),
+    (np.nan, "1 non-finite values"),
+    (np.inf, "1 non-finite values"),
+])
+def test_validate_counts_names_first_bad_cell_and_gene(bad_value, problem):
+    matrix = np.ones((3, 4))
+    matrix[1, 2] = bad_value
+    matrix[2, 3] = bad_value
+
+    with pytest.raises(InputError) as error:
+        validate_counts(with_matrix(sp.csr_matrix(matrix)), "data.h5ad")
+
+    message = str(error.value)
+    assert message.startswith("data.h5ad: X: ")
+    assert problem.replace("1 ", "2 ") in message
+    assert "cell 'c1', gene 'g2'" in message
+    assert "fix: " in message
+
+
+def test_read_counts_rejects_negative_counts_from_file(tmp_path):
+    matrix = np.zeros((2, 8))
+    matrix[1, 7] = -2
+    with_matrix(sp.csr_matrix(matrix)).write_h5ad(tmp_path / "data.h5ad")
+
+    with pytest.raises(InputError, match=r"X: 1 negative values \(first: cell 'c1', gene 'g7' = -2\)"):
+        read_counts(tmp_path / "data.h5ad")
+
+
+def test_read_counts_reports_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(InputError, match="absent.h5ad: file: file not found; fix: "):
+        read_counts(tmp_path / "absent.h5ad")
+    (tmp_path / "text.h5ad").write_text("not hdf5")
+    with pytest.raises(InputError, match="not a readable .h5ad file"):
+        read_counts(tmp_path / "text.h5ad")
+
+
+def test_qc_report_counts_zero_and_duplicate_cells():
+    report = qc_report(hand_built_counts())
+
+    assert report == {"n_cells": 6, "n_genes": 5, "nnz": 8, "all_zero_cells": 2,
+                      "all_zero_genes": 1, "duplicate_cells": 3}
+    assert all(type(value) is int for value in report.values())
+
+
+def test_qc_report_ignores_explicitly_stored_zeros():
+    adata = hand_built_counts()
+    dense = adata.X.toarray()
+    rows, columns = np.nonzero(dense)
+    rows, columns = np.append(rows, 0), np.append(columns, 4)  # a stored zero in c0, which c2 and c5 repeat
+    adata.X = sp.csr_matrix((dense[rows, columns], (rows, columns)), shape=dense.shape)
+    assert adata.X.nnz == 9
+
+    report = qc_report(adata)
+
+    assert report["duplicate_cells"] == 3
+    assert report["nnz"] == 8
+
+
+def test_apply_qc_actions_drops_as_asked():
+    adata = hand_built_counts()
+
+    cleaned = apply_qc_actions(adata, zero_cells="drop", zero_genes="drop", duplicate_cells="drop")
+
+    assert list(cleaned.obs_names) == ["c0", "c3"]
+    assert list(cleaned.var_names) == ["g0", "g1", "g2", "g4"]
+    assert isinstance(cleaned.X, sp.csr_matrix)
+    assert list(apply_qc_actions(adata, duplicate_cells="drop").obs_names) == ["c0", "c1", "c3"]
+    assert list(apply_qc_actions(adata, zero_cells="drop").obs_names) == ["c0", "c2", "c3", "c5"]
+    assert adata.shape == (6, 5)
+
+
+def test_apply_qc_actions_rejects_unknown_action():
+    with pytest.raises(InputError) as error:
+        apply_qc_actions(hand_built_counts(), zero_genes="remove")
+    assert error.value.field == "load.zero_genes"
+
+
+def test_slice_first_equals_leading_block():
+    adata = simulated_counts()
+
+    sliced = slice_counts(adata, n_cells=10, n_genes=7)
+
+    assert_same_counts(sliced, adata[:10, :7])
+    assert isinstance(sliced.X, sp.csr_matrix)
+
+
+def test_slice_random_is_seeded_and_keeps_original_order():
+    adata = simulated_counts()
+
+    def random_slice(seed):
+        return slice_counts(adata, cells_method="random", n_cells=15, genes_method="random", n_genes=9, seed=seed)
+
+    first, again, other = random_slice(1), random_slice(1), random_slice(2)
+
+    assert_same_counts(first, again)
+    assert list(first.obs_names) != list(other.obs_names)
+    assert list(first.var_names) != list(other.var_names)
+    positions = adata.obs_names.get_indexer(first.obs_names)
+    assert np.all(np.diff(positions) > 0)
+    assert first.shape == (15, 9)
+
+
+def test_slice_larger_than_available_or_all_keeps_everything():
+    adata = simulated_counts()
+
+    assert slice_counts(adata, cells_method="random", n_cells=10_000, genes_method="all").shape == adata.shape
+    assert slice_counts(adata, n_cells=None, n_genes=None).shape == adata.shape
+
+
+def test_slice_hvg_finds_variable_genes_without_touching_input():
+    adata = simulated_counts()
+    before = adata.copy()
+
+    selected = slice_counts(adata, cells_method="all", genes_method="hvg", n_genes=N_VARIABLE_GENES)
+
+    assert list(selected.var_names) == [f"g{j}" for j in range(N_VARIABLE_GENES)]
+    assert list(slice_counts(adata, genes_method="hvg", n_genes=12).var_names) == \
+        list(slice_counts(adata, genes_method="hvg", n_genes=12).var_names)
+    assert_same_counts(adata, before)
+    assert list(adata.var.columns) == [] and "hvg" not in adata.uns
+
+
+def test_slice_hvg_keeps_original_gene_order():
+    selected = slice_counts(simulated_counts(), genes_method="hvg", n_genes=12)
+
+    assert selected.n_vars == 12
+    positions = [int(name[1:]) for name in selected.var_names]
+    assert positions == sorted(positions)
+
+
+def test_slice_obs_filters_keep_only_allowed_values():
+    sliced = slice_counts(simulated_counts(), cells_method="all", obs_filters={"batch": ["A", "C"]})
+
+    assert set(sliced.obs["batch"]) == {"A", "C"}
+    assert sliced.n_obs == 40
+
+
+def test_slice_missing_obs_column_lists_available_columns():
+    with pytest.raises(InputError, match=r"obs has no column 'study'.*available: \['batch'\]") as error:
+        slice_counts(simulated_counts(), obs_filters={"study": ["x"]})
+    assert error.value.field == "slice.obs_filters.study"
+
+
+def test_slice_errors_name_the_setting_that_emptied_it():
+    adata = simulated_counts()
+    counts = adata.X.toarray()
+    counts[0, :] = 0
+    adata.X = sp.csr_matrix(counts)
+
+    with pytest.raises(InputError, match=r"no cell has one of the values \['x'\]") as error:
+        slice_counts(adata, obs_filters={"batch": ["x"]})
+    assert error.value.field == "slice.obs_filters.batch"
+    with pytest.raises(InputError, match="every gene is zero in the selected cells") as error:
+        slice_counts(adata, n_cells=1, drop_zero_genes=True)
+    assert error.value.field == "slice.drop_zero_genes"
+    with pytest.raises(InputError) as error:
+        slice_counts(adata, n_cells=1, drop_zero_cells=True, source="config.slice")
+    assert error.value.field == "config.slice.drop_zero_cells"
+
+
+def test_slice_rejects_unknown_method_and_bad_size():
+    with pytest.raises(InputError) as error:
+        slice_counts(simulated_counts(), cells_method="last")
+    assert error.value.field == "slice.cells.method"
+    with pytest.raises(InputError) as error:
+        slice_counts(simulated_counts(), n_genes=0)
+    assert error.value.field == "slice.genes.n"
+
+
+def test_slice_drops_zero_cells_and_genes():
+    adata = hand_built_counts()
+
+    sliced = slice_counts(adata, cells_method="all", genes_method="all", drop_zero_cells=True, drop_zero_genes=True)
+
+    assert list(sliced.obs_names) == ["c0", "c2", "c3", "c5"]
+    assert list(sliced.var_names) == ["g0", "g1", "g2", "g4"]
+
+
+def test_write_counts_round_trip_leaves_no_temporary_file(tmp_path):
+    original = simulated_counts()
+    target = tmp_path / "new" / "dir" / "counts.h5ad"
+
+    write_counts(original, target)
+    again = read_counts(target)
+
+    assert_same_counts(again, original)
+    assert list(again.obs["batch"]) == list(original.obs["batch"])
+    assert [path.name for path in target.parent.iterdir()] == ["counts.h5ad"]
+
+
+@pytest.mark.skipif(not SEED_DEMO.is_file(), reason="shared demo data not available")
+def test_seed_demo_file_reads_as_int32_csr_with_250_empty_genes():
+    counts = read_counts(SEED_DEMO)
+
+    assert counts.shape == (1000, 500)
+    assert isinstance(counts.X, sp.csr_matrix) and counts.X.dtype == np.int32
+    assert qc_report(counts)["all_zero_genes"] == 250
