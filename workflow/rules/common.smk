@@ -1,0 +1,82 @@
+import copy
+import os
+
+import jsonschema
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+# Keys given with --config replace whole sections; a user's config file replaces the
+# built-in data sets, so a config naming only its own data sets fits only those.
+try:
+    validate(config, schema="../schemas/config.schema.yaml")
+except WorkflowError as error:
+    cause = next((a for a in error.args if isinstance(a, jsonschema.ValidationError)), None)
+    if cause is None:
+        raise
+    where = ".".join(str(part) for part in cause.absolute_path) or "(top level)"
+    raise WorkflowError(
+        f"config: {where}: {cause.message}; fix: see workflow/schemas/config.schema.yaml "
+        "or the README's configuration reference"
+    ) from None
+
+
+DATASETS = sorted(config["datasets"])
+RESULTS = "results"
+
+
+wildcard_constraints:
+    dataset="|".join(DATASETS) if DATASETS else "no-dataset",
+
+
+def dataset_config(wildcards):
+    return config["datasets"][wildcards.dataset]
+
+
+def section(name):
+    """A params function giving one config section of the job's data set."""
+
+    def get(wildcards):
+        return copy.deepcopy(dataset_config(wildcards)[name])
+
+    return get
+
+
+def input_h5ad(wildcards):
+    path = dataset_config(wildcards).get("path")
+    return path if path else f"{RESULTS}/{wildcards.dataset}/simulated.h5ad"
+
+
+def covariate_files(wildcards):
+    lengths = dataset_config(wildcards)["covariates"]["gene_length"]
+    if lengths["source"] in ("table", "gtf"):
+        if not lengths.get("path"):
+            raise WorkflowError(
+                f"config: datasets.{wildcards.dataset}.covariates.gene_length.path: missing; "
+                f"fix: give the {lengths['source']} file, or set source: impute"
+            )
+        return [lengths["path"]]
+    return []
+
+
+def input_mb(input):
+    return sum(os.path.getsize(f) for f in input if os.path.exists(f)) / 1e6
+
+
+def scaled_mem_mb(base_mb, per_input_mb):
+    """Memory that grows with the input file size and with each retry."""
+
+    def mem_mb(wildcards, input, attempt):
+        return int((base_mb + per_input_mb * input_mb(input)) * attempt)
+
+    return mem_mb
+
+
+def fit_runtime(wildcards, attempt):
+    """Minutes: an upper bound from max_iterations (a generous 20 ms/step), more on retry."""
+    iterations = dataset_config(wildcards)["inference"]["max_iterations"]
+    return int((15 + iterations * 0.02 / 60) * attempt)
+
+
+def all_outputs():
+    names = ("trace.nc", "summary.csv", "genes.tsv", "elbo.tsv", "elbo.png")
+    return [f"{RESULTS}/{d}/{name}" for d in DATASETS for name in names]

@@ -1,0 +1,79 @@
+rule simulate:
+    output:
+        f"{RESULTS}/{{dataset}}/simulated.h5ad",
+    params:
+        settings=section("simulate"),
+    log:
+        f"{RESULTS}/{{dataset}}/logs/simulate.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/simulate.tsv"
+    conda:
+        "../../envs/data.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    script:
+        "../scripts/simulate.py"
+
+
+rule load:
+    input:
+        input_h5ad,
+    output:
+        h5ad=f"{RESULTS}/{{dataset}}/validated.h5ad",
+        qc=f"{RESULTS}/{{dataset}}/qc.json",
+    params:
+        settings=section("load"),
+    log:
+        f"{RESULTS}/{{dataset}}/logs/load.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/load.tsv"
+    conda:
+        "../../envs/data.yaml"
+    resources:
+        mem_mb=scaled_mem_mb(1000, 6),
+        runtime=lambda wildcards, attempt: 20 * attempt,
+    script:
+        "../scripts/load.py"
+
+
+rule slice:
+    input:
+        f"{RESULTS}/{{dataset}}/validated.h5ad",
+    output:
+        f"{RESULTS}/{{dataset}}/sliced.h5ad",
+    params:
+        settings=section("slice"),
+    log:
+        f"{RESULTS}/{{dataset}}/logs/slice.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/slice.tsv"
+    conda:
+        "../../envs/data.yaml"
+    resources:
+        mem_mb=scaled_mem_mb(1000, 6),
+        runtime=lambda wildcards, attempt: 20 * attempt,
+    script:
+        "../scripts/slice.py"
+
+
+rule covariates:
+    input:
+        h5ad=f"{RESULTS}/{{dataset}}/sliced.h5ad",
+        annotation=covariate_files,
+    output:
+        cells=f"{RESULTS}/{{dataset}}/covariates_cells.tsv",
+        genes=f"{RESULTS}/{{dataset}}/covariates_genes.tsv",
+    params:
+        settings=section("covariates"),
+    log:
+        f"{RESULTS}/{{dataset}}/logs/covariates.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/covariates.tsv"
+    conda:
+        "../../envs/data.yaml"
+    resources:
+        mem_mb=scaled_mem_mb(1000, 4),
+        runtime=lambda wildcards, attempt: 10 * attempt,
+    script:
+        "../scripts/covariates.py"

@@ -1,0 +1,79 @@
+rule fit:
+    input:
+        h5ad=f"{RESULTS}/{{dataset}}/sliced.h5ad",
+        cells=f"{RESULTS}/{{dataset}}/covariates_cells.tsv",
+        genes=f"{RESULTS}/{{dataset}}/covariates_genes.tsv",
+    output:
+        trace=f"{RESULTS}/{{dataset}}/trace.nc",
+        elbo=f"{RESULTS}/{{dataset}}/elbo.tsv",
+        stats=f"{RESULTS}/{{dataset}}/fit_stats.json",
+    params:
+        inference=section("inference"),
+        model=section("model"),
+        backend=config["backend"],
+    threads: config["threads"]
+    log:
+        f"{RESULTS}/{{dataset}}/logs/fit.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/fit.tsv"
+    conda:
+        "../../envs/fit.yaml"
+    resources:
+        mem_mb=scaled_mem_mb(2000, 8),
+        runtime=fit_runtime,
+    script:
+        "../scripts/fit.py"
+
+
+rule summary:
+    input:
+        trace=f"{RESULTS}/{{dataset}}/trace.nc",
+        h5ad=f"{RESULTS}/{{dataset}}/sliced.h5ad",
+    output:
+        summary=report(
+            f"{RESULTS}/{{dataset}}/summary.csv",
+            caption="../report/summary.rst",
+            category="Posterior",
+            subcategory="{dataset}",
+        ),
+        genes=report(
+            f"{RESULTS}/{{dataset}}/genes.tsv",
+            caption="../report/genes.rst",
+            category="Posterior",
+            subcategory="{dataset}",
+        ),
+    log:
+        f"{RESULTS}/{{dataset}}/logs/summary.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/summary.tsv"
+    conda:
+        "../../envs/fit.yaml"
+    resources:
+        mem_mb=scaled_mem_mb(2000, 4),
+        runtime=lambda wildcards, attempt: 30 * attempt,
+    script:
+        "../scripts/summary.py"
+
+
+rule plot_elbo:
+    input:
+        elbo=f"{RESULTS}/{{dataset}}/elbo.tsv",
+        stats=f"{RESULTS}/{{dataset}}/fit_stats.json",
+    output:
+        report(
+            f"{RESULTS}/{{dataset}}/elbo.png",
+            caption="../report/elbo.rst",
+            category="Convergence",
+            subcategory="{dataset}",
+        ),
+    log:
+        f"{RESULTS}/{{dataset}}/logs/plot_elbo.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/plot_elbo.tsv"
+    conda:
+        "../../envs/plot.yaml"
+    resources:
+        mem_mb=scaled_mem_mb(1000, 20),
+        runtime=lambda wildcards, attempt: 10 * attempt,
+    script:
+        "../scripts/plot_elbo.py"

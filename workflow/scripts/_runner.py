@@ -1,0 +1,29 @@
+"""What every rule script shares: the package on the path, stderr to the rule's log, and bad
+input reported as one line instead of a traceback."""
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def run(snakemake, main):
+    """Run ``main(snakemake)`` with stderr and logging sent to ``snakemake.log[0]``."""
+    sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
+    threads = str(snakemake.threads)
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = threads
+    os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=1")
+    terminal = sys.stderr
+    log_file = open(snakemake.log[0], "w", buffering=1)
+    sys.stderr = log_file
+    logging.basicConfig(stream=log_file, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    from scnbvi.errors import InputError
+
+    try:
+        main(snakemake)
+    except (InputError, FloatingPointError, MemoryError, RuntimeError) as error:
+        message = f"scnbvi error in rule {snakemake.rule}: {error}"
+        print(message, file=log_file)
+        print(message, file=terminal)
+        sys.exit(1)

@@ -1,0 +1,29 @@
+from _runner import run
+
+
+def main(snakemake):
+    import logging
+
+    import anndata as ad
+
+    from scnbvi.data import slice_counts, write_counts
+
+    settings = snakemake.params.settings
+    adata = ad.read_h5ad(snakemake.input[0])
+    sliced = slice_counts(
+        adata,
+        cells_method=settings["cells"]["method"],
+        n_cells=settings["cells"]["n"],
+        genes_method=settings["genes"]["method"],
+        n_genes=settings["genes"]["n"],
+        obs_filters=settings["obs_filters"],
+        drop_zero_cells=settings["drop_zero_cells"],
+        drop_zero_genes=settings["drop_zero_genes"],
+        seed=settings["seed"],
+        source="slice",
+    )
+    logging.getLogger("scnbvi").info("sliced %s -> %s", adata.shape, sliced.shape)
+    write_counts(sliced, snakemake.output[0])
+
+
+run(snakemake, main)
