@@ -10,8 +10,8 @@ from snakemake.utils import validate
 try:
     validate(config, schema="../schemas/config.schema.yaml")
 except WorkflowError as error:
-    cause = next((a for a in error.args if isinstance(a, jsonschema.ValidationError)), None)
-    if cause is None:
+    cause = error.__context__
+    if not isinstance(cause, jsonschema.ValidationError):
         raise
     where = ".".join(str(part) for part in cause.absolute_path) or "(top level)"
     raise WorkflowError(

@@ -1,0 +1,165 @@
+"""Parameter recovery, engine agreement, the convergence rule and backend availability."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from scnbvi.inference import ConvergenceMonitor, InferenceSettings, fit, require_backend
+from scnbvi.posterior import draw_posterior
+from scnbvi.simulate import SimulationTruth, simulate_counts
+
+TRUTH = SimulationTruth(mu_gene=0.0, sigma_gene=1.5, sigma_cond=0.3, alpha=2.0)
+QUICK = InferenceSettings(max_iterations=4000, check_every=250, draws=300, log_every_seconds=1e9)
+
+
+@pytest.fixture(scope="module")
+def simulated():
+    adata = simulate_counts(n_cells=400, n_genes=30, seed=11, truth=TRUTH)
+    offsets = np.log(adata.obs["depth"].to_numpy() / 1e5), np.log(adata.var["length"].to_numpy() / 2000)
+    return adata, offsets
+
+
+def _fit(simulated, backend="c", **changes):
+    adata, (cell_offset, gene_offset) = simulated
+    settings = InferenceSettings(**{**QUICK.__dict__, **changes})
+    model, result = fit(adata.X, cell_offset, gene_offset, settings, backend=backend)
+    return adata, result, draw_posterior(model, result, settings.draws, settings.seed)
+
+
+def _centred(values):
+    return values - values.mean()
+
+
+@pytest.fixture(scope="module")
+def c_fit(simulated):
+    return _fit(simulated, "c")
+
+
+def test_recovers_gene_effects_cell_effects_and_dispersion(c_fit):
+    adata, result, idata = c_fit
+    post = idata.posterior
+    gene_mean = post["gene_effect"].mean(("chain", "draw")).values
+    gene_sd = post["gene_effect"].std(("chain", "draw")).values
+    true_gene = adata.var["true_gene_effect"].to_numpy()
+    # Clearly different gene means (sd 1.5 on the log scale) must come back in their places:
+    # a misaligned batch (counts drawn apart from their gene indices) scrambles them.
+    error = np.abs(_centred(gene_mean) - _centred(true_gene))
+    assert np.all(error < 4 * gene_sd + 0.05), error.max()
+    cell_mean = post["cell_effect"].mean(("chain", "draw")).values
+    cell_sd = post["cell_effect"].std(("chain", "draw")).values
+    cell_error = np.abs(_centred(cell_mean) - _centred(adata.obs["true_cell_effect"].to_numpy()))
+    assert np.mean(cell_error < 3 * cell_sd + 0.02) > 0.95
+    assert np.corrcoef(cell_mean, adata.obs["true_cell_effect"])[0, 1] > 0.6
+    # The level shared by genes and cells is identified only as a sum.
+    shared = (post["mu_gene"] + post["mu_cond"]).mean().item()
+    assert abs(shared + np.mean(_centred(true_gene)) - (np.mean(true_gene) + np.mean(adata.obs["true_cell_effect"]))) < 0.1
+    alpha = post["alpha"].values.ravel()
+    # Without total_size scaling the likelihood counts 1/10 of the data: alpha's interval
+    # would be about three times wider and far less centred.
+    assert np.quantile(alpha, 0.005) < TRUTH.alpha < np.quantile(alpha, 0.995)
+    assert alpha.std() < 0.15
+
+
+def test_same_seed_same_numbers(simulated, c_fit):
+    _, first, _ = c_fit
+    _, again, _ = _fit(simulated, "c")
+    np.testing.assert_array_equal(first.losses, again.losses)
+    for name in first.means:
+        np.testing.assert_array_equal(first.means[name], again.means[name])
+
+
+def test_jax_engine_agrees_with_pymc_engine(simulated, c_fit):
+    _, pymc_result, pymc_idata = c_fit
+    _, jax_result, jax_idata = _fit(simulated, "jax")
+    assert jax_result.engine == "jax" and pymc_result.engine == "pymc"
+    assert set(jax_idata.posterior.data_vars) == set(pymc_idata.posterior.data_vars)
+    for name, tolerance in (("gene_effect", 0.08), ("cell_effect", 0.08)):
+        a = _centred(pymc_idata.posterior[name].mean(("chain", "draw")).values)
+        b = _centred(jax_idata.posterior[name].mean(("chain", "draw")).values)
+        assert np.max(np.abs(a - b)) < tolerance, name
+    alpha = [idata.posterior["alpha"].mean().item() for idata in (pymc_idata, jax_idata)]
+    assert abs(alpha[0] - alpha[1]) / alpha[0] < 0.05
+    assert abs(pymc_result.checks[-1][1] - jax_result.checks[-1][1]) / abs(pymc_result.checks[-1][1]) < 1e-3
+
+
+def test_entries_layout_runs_and_is_scaled(simulated):
+    _, result, idata = _fit(simulated, "c", minibatch="entries", batch_size=512, max_iterations=1500, init="prior")
+    assert result.steps == 1500 and not result.converged
+    assert np.isfinite(result.losses).all()
+
+
+def test_elbo_rule_stops_on_a_plateau_and_not_while_improving():
+    plateau = ConvergenceMonitor("elbo", tolerance=1e-3, patience=3)
+    improving = ConvergenceMonitor("elbo", tolerance=1e-3, patience=3)
+    stopped_at = None
+    for check in range(40):
+        if plateau.update_elbo(-1000.0 - 500.0 * np.exp(-check)) and stopped_at is None:
+            stopped_at = check
+        assert not improving.update_elbo(-1000.0 + 2.0 * check)  # +0.2% per check, still rising
+    assert stopped_at is not None and 3 < stopped_at < 15
+
+
+def test_parameter_rule_is_the_relative_change():
+    monitor = ConvergenceMonitor("parameters", tolerance=0.01, patience=1)
+    assert not monitor.update_parameters(np.array([1.0, 2.0]))
+    assert not monitor.update_parameters(np.array([1.1, 2.0]))
+    assert monitor.update_parameters(np.array([1.105, 2.01]))
+
+
+def test_diverging_fit_says_to_lower_the_learning_rate(simulated):
+    with pytest.raises(FloatingPointError, match="lower inference.learning_rate"):
+        _fit(simulated, "c", learning_rate=1e6, max_iterations=300, init="prior")
+
+
+def test_backends_that_cannot_run_say_what_is_missing(monkeypatch):
+    import pytensor
+
+    monkeypatch.setattr(pytensor.config, "cxx", "")
+    with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler.*backend: py"):
+        require_backend("c")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        require_backend("cuda")
+
+
+@pytest.mark.slow
+def test_pure_python_backend_runs_without_any_compiler(tmp_path):
+    """As on a compute node without gcc: no compiler on PATH and a fresh PyTensor cache."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    os.symlink(sys.executable, bin_dir / "python")
+    script = textwrap.dedent(
+        """
+        import shutil, numpy as np, pytensor
+        assert shutil.which("gcc") is None and shutil.which("g++") is None and shutil.which("cc") is None
+        assert pytensor.config.cxx == ""
+        from scnbvi.inference import InferenceSettings, fit
+        from scnbvi.simulate import simulate_counts
+        a = simulate_counts(60, 8, seed=2)
+        s = InferenceSettings(max_iterations=200, check_every=100, draws=10)
+        model, result = fit(a.X, np.zeros(60), np.zeros(8), s, backend="py")
+        assert result.backend == "py" and result.steps == 200 and np.isfinite(result.losses).all()
+        print("ok")
+        """
+    )
+    environment = {
+        "PATH": str(bin_dir),
+        "HOME": str(tmp_path),
+        "PYTENSOR_FLAGS": f"base_compiledir={tmp_path / 'pytensor'}",
+        "PYTHONPATH": os.pathsep.join(sys.path),
+        "PYTHONWARNINGS": "ignore",
+    }
+    result = subprocess.run([str(bin_dir / "python"), "-c", script], env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_numba_backend_fits(simulated):
+    _, result, idata = _fit(simulated, "numba", max_iterations=300, draws=20)
+    assert result.backend == "numba" and np.isfinite(result.losses).all()
+    assert idata.posterior.attrs["backend"] == "numba"

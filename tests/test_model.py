@@ -1,0 +1,138 @@
+"""The likelihood against scipy, minibatch scaling and alignment of streamed batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pymc as pm
+import pytest
+import scipy.sparse as sp
+from scipy import stats
+
+from scnbvi.batches import BatchSampler, cell_block, pad_nonzeros
+from scnbvi.model import BATCH_CONTAINERS, build_model
+
+
+def _counts(n_cells=12, n_genes=7, seed=0):
+    rng = np.random.default_rng(seed)
+    dense = rng.negative_binomial(2, 0.3, size=(n_cells, n_genes)) * (rng.random((n_cells, n_genes)) < 0.6)
+    return sp.csr_matrix(dense.astype(np.int32))
+
+
+def _point(n_cells, n_genes, gene_dispersion, seed=1):
+    rng = np.random.default_rng(seed)
+    return {
+        "mu_gene": 0.3, "sigma_gene": 0.8, "z_gene": rng.normal(size=n_genes),
+        "mu_cond": -0.2, "sigma_cond": 0.5, "z_cell": rng.normal(size=n_cells),
+        "alpha": rng.uniform(0.5, 3, n_genes) if gene_dispersion else 1.7,
+    }
+
+
+def _reference_loglik(counts, point, cell_offset, gene_offset):
+    """log NB summed over a dense block, straight from scipy's parametrisation."""
+    gene = point["mu_gene"] + point["sigma_gene"] * point["z_gene"] + gene_offset
+    cell = point["mu_cond"] + point["sigma_cond"] * point["z_cell"] + cell_offset
+    mu = np.exp(cell[:, None] + gene[None, :])
+    alpha = np.broadcast_to(point["alpha"], gene.shape)[None, :]
+    return stats.nbinom.logpmf(counts, alpha, alpha / (alpha + mu)).sum()
+
+
+def _likelihood_term(model, batch, point):
+    for container in (model[name] for name in batch):
+        container.set_value(batch[container.name].astype(container.dtype))
+    term = model["y"]
+    if term in model.observed_RVs:
+        logp = model.logp(vars=[term], jacobian=False)
+    else:
+        (logp,) = model.replace_rvs_by_values([term])
+    values = {}
+    for rv in model.free_RVs:
+        transform = model.rvs_to_transforms.get(rv)
+        value = np.asarray(point[rv.name], dtype=float)
+        values[model.rvs_to_values[rv].name] = transform.forward(value).eval() if transform else value
+    return float(model.compile_fn(logp, inputs=model.value_vars, on_unused_input="ignore")(values))
+
+
+@pytest.mark.parametrize("gene_dispersion", [False, True])
+@pytest.mark.parametrize("mode", ["cells", "entries"])
+def test_full_batch_likelihood_equals_scipy(mode, gene_dispersion):
+    counts = _counts()
+    n_cells, n_genes = counts.shape
+    cell_offset = np.linspace(-1, 1, n_cells)
+    gene_offset = np.linspace(0.5, -0.5, n_genes)
+    point = _point(n_cells, n_genes, gene_dispersion)
+    sampler = BatchSampler(counts, mode, n_cells if mode == "cells" else n_cells * n_genes, seed=0)
+    batch = sampler.evaluation_batch(n_cells, seed=0)  # every cell: total_size scaling is 1
+    model = build_model(cell_log_offset=cell_offset, gene_log_offset=gene_offset, mode=mode,
+                        batch_size=sampler.batch_size, gene_dispersion=gene_dispersion)
+    expected = _reference_loglik(counts.toarray(), point, cell_offset, gene_offset)
+    np.testing.assert_allclose(_likelihood_term(model, batch, point), expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["cells", "entries"])
+def test_minibatch_likelihood_is_scaled_to_the_data_set(mode):
+    """A batch of B of N cells stands for N/B times its own likelihood (total_size)."""
+    counts = _counts(n_cells=40, n_genes=5)
+    n_cells, n_genes = counts.shape
+    offsets = np.zeros(n_cells), np.zeros(n_genes)
+    point = _point(n_cells, n_genes, False)
+    sampler = BatchSampler(counts, mode, 8 if mode == "cells" else 8 * n_genes, seed=4)
+    batch = sampler.next()
+    model = build_model(cell_log_offset=offsets[0], gene_log_offset=offsets[1], mode=mode, batch_size=sampler.batch_size)
+    if mode == "cells":
+        dense = counts[batch["cell_index"]].toarray()
+        subset = {**point, "z_cell": point["z_cell"][batch["cell_index"]]}
+        batch_loglik = _reference_loglik(dense, subset, 0.0, 0.0)
+        scale = n_cells / 8
+    else:
+        gene = point["mu_gene"] + point["sigma_gene"] * point["z_gene"][batch["gene_index"]]
+        cell = point["mu_cond"] + point["sigma_cond"] * point["z_cell"][batch["cell_index"]]
+        mu = np.exp(gene + cell)
+        batch_loglik = stats.nbinom.logpmf(batch["counts"], 1.7, 1.7 / (1.7 + mu)).sum()
+        scale = n_cells * n_genes / len(batch["counts"])
+    np.testing.assert_allclose(_likelihood_term(model, batch, point), scale * batch_loglik, rtol=1e-10)
+
+
+def test_cell_blocks_keep_counts_aligned_with_their_cells():
+    counts = _counts(n_cells=50, n_genes=9, seed=5)
+    dense = counts.toarray()
+    sampler = BatchSampler(counts, "cells", 16, seed=2)
+    for _ in range(10):
+        batch = sampler.next()
+        cells = batch["cell_index"]
+        rebuilt = np.zeros((len(cells), 9))
+        rebuilt[batch["nz_row"], batch["nz_gene"]] = batch["nz_count"]
+        np.testing.assert_array_equal(rebuilt, dense[cells])
+
+
+def test_entry_batches_keep_counts_aligned_with_their_indices():
+    counts = _counts(n_cells=50, n_genes=9, seed=6)
+    dense = counts.toarray()
+    sampler = BatchSampler(counts, "entries", 128, seed=3)
+    for _ in range(10):
+        batch = sampler.next()
+        np.testing.assert_array_equal(batch["counts"], dense[batch["cell_index"], batch["gene_index"]])
+        assert batch["counts"].any()
+
+
+def test_cell_epochs_visit_every_cell_once():
+    sampler = BatchSampler(_counts(n_cells=48, n_genes=3), "cells", 16, seed=0)
+    seen = np.concatenate([sampler.next()["cell_index"] for _ in range(3)])
+    assert sorted(seen) == list(range(48))
+
+
+def test_streaming_from_sparse_equals_the_dense_matrix_path():
+    counts = _counts(n_cells=30, n_genes=6, seed=8)
+    from_sparse = BatchSampler(counts, "cells", 10, seed=1)
+    from_dense = BatchSampler(counts.toarray(), "cells", 10, seed=1)
+    for _ in range(6):
+        a, b = from_sparse.next(), from_dense.next()
+        for name in BATCH_CONTAINERS["cells"]:
+            np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_padding_adds_only_zero_counts():
+    block = cell_block(_counts(), np.arange(5))
+    padded = pad_nonzeros(block, minimum=64)
+    assert len(padded["nz_count"]) == 64
+    assert padded["nz_count"].sum() == block["nz_count"].sum()
+    assert not padded["nz_count"][len(block["nz_count"]):].any()

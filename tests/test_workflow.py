@@ -1,0 +1,193 @@
+"""The workflow as a user runs it: dry-run, full runs, reruns after config changes, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import anndata as ad
+import arviz as az
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from conftest import SHARED_DATA, SMALL_SIMULATED, snakemake, write_config
+
+pytestmark = pytest.mark.slow
+
+OUTPUTS = ("trace.nc", "summary.csv", "genes.tsv", "elbo.tsv", "elbo.png")
+
+
+def test_dry_run_of_default_config_plans_every_rule(workflow_copy):
+    result = snakemake(workflow_copy, "-n")
+    assert result.returncode == 0, result.stderr
+    for rule in ("simulate", "load", "slice", "covariates", "fit", "summary", "plot_elbo"):
+        assert f"rule {rule}:" in result.stdout + result.stderr
+
+
+def test_lint_passes(workflow_copy):
+    result = snakemake(workflow_copy, "--lint")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_default_workflow_runs_and_recovers_simulated_truth(workflow_copy):
+    result = snakemake(workflow_copy)
+    assert result.returncode == 0, result.stderr
+    out = workflow_copy / "results" / "simulated"
+    for name in OUTPUTS:
+        assert (out / name).stat().st_size > 0
+    truth = ad.read_h5ad(out / "simulated.h5ad")
+    idata = az.from_netcdf(out / "trace.nc")
+    attrs = idata.posterior.attrs
+    assert attrs["backend"] == "c" and attrs["engine"] == "pymc" and attrs["converged"] == 1
+    assert idata.posterior.sizes["draw"] == 1000
+    genes = pd.read_csv(out / "genes.tsv", sep="\t", index_col=0)
+    assert list(genes.index) == list(truth.var_names)
+    # Gene effects are identified up to the shared level (mu_gene + mu_cond): compare centred.
+    estimate = genes["log_expression_mean"] - genes["log_expression_mean"].mean()
+    true = truth.var["true_gene_effect"] - truth.var["true_gene_effect"].mean()
+    assert np.corrcoef(estimate, true)[0, 1] > 0.99
+    alpha = idata.posterior["alpha"].values.ravel()
+    assert np.quantile(alpha, 0.001) < truth.uns["truth"]["alpha"] < np.quantile(alpha, 0.999)
+    summary = pd.read_csv(out / "summary.csv", index_col=0)
+    assert {"alpha", "mu_gene", "sigma_cond"} <= set(summary.index)
+    assert summary.index.str.startswith("cell_effect[").sum() == truth.n_obs
+    elbo = pd.read_csv(out / "elbo.tsv", sep="\t")
+    assert list(elbo.columns[:2]) == ["iteration", "loss"] and len(elbo) == attrs["iterations"]
+
+
+def _mtimes(directory, names):
+    return {name: os.stat(directory / name).st_mtime_ns for name in names}
+
+
+def test_changing_an_inference_setting_reruns_only_fit_and_downstream(workflow_copy):
+    config = write_config(workflow_copy, SMALL_SIMULATED)
+    assert snakemake(workflow_copy, "--configfile", config).returncode == 0
+    out = workflow_copy / "results" / "sim"
+    upstream = ("simulated.h5ad", "validated.h5ad", "sliced.h5ad", "covariates_cells.tsv")
+    downstream = ("trace.nc", "summary.csv", "elbo.png")
+    before = _mtimes(out, upstream + downstream)
+
+    unchanged = snakemake(workflow_copy, "--configfile", config, "-n")
+    assert "Nothing to be done" in unchanged.stdout + unchanged.stderr
+
+    changed = dict(SMALL_SIMULATED, datasets={"sim": {**SMALL_SIMULATED["datasets"]["sim"]}})
+    changed["datasets"]["sim"]["inference"] = {**changed["datasets"]["sim"]["inference"], "learning_rate": 0.02}
+    config = write_config(workflow_copy, changed)
+    result = snakemake(workflow_copy, "--configfile", config)
+    assert result.returncode == 0, result.stderr
+    after = _mtimes(out, upstream + downstream)
+    assert all(after[name] == before[name] for name in upstream)
+    assert all(after[name] > before[name] for name in downstream)
+    assert az.from_netcdf(out / "trace.nc").posterior.attrs["learning_rate"] == 0.02
+
+
+def test_seed_demo_with_the_original_settings(workflow_copy):
+    """The original notebook's slice and settings (iterations capped for time)."""
+    config = {
+        "datasets": {
+            "demo": {
+                "path": str(SHARED_DATA / "seed_demo_1000x500.h5ad"),
+                "slice": {"cells": {"method": "first", "n": 1000}, "genes": {"method": "first", "n": 500}},
+                "covariates": {"depth": {"source": "constant", "constant": 10000}},
+                "inference": {
+                    "minibatch": "entries",
+                    "batch_size": 128,
+                    "convergence": "parameters",
+                    "tolerance": 0.01,
+                    "check_every": 100,
+                    "max_iterations": 3000,
+                    "draws": 1000,
+                },
+            }
+        }
+    }
+    result = snakemake(workflow_copy, "--configfile", write_config(workflow_copy, config))
+    assert result.returncode == 0, result.stderr
+    out = workflow_copy / "results" / "demo"
+    idata = az.from_netcdf(out / "trace.nc")
+    assert idata.posterior.attrs["minibatch"] == "entries"
+    assert idata.posterior.sizes == {"chain": 1, "draw": 1000, "gene": 500, "cell": 1000}
+    assert 1 <= idata.posterior.attrs["iterations"] <= 3000
+    qc = json.loads((out / "qc.json").read_text())
+    assert qc["before"]["all_zero_genes"] == 250
+
+
+def _bad_input(path, counts):
+    adata = ad.AnnData(X=counts, obs=pd.DataFrame(index=[f"c{i}" for i in range(counts.shape[0])]),
+                       var=pd.DataFrame(index=[f"g{j}" for j in range(counts.shape[1])]))
+    adata.write_h5ad(path)
+    return str(path)
+
+
+def _good_counts():
+    return sp.csr_matrix(np.random.default_rng(0).poisson(2.0, (30, 8)).astype(np.float32))
+
+
+BAD_INPUTS = {
+    "negative": (lambda X: X.__setitem__((1, 2), -3), "load", "negative"),
+    "non_integer": (lambda X: X.__setitem__((4, 1), 0.5), "load", "non-integer"),
+    "nan": (lambda X: X.__setitem__((2, 0), np.nan), "load", "NaN"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_INPUTS))
+def test_bad_counts_fail_load_with_one_line_and_no_output(workflow_copy, kind):
+    corrupt, rule, words = BAD_INPUTS[kind]
+    counts = _good_counts().tolil()
+    corrupt(counts)
+    path = _bad_input(workflow_copy / "bad.h5ad", counts.tocsr())
+    config = write_config(workflow_copy, {"datasets": {"bad": {"path": path}}})
+    result = snakemake(workflow_copy, "--configfile", config)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("scnbvi error")]
+    assert len(lines) == 1 and f"rule {rule}" in lines[0] and words in lines[0] and "bad.h5ad" in lines[0]
+    assert not (workflow_copy / "results" / "bad" / "validated.h5ad").exists()
+
+
+def _run_expecting_error(workflow_copy, dataset: dict, expected: tuple[str, ...], absent: str):
+    config = write_config(workflow_copy, {"datasets": {"bad": dataset}})
+    result = snakemake(workflow_copy, "--configfile", config)
+    assert result.returncode != 0
+    text = result.stdout + result.stderr
+    assert all(word in text for word in expected), text[-2000:]
+    assert not (workflow_copy / "results" / "bad" / absent).exists()
+    return text
+
+
+def test_missing_input_file_is_reported(workflow_copy):
+    _run_expecting_error(workflow_copy, {"path": "no/such/file.h5ad"}, ("no/such/file.h5ad",), "validated.h5ad")
+
+
+def test_missing_obs_column_names_the_column(workflow_copy):
+    path = _bad_input(workflow_copy / "ok.h5ad", _good_counts())
+    dataset = {"path": path, "covariates": {"depth": {"source": "obs", "column": "Bases"}}}
+    text = _run_expecting_error(workflow_copy, dataset, ("obs['Bases']", "scnbvi error in rule covariates"), "covariates_cells.tsv")
+    assert "fix:" in text
+
+
+def test_empty_slice_names_the_setting(workflow_copy):
+    path = _bad_input(workflow_copy / "ok.h5ad", _good_counts())
+    adata = ad.read_h5ad(path)
+    adata.obs["batch"] = "a"
+    adata.write_h5ad(path)
+    dataset = {"path": path, "slice": {"obs_filters": {"batch": ["zzz"]}}}
+    _run_expecting_error(workflow_copy, dataset, ("slice.obs_filters.batch", "scnbvi error in rule slice"), "sliced.h5ad")
+
+
+@pytest.mark.parametrize(
+    "setting, where",
+    [
+        ({"inference": {"batch_size": "many"}}, "datasets.bad.inference.batch_size"),
+        ({"inference": {"learning_rte": 0.1}}, "datasets.bad.inference"),
+        ({"slice": {"genes": {"method": "best"}}}, "datasets.bad.slice.genes.method"),
+    ],
+)
+def test_invalid_config_gives_one_clear_line(workflow_copy, setting, where):
+    config = write_config(workflow_copy, {"datasets": {"bad": {"path": "x.h5ad", **setting}}})
+    result = snakemake(workflow_copy, "--configfile", config, "-n")
+    assert result.returncode != 0
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("config: ")]
+    assert len(lines) == 1 and lines[0].startswith(f"config: {where}:"), result.stderr
+    assert not (workflow_copy / "results").exists()
