@@ -163,3 +163,26 @@ def test_numba_backend_fits(simulated):
     _, result, idata = _fit(simulated, "numba", max_iterations=300, draws=20)
     assert result.backend == "numba" and np.isfinite(result.losses).all()
     assert idata.posterior.attrs["backend"] == "numba"
+
+
+def test_a_matrix_over_the_memory_budget_is_refused_before_fitting(simulated):
+    adata, (cell_offset, gene_offset) = simulated
+    settings = InferenceSettings(max_iterations=10, memory_limit_gb=0.05)
+    with pytest.raises(MemoryError, match=r"needs about .* GB .* available; fix: lower inference.batch_size"):
+        fit(adata.X, cell_offset, gene_offset, settings, backend="c")
+
+
+def test_memory_estimate_grows_with_the_data():
+    from scnbvi.inference import estimate_memory_bytes
+
+    small = sum(estimate_memory_bytes(1_000, 500, 50_000, QUICK).values())
+    atlas = sum(estimate_memory_bytes(186_224, 39_241, 154_000_000, QUICK).values())
+    assert small < 2e9 < atlas < 12e9
+
+
+def test_learning_rate_decays_by_the_factor_every_thousand_steps():
+    from scnbvi.inference import learning_rate_at
+
+    settings = InferenceSettings(learning_rate=0.1, learning_rate_decay=0.5)
+    assert learning_rate_at(0, settings) == 0.1
+    assert learning_rate_at(2000, settings) == pytest.approx(0.025)

@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 from scipy import stats
 
-from scnbvi.batches import BatchSampler, cell_block, pad_nonzeros
+from scnbvi.batches import BatchSampler, cell_block, nonzero_capacity, pad_nonzeros
 from scnbvi.model import BATCH_CONTAINERS, build_model
 
 
@@ -132,7 +132,8 @@ def test_streaming_from_sparse_equals_the_dense_matrix_path():
 
 def test_padding_adds_only_zero_counts():
     block = cell_block(_counts(), np.arange(5))
-    padded = pad_nonzeros(block, minimum=64)
+    assert nonzero_capacity(5, minimum=4) == 8 and nonzero_capacity(8, minimum=4) == 8
+    padded = pad_nonzeros(block, nonzero_capacity(len(block["nz_count"]), minimum=64))
     assert len(padded["nz_count"]) == 64
     assert padded["nz_count"].sum() == block["nz_count"].sum()
     assert not padded["nz_count"][len(block["nz_count"]):].any()

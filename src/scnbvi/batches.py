@@ -80,14 +80,16 @@ def cell_block(counts: sp.csr_matrix, cells: np.ndarray) -> dict[str, np.ndarray
     }
 
 
-def pad_nonzeros(batch: dict[str, np.ndarray], minimum: int = 1024) -> dict[str, np.ndarray]:
-    """Pad a ``cells`` block's non-zero entries to the next power of two with zero counts.
+def nonzero_capacity(nnz: int, minimum: int = 1024) -> int:
+    """The next power of two >= nnz: a handful of distinct shapes lets a compiled (JAX) step
+    be reused across blocks instead of being recompiled for each one."""
+    return max(minimum, 1 << max(nnz - 1, 0).bit_length())
 
-    Zero counts add exactly nothing to the likelihood, and a handful of distinct shapes lets a
-    compiled (JAX) step be reused across blocks instead of being recompiled for each one.
-    """
+
+def pad_nonzeros(batch: dict[str, np.ndarray], capacity: int) -> dict[str, np.ndarray]:
+    """Pad a ``cells`` block's non-zero entries to ``capacity`` with zero counts, which add
+    exactly nothing to the likelihood."""
     nnz = len(batch["nz_count"])
-    capacity = max(minimum, 1 << max(nnz - 1, 0).bit_length())
     padded = dict(batch)
     for name in ("nz_row", "nz_gene", "nz_count"):
         padded[name] = np.zeros(capacity, dtype=batch[name].dtype)

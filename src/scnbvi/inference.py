@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
-import sys
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -21,7 +20,7 @@ import pytensor
 import pytensor.tensor as pt
 import scipy.sparse as sp
 
-from scnbvi.batches import BatchSampler, pad_nonzeros
+from scnbvi.batches import BatchSampler, nonzero_capacity, pad_nonzeros
 from scnbvi.model import BATCH_CONTAINERS, build_model
 
 log = logging.getLogger("scnbvi")
@@ -38,6 +37,7 @@ class InferenceSettings:
     batch_size: int = 128
     max_iterations: int = 300_000
     learning_rate: float = 0.01
+    learning_rate_decay: float = 1.0
     seed: int = 0
     draws: int = 1000
     init: str = "data"
@@ -48,6 +48,7 @@ class InferenceSettings:
     patience: int = 3
     eval_cells: int = 1024
     eval_samples: int = 4
+    memory_limit_gb: float | None = None
     log_every_seconds: float = 10.0
 
 
@@ -110,6 +111,55 @@ def pytensor_mode(backend: str):
 
 
 # --------------------------------------------------------------------------- initialisation
+
+
+def estimate_memory_bytes(n_cells: int, n_genes: int, nnz: int, settings: InferenceSettings) -> dict[str, float]:
+    """Peak memory of a fit by part, so a run that cannot fit is refused before it starts."""
+    parameters = 2 * (n_cells + n_genes) + n_genes + 8
+    if settings.minibatch == "cells":
+        block_nnz = nnz / max(n_cells, 1) * settings.batch_size
+        step = settings.batch_size * n_genes * 8 * 8 + block_nnz * 8 * 8
+    else:
+        step = settings.batch_size * 8 * 16
+    eval_cells = evaluation_cells(settings, n_genes)
+    return {
+        "counts": nnz * 8 * 3 + n_cells * 16,
+        "variational parameters": parameters * 8 * 12,
+        "minibatch step": step + 2 * 256e6,
+        "convergence check": eval_cells * n_genes * 8 * 8,
+        "posterior draws": settings.draws * (2 * n_cells + 3 * n_genes) * 8 * 2,
+        "libraries": 600e6,
+    }
+
+
+def evaluation_cells(settings: InferenceSettings, n_genes: int) -> int:
+    """Cells for the fixed-cells ELBO, capped so the check stays cheap for wide matrices."""
+    return int(min(settings.eval_cells, max(32, 4_000_000 // max(n_genes, 1))))
+
+
+def available_memory_bytes(settings: InferenceSettings) -> float:
+    """The configured limit, else the job's SLURM allocation, else what the machine has free."""
+    if settings.memory_limit_gb is not None:
+        return settings.memory_limit_gb * 1e9
+    if os.environ.get("SLURM_MEM_PER_NODE"):
+        return float(os.environ["SLURM_MEM_PER_NODE"]) * 1e6
+    import psutil
+
+    return float(psutil.virtual_memory().available)
+
+
+def check_memory(counts: sp.csr_matrix, settings: InferenceSettings) -> None:
+    parts = estimate_memory_bytes(*counts.shape, counts.nnz, settings)
+    needed, available = sum(parts.values()), available_memory_bytes(settings)
+    largest = max(parts, key=parts.get)
+    log.info("memory estimate %.2f GB of %.2f GB available (largest part: %s)", needed / 1e9, available / 1e9, largest)
+    if needed > available:
+        raise MemoryError(
+            f"fitting {counts.shape[0]} cells x {counts.shape[1]} genes needs about {needed / 1e9:.1f} GB "
+            f"(largest part: {largest}, {parts[largest] / 1e9:.1f} GB) but {available / 1e9:.1f} GB are "
+            "available; fix: lower inference.batch_size or inference.draws, select genes with "
+            "slice.genes (hvg), or give the job more memory (mem_mb / inference.memory_limit_gb)"
+        )
 
 
 def data_driven_initvals(counts: sp.csr_matrix, cell_log_offset, gene_log_offset) -> dict:
@@ -241,6 +291,8 @@ def fit(
 ) -> tuple[pm.Model, FitResult]:
     """Fit the model to a sparse cells x genes count matrix; returns the model and the fit."""
     require_backend(backend)
+    counts = sp.csr_matrix(counts)
+    check_memory(counts, settings)
     initvals = (
         data_driven_initvals(counts, cell_log_offset, gene_log_offset)
         if settings.init == "data"
@@ -273,6 +325,11 @@ def _initial_std(settings: InferenceSettings) -> float:
     return settings.initial_std if settings.init == "data" else math.log(2.0)
 
 
+def learning_rate_at(step, settings: InferenceSettings, xp=np):
+    """Adam's step size: decays by ``learning_rate_decay`` every 1,000 steps (1 = constant)."""
+    return settings.learning_rate * xp.power(settings.learning_rate_decay, step / 1000.0)
+
+
 def _stop_reason(converged: bool, steps: int, settings: InferenceSettings) -> str:
     if converged:
         return f"converged ({settings.convergence} rule, tolerance {settings.tolerance:g})"
@@ -288,7 +345,7 @@ def _fit_pymc(model, sampler, settings, backend) -> FitResult:
             container.set_value(batch[container.name].astype(container.dtype))
 
     layout = _free_layout(model)
-    eval_batch = sampler.evaluation_batch(settings.eval_cells, settings.seed)
+    eval_batch = sampler.evaluation_batch(evaluation_cells(settings, sampler.n_genes), settings.seed)
     draws = fixed_normal_draws(settings.eval_samples, sum(int(np.prod(s)) for _, s in layout), settings.seed)
     monitor = ConvergenceMonitor(settings.convergence, settings.tolerance, settings.patience)
     progress = Progress(settings.max_iterations, sampler.steps_per_epoch, settings.log_every_seconds)
@@ -318,9 +375,12 @@ def _fit_pymc(model, sampler, settings, backend) -> FitResult:
         values = [logp_fn(_split(mean + std * eps, layout)) for eps in draws]
         return float(np.mean(values)) + _entropy(std)
 
+    learning_rate = pytensor.shared(settings.learning_rate, name="learning_rate")
+
     def after_step(approx, losses, step):
         if step == 1:
             timing["first_step"] = time.perf_counter()
+        learning_rate.set_value(learning_rate_at(step, settings))
         load(sampler.next())
         if step % settings.check_every == 0:
             mean, std, params = current()
@@ -343,7 +403,7 @@ def _fit_pymc(model, sampler, settings, backend) -> FitResult:
             pm.fit(
                 n=settings.max_iterations,
                 method=advi,
-                obj_optimizer=pm.adam(learning_rate=settings.learning_rate),
+                obj_optimizer=pm.adam(learning_rate=learning_rate),
                 callbacks=[after_step],
                 progressbar=False,
                 compile_kwargs={"mode": mode},
@@ -394,13 +454,31 @@ def _jax_logp(model: pm.Model, container_names):
     return get_jaxified_graph(inputs=model.value_vars + inputs, outputs=[logp])
 
 
+def _stack_batches(batches: list[dict[str, np.ndarray]], mode: str) -> dict[str, np.ndarray]:
+    """Stack a chunk of batches; ``cells`` blocks are padded to one power-of-two capacity."""
+    if mode == "cells":
+        capacity = nonzero_capacity(max(len(b["nz_count"]) for b in batches))
+        batches = [pad_nonzeros(b, capacity) for b in batches]
+    return {name: np.stack([b[name] for b in batches]) for name in batches[0]}
+
+
+def _chunk_length(sampler: BatchSampler, settings: InferenceSettings, budget_bytes: float = 256e6) -> int:
+    """Steps per jitted scan: one check interval, split so the staged batches fit the budget."""
+    if sampler.mode == "cells":
+        block_nnz = sampler.counts.nnz / sampler.n_cells * sampler.batch_size
+        bytes_per_step = 2 * 16 * max(block_nnz, 1024) + 4 * sampler.batch_size
+    else:
+        bytes_per_step = 16 * sampler.batch_size
+    pieces = max(1, math.ceil(settings.check_every * bytes_per_step / budget_bytes))
+    return max(1, settings.check_every // pieces)
+
+
 def _fit_jax(model, sampler, settings, backend) -> FitResult:
     import jax
     import jax.numpy as jnp
     import optax
 
     names = BATCH_CONTAINERS[sampler.mode]
-    next_batch = (lambda: pad_nonzeros(sampler.next())) if sampler.mode == "cells" else sampler.next
     layout = _free_layout(model)
     sizes = [int(np.prod(shape, dtype=int)) for _, shape in layout]
     bounds = np.cumsum([0, *sizes])
@@ -410,7 +488,7 @@ def _fit_jax(model, sampler, settings, backend) -> FitResult:
         values = [flat[bounds[k] : bounds[k + 1]].reshape(shape) for k, (_, shape) in enumerate(layout)]
         return logp_graph(*values, *[batch[name] for name in names])[0]
 
-    optimizer = optax.adam(settings.learning_rate)
+    optimizer = optax.adam(lambda step: learning_rate_at(step, settings, jnp))
     point = model.initial_point()
     params = {
         "mu": jnp.concatenate([jnp.ravel(point[name]) for name, _ in layout]),
@@ -419,59 +497,71 @@ def _fit_jax(model, sampler, settings, backend) -> FitResult:
     opt_state = optimizer.init(params)
     key = jax.random.PRNGKey(settings.seed)
 
-    @jax.jit
-    def step(params, opt_state, step_key, batch):
+    def step(carry, inputs):
+        params, opt_state = carry
+        step_index, batch = inputs
+
         def loss(p):
             std = jax.nn.softplus(p["rho"])
-            draw = p["mu"] + std * jax.random.normal(step_key, p["mu"].shape)
-            return -(logp(draw, batch) + jnp.sum(jnp.log(std)))
+            noise = jax.random.normal(jax.random.fold_in(key, step_index), p["mu"].shape)
+            return -(logp(p["mu"] + std * noise, batch) + jnp.sum(jnp.log(std)))
 
         value, grads = jax.value_and_grad(loss)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
+        return (optax.apply_updates(params, updates), opt_state), value
 
-    eval_batch = sampler.evaluation_batch(settings.eval_cells, settings.seed)
+    @jax.jit
+    def run_chunk(params, opt_state, first_step, batches):
+        steps = first_step + jnp.arange(batches[names[0]].shape[0])
+        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (steps, batches))
+        return params, opt_state, losses
+
+    eval_batch = sampler.evaluation_batch(evaluation_cells(settings, sampler.n_genes), settings.seed)
     eval_batch = {k: jnp.asarray(v) for k, v in eval_batch.items()}
     eval_draws = jnp.asarray(fixed_normal_draws(settings.eval_samples, int(bounds[-1]), settings.seed))
 
     @jax.jit
     def evaluate(params):
         std = jax.nn.softplus(params["rho"])
-        values = jax.vmap(lambda eps: logp(params["mu"] + std * eps, eval_batch))(eval_draws)
+        values = jax.lax.map(lambda eps: logp(params["mu"] + std * eps, eval_batch), eval_draws)
         return jnp.mean(values) + jnp.sum(jnp.log(std))
 
+    chunk = _chunk_length(sampler, settings)
     t0 = time.perf_counter()
-    params, opt_state, first_loss = step(params, opt_state, jax.random.fold_in(key, 0), next_batch())
-    first_loss.block_until_ready()
     evaluate(params).block_until_ready()
     compile_seconds = time.perf_counter() - t0
 
     monitor = ConvergenceMonitor(settings.convergence, settings.tolerance, settings.patience)
     progress = Progress(settings.max_iterations, sampler.steps_per_epoch, settings.log_every_seconds)
-    losses = [first_loss]
+    entropy_constant = 0.5 * int(bounds[-1]) * (1.0 + math.log(2 * math.pi))
+    chunks: list = []
     checks: list[tuple[int, float]] = []
     converged = False
-    entropy_constant = 0.5 * int(bounds[-1]) * (1.0 + math.log(2 * math.pi))
+    steps = 0
     t0 = time.perf_counter()
-    for steps in range(2, settings.max_iterations + 1):
-        params, opt_state, loss = step(params, opt_state, jax.random.fold_in(key, steps - 1), next_batch())
-        losses.append(loss)
+    while steps < settings.max_iterations and not converged:
+        length = min(chunk, settings.max_iterations - steps, settings.check_every - steps % settings.check_every)
+        batches = _stack_batches([sampler.next() for _ in range(length)], sampler.mode)
+        if steps == 0:
+            compiling = time.perf_counter()
+            jax.block_until_ready(run_chunk.lower(params, opt_state, 0, batches).compile())
+            compile_seconds += time.perf_counter() - compiling
+            t0 += time.perf_counter() - compiling
+        params, opt_state, losses = run_chunk(params, opt_state, steps, batches)
+        chunks.append(losses)
+        steps += length
         if steps % settings.check_every == 0:
-            last = float(loss)
+            last = float(losses[-1])
             if not np.isfinite(last):
                 raise FloatingPointError(_divergence_message(steps, settings))
             if settings.convergence == "elbo":
                 checks.append((steps, float(evaluate(params)) + entropy_constant))
-                done = monitor.update_elbo(checks[-1][1])
+                converged = monitor.update_elbo(checks[-1][1])
             else:
-                done = monitor.update_parameters(np.concatenate([np.asarray(params["mu"]), np.asarray(params["rho"])]))
-            progress.maybe_log(steps, last, checks[-1][1] if checks else None, force=True)
-            if done:
-                converged = True
-                break
-    else:
-        steps = settings.max_iterations
-    losses = np.asarray(jnp.stack(losses), dtype=float) - entropy_constant
+                flat = np.concatenate([np.asarray(params["mu"]), np.asarray(params["rho"])])
+                converged = monitor.update_parameters(flat)
+            progress.maybe_log(steps, last - entropy_constant, checks[-1][1] if checks else None, force=True)
+    losses = np.concatenate([np.asarray(c) for c in chunks]) - entropy_constant
     fit_seconds = time.perf_counter() - t0
     if not np.all(np.isfinite(losses)):
         raise FloatingPointError(_divergence_message(int(np.argmax(~np.isfinite(losses))) + 1, settings))

@@ -1,0 +1,277 @@
+"""The workflow on a SLURM cluster (snakemake-executor-plugin-slurm, profiles/slurm*).
+
+Runs against the single-node test cluster of ``.ci/slurm.sh`` (partition ``debug``, one
+fake GPU): install it first with ``bash .ci/slurm.sh install`` (root or password-less sudo).
+The module starts the cluster and stops it again. Without SLURM these tests fail rather
+than skip; deselect them with ``-m "not slurm"``.
+
+Every job's comment is its rule (``rule_<name>_wildcards_<...>``) and its work directory is
+the workflow copy, and the cluster keeps finished jobs listed for 10 minutes (MinJobAge), so
+``squeue`` tells which rules ran as which jobs of which run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import arviz as az
+import numpy as np
+import pytest
+
+from conftest import REPO, SMALL_SIMULATED, copy_workflow, snakemake, write_config
+
+pytestmark = pytest.mark.slurm
+
+SLURM_SH = REPO / ".ci" / "slurm.sh"
+REMOTE_RULES = {"simulate", "load", "slice", "covariates", "fit", "summary", "plot_elbo"}
+UPSTREAM_RULES = ("simulate", "load", "slice", "covariates")
+UPSTREAM_OUTPUTS = (
+    "simulated.h5ad",
+    "validated.h5ad",
+    "qc.json",
+    "sliced.h5ad",
+    "covariates_cells.tsv",
+    "covariates_genes.tsv",
+)
+# The test cluster has no slurmdbd (so no sacct) and no real accounts; a command-line
+# --default-resources replaces the profile's whole block, so it repeats every entry.
+CLUSTER_ARGS = (
+    "--slurm-status-command", "squeue",
+    "--slurm-init-seconds-before-status-checks", "2",
+    "--default-resources", "slurm_account=test", "slurm_partition=debug", "mem_mb=1000", "runtime=10",
+)
+RUN_TIMEOUT = 600
+# Attributes of trace.nc that record when and how fast, not what was fitted.
+TIMING_ATTRS = {"created_at", "fit_seconds", "compile_seconds"}
+
+
+def slurm_command(profile: str, configfile: str, *extra: str) -> list[str]:
+    # No --config: it would replace the profile's `config:` entries (the backend).
+    return [sys.executable, "-m", "snakemake", "--cores", "2", "--profile", profile,
+            "--configfile", configfile, *extra, *CLUSTER_ARGS]
+
+
+def slurm_environment() -> dict:
+    """Jobs inherit PATH from the submitting process: the venv running the tests comes first."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, "PYTHONWARNINGS": "ignore"}
+
+
+def run_slurm(workdir: Path, profile: str, configfile: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(slurm_command(profile, configfile, *extra), cwd=workdir, capture_output=True,
+                          text=True, timeout=RUN_TIMEOUT, env=slurm_environment())
+
+
+def tail(text: str, lines: int = 60) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def check_ok(result: subprocess.CompletedProcess, what: str):
+    assert result.returncode == 0, f"{what} failed ({result.returncode}):\n{tail(result.stdout)}\n{tail(result.stderr)}"
+
+
+def rule_of(comment: str) -> str:
+    match = re.fullmatch(r"rule_(.+?)(?:_wildcards_.*)?", comment)
+    return match.group(1) if match else comment
+
+
+def cluster_jobs(workdir: Path) -> dict[int, dict]:
+    """SLURM jobs (any state) submitted from ``workdir``: id -> rule, state."""
+    listing = subprocess.run(
+        ["squeue", "--states=all", "--noheader", "-o", "%i|%k|%T|%Z"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    jobs = {}
+    for line in listing.splitlines():
+        job_id, comment, state, directory = line.strip().split("|", 3)
+        if Path(directory).resolve() == workdir.resolve():
+            jobs[int(job_id)] = {"rule": rule_of(comment.strip()), "state": state}
+    return jobs
+
+
+def job_details(job_id: int) -> str:
+    return subprocess.run(["scontrol", "-o", "show", "job", str(job_id)],
+                          capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+def rules_submitted(jobs: dict[int, dict]) -> list[str]:
+    return sorted(job["rule"] for job in jobs.values())
+
+
+def cancel_jobs_of(workdir: Path):
+    """Leave nothing of a failed test behind on the cluster."""
+    live = [str(i) for i, job in cluster_jobs(workdir).items() if job["state"] in ("PENDING", "RUNNING")]
+    if live:
+        subprocess.run(["scancel", *live], timeout=60)
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """The single-node test cluster, up for this module; always brought down afterwards."""
+    missing = [tool for tool in ("sinfo", "squeue", "sbatch", "scancel", "scontrol") if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"SLURM is not installed ({', '.join(missing)} not found): run `bash .ci/slurm.sh install`")
+    try:
+        up = subprocess.run(["bash", str(SLURM_SH), "up"], capture_output=True, text=True, timeout=300)
+        if up.returncode != 0:
+            pytest.fail(f"`.ci/slurm.sh up` failed ({up.returncode}):\n{tail(up.stdout)}\n{tail(up.stderr, 150)}")
+        info = subprocess.run(["sinfo", "--noheader", "-o", "%P %a %t %G"], capture_output=True, text=True, timeout=60)
+        if info.returncode != 0 or "debug" not in info.stdout:
+            pytest.fail(f"no partition `debug` after `.ci/slurm.sh up`: {info.stdout} {info.stderr}")
+        yield
+    finally:
+        subprocess.run(["bash", str(SLURM_SH), "down"], capture_output=True, text=True, timeout=300)
+
+
+def assert_same_trace(left: Path, right: Path):
+    a, b = az.from_netcdf(left).posterior, az.from_netcdf(right).posterior
+    assert sorted(a.data_vars) == sorted(b.data_vars)
+    for name in a.data_vars:
+        np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-10, atol=1e-12, err_msg=name)
+    strip = lambda attrs: {k: v for k, v in attrs.items() if k not in TIMING_ATTRS}  # noqa: E731
+    assert strip(a.attrs) == strip(b.attrs)
+
+
+def test_cpu_profile_runs_every_rule_as_a_job_with_local_results(slurm_cluster, tmp_path):
+    on_slurm = copy_workflow(tmp_path / "slurm")
+    local = copy_workflow(tmp_path / "local")
+    slurm_config = write_config(on_slurm, SMALL_SIMULATED)
+    local_config = write_config(local, SMALL_SIMULATED)
+
+    # The local run is mostly CPU and the SLURM run mostly waiting: side by side.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        local_run = pool.submit(snakemake, local, "--configfile", local_config, timeout=RUN_TIMEOUT)
+        result = run_slurm(on_slurm, "profiles/slurm", slurm_config)
+        local_result = local_run.result()
+    check_ok(result, "snakemake --profile profiles/slurm")
+    check_ok(local_result, "local snakemake")
+
+    jobs = cluster_jobs(on_slurm)
+    assert rules_submitted(jobs) == sorted(REMOTE_RULES), jobs  # each rule once, `all` stays local
+    assert {job["state"] for job in jobs.values()} == {"COMPLETED"}, jobs
+
+    slurm_results, local_results = on_slurm / "results" / "sim", local / "results" / "sim"
+    for name in ("genes.tsv", "summary.csv"):
+        assert (slurm_results / name).read_bytes() == (local_results / name).read_bytes(), name
+    assert_same_trace(slurm_results / "trace.nc", local_results / "trace.nc")
+    stats = json.loads((slurm_results / "fit_stats.json").read_text())
+    assert (stats["engine"], stats["backend"]) == ("pymc", "c")
+
+
+def test_gpu_profile_requests_a_gpu_for_fit_only(slurm_cluster, tmp_path):
+    workdir = copy_workflow(tmp_path / "slurm-gpu")
+    # No backend in the config file: the profile's `backend=jax` must win anyway.
+    config = write_config(workdir, {k: v for k, v in SMALL_SIMULATED.items() if k != "backend"})
+
+    result = run_slurm(workdir, "profiles/slurm-gpu", config, "--verbose")
+    check_ok(result, "snakemake --profile profiles/slurm-gpu")
+
+    # What snakemake asked for: the sbatch command lines it logs with --verbose.
+    sbatch_lines = [line for line in (result.stdout + result.stderr).splitlines() if "sbatch call:" in line]
+    requests = {}
+    for line in sbatch_lines:
+        rule = rule_of(re.search(r"--comment (\S+)", line).group(1))
+        options = line.split("--wrap=")[0]
+        requests[rule] = bool(re.search(r"--gpus[= ]|--gres[= ]\S*gpu|--gpus-per-", options))
+    assert sorted(requests) == sorted(REMOTE_RULES), sbatch_lines
+    assert requests == {rule: rule == "fit" for rule in REMOTE_RULES}, requests
+
+    # What SLURM got: the jobs' GPU requests (TresPerJob/TresPerNode, e.g. gres:gpu:1).
+    jobs = cluster_jobs(workdir)
+    assert rules_submitted(jobs) == sorted(REMOTE_RULES), jobs
+    assert {job["state"] for job in jobs.values()} == {"COMPLETED"}, jobs
+    for job_id, job in jobs.items():
+        tres = re.findall(r"\bTresPer(?:Job|Node|Task)=(\S+)", job_details(job_id))
+        asked_gpu = any("gpu" in value for value in tres)
+        assert asked_gpu == (job["rule"] == "fit"), (job["rule"], tres)
+
+    trace = az.from_netcdf(workdir / "results" / "sim" / "trace.nc")
+    assert trace.posterior.attrs["engine"] == "jax"
+    assert trace.posterior.attrs["backend"] == "jax"
+    assert json.loads((workdir / "results" / "sim" / "fit_stats.json").read_text())["engine"] == "jax"
+
+
+# A fit that runs its full max_iterations (patience above the number of checks: no early
+# stop), about 10-20 s of steps on the C backend; it logs a line every check_every steps.
+SLOW_FIT = copy.deepcopy(SMALL_SIMULATED)
+SLOW_FIT["datasets"]["sim"]["inference"].update(max_iterations=25000, check_every=1000, patience=1000)
+
+
+def wait_for(condition, timeout: float, what: str, process: subprocess.Popen, output: Path):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if process.poll() is not None:
+            pytest.fail(f"snakemake exited ({process.returncode}) before {what}:\n{tail(output.read_text())}")
+        time.sleep(0.25)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}:\n{tail(output.read_text())}")
+
+
+def test_cancelled_fit_is_resumed_without_rerunning_upstream_jobs(slurm_cluster, tmp_path):
+    workdir = copy_workflow(tmp_path / "slurm-cancel")
+    config = write_config(workdir, SLOW_FIT)
+    command = slurm_command("profiles/slurm", config, "--retries", "0")
+    results = workdir / "results" / "sim"
+    output = workdir / "first-run.txt"
+
+    with output.open("w") as sink:
+        first = subprocess.Popen(command, cwd=workdir, stdout=sink, stderr=subprocess.STDOUT, text=True,
+                                 env=slurm_environment())
+    try:
+        def running_fit():
+            running = [i for i, job in cluster_jobs(workdir).items()
+                       if job["rule"] == "fit" and job["state"] == "RUNNING"]
+            return running[0] if running else None
+
+        fit_job = wait_for(running_fit, 300, "the fit job to run", first, output)
+        # Mid-run: wait until the ADVI steps are under way (a progress line in the rule's log).
+        fit_log = results / "logs" / "fit.log"
+        wait_for(lambda: fit_log.exists() and " step " in fit_log.read_text(), 120,
+                 "the fit to log progress", first, output)
+        assert cluster_jobs(workdir)[fit_job]["state"] == "RUNNING", "fit finished before it could be cancelled"
+        subprocess.run(["scancel", str(fit_job)], check=True, timeout=60)
+        first.wait(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.terminate()
+            try:
+                first.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                first.kill()
+                first.wait()
+        cancel_jobs_of(workdir)
+
+    first_output = output.read_text()
+    assert first.returncode != 0, f"snakemake succeeded despite the cancelled fit:\n{tail(first_output)}"
+    jobs_before = cluster_jobs(workdir)
+    assert rules_submitted(jobs_before) == sorted([*UPSTREAM_RULES, "fit"]), jobs_before
+    assert jobs_before[fit_job]["state"] == "CANCELLED", jobs_before
+    assert all(job["state"] == "COMPLETED" for i, job in jobs_before.items() if i != fit_job), jobs_before
+    assert not (results / "trace.nc").exists()
+    mtimes = {name: (results / name).stat().st_mtime_ns for name in UPSTREAM_OUTPUTS}
+
+    # The very same command again: only the cancelled job and what depends on it run.
+    second = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=RUN_TIMEOUT,
+                            env=slurm_environment())
+    check_ok(second, "rerun after the cancelled fit")
+
+    jobs_after = cluster_jobs(workdir)
+    new_jobs = {i: job for i, job in jobs_after.items() if i not in jobs_before}
+    assert rules_submitted(new_jobs) == ["fit", "plot_elbo", "summary"], new_jobs
+    assert {job["state"] for job in new_jobs.values()} == {"COMPLETED"}, new_jobs
+    assert {name: (results / name).stat().st_mtime_ns for name in UPSTREAM_OUTPUTS} == mtimes
+    for name in ("trace.nc", "elbo.tsv", "fit_stats.json", "summary.csv", "genes.tsv", "elbo.png"):
+        assert (results / name).stat().st_size > 0, name
+    stats = json.loads((results / "fit_stats.json").read_text())
+    assert stats["steps"] >= SLOW_FIT["datasets"]["sim"]["inference"]["max_iterations"] - 1, stats
