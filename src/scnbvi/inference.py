@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pymc as pm
@@ -36,15 +36,16 @@ class InferenceSettings:
     minibatch: str = "cells"
     batch_size: int = 128
     max_iterations: int = 300_000
-    learning_rate: float = 0.01
-    learning_rate_decay: float = 1.0
+    learning_rate: float = 0.05
+    learning_rate_decay: float = 0.5
+    decay_steps: int = 1000
     seed: int = 0
     draws: int = 1000
     init: str = "data"
     initial_std: float = 0.05
     convergence: str = "elbo"
-    tolerance: float = 1e-3
-    check_every: int = 500
+    tolerance: float = 1e-4
+    check_every: int = 250
     patience: int = 3
     eval_cells: int = 1024
     eval_samples: int = 4
@@ -123,11 +124,11 @@ def estimate_memory_bytes(n_cells: int, n_genes: int, nnz: int, settings: Infere
         step = settings.batch_size * 8 * 16
     eval_cells = evaluation_cells(settings, n_genes)
     return {
-        "counts": nnz * 8 * 3 + n_cells * 16,
+        "counts": nnz * 8 * 2 + n_cells * 16,
         "variational parameters": parameters * 8 * 12,
         "minibatch step": step + 2 * 256e6,
         "convergence check": eval_cells * n_genes * 8 * 8,
-        "posterior draws": settings.draws * (2 * n_cells + 3 * n_genes) * 8 * 2,
+        "posterior draws": settings.draws * (2 * n_cells + 3 * n_genes) * 4 * 1.5,
         "libraries": 600e6,
     }
 
@@ -224,6 +225,37 @@ class ConvergenceMonitor:
         return float(np.max(change)) < self.tolerance
 
 
+class IterateAverage:
+    """Average of the variational parameters over the current check window (Polyak averaging).
+
+    Minibatch noise makes the last iterate jitter around the optimum; the window average does
+    not, so the convergence check and the returned fit use it (``elbo`` rule only; the
+    ``parameters`` rule reproduces the original and keeps the last iterate).
+    """
+
+    def __init__(self):
+        self.total, self.count, self.last_window = None, 0, None
+
+    def add(self, params) -> None:
+        self.total = params.copy() if self.total is None else self.total + params
+        self.count += 1
+
+    def add_sum(self, total, count: int) -> None:
+        self.total = total if self.total is None else self.total + total
+        self.count += count
+
+    def close_window(self):
+        self.last_window = self.total / self.count
+        self.total, self.count = None, 0
+        return self.last_window
+
+    def result(self, last_iterate):
+        """The newest average (a partial window counts), else the last iterate."""
+        if self.count:
+            return self.total / self.count
+        return self.last_window if self.last_window is not None else last_iterate
+
+
 class Progress:
     """Plain progress lines (step, epoch, loss, rate, ETA) that read well in a batch job log."""
 
@@ -299,6 +331,8 @@ def fit(
         else None
     )
     sampler = BatchSampler(counts, settings.minibatch, settings.batch_size, settings.seed)
+    if settings.minibatch == "cells":
+        settings = per_epoch_schedule(settings, sampler.steps_per_epoch)
     model = build_model(
         cell_log_offset=cell_log_offset,
         gene_log_offset=gene_log_offset,
@@ -326,8 +360,22 @@ def _initial_std(settings: InferenceSettings) -> float:
 
 
 def learning_rate_at(step, settings: InferenceSettings, xp=np):
-    """Adam's step size: decays by ``learning_rate_decay`` every 1,000 steps (1 = constant)."""
-    return settings.learning_rate * xp.power(settings.learning_rate_decay, step / 1000.0)
+    """Adam's step size: decays by ``learning_rate_decay`` every ``decay_steps`` (1 = constant)."""
+    return settings.learning_rate * xp.power(settings.learning_rate_decay, step / settings.decay_steps)
+
+
+def per_epoch_schedule(settings: InferenceSettings, steps_per_epoch: float) -> InferenceSettings:
+    """Stretch the check interval and the decay period to at least one epoch.
+
+    A cell's own parameters only learn when its block comes round, once per epoch; on large
+    data, judging convergence or shrinking the step size faster than that would freeze them.
+    """
+    epoch = math.ceil(steps_per_epoch)
+    return replace(
+        settings,
+        check_every=max(settings.check_every, epoch),
+        decay_steps=max(settings.decay_steps, epoch),
+    )
 
 
 def _stop_reason(converged: bool, steps: int, settings: InferenceSettings) -> str:
@@ -363,18 +411,21 @@ def _fit_pymc(model, sampler, settings, backend) -> FitResult:
     order = [group.ordering[name] for name, _ in layout]
     compile_seconds = time.perf_counter() - t0
 
-    def current():
-        mean_flat = group.params_dict["mu"].get_value()
-        rho_flat = group.params_dict["rho"].get_value()
+    def raw_params() -> np.ndarray:
+        return np.concatenate([group.params_dict["mu"].get_value(), group.params_dict["rho"].get_value()])
+
+    def split_raw(flat: np.ndarray):
+        mean_flat, rho_flat = np.split(flat, 2)
         mean = np.concatenate([mean_flat[o[1]] for o in order])
         std = np.log1p(np.exp(np.concatenate([rho_flat[o[1]] for o in order])))
-        return mean, std, np.concatenate([mean_flat, rho_flat])
+        return mean, std
 
     def evaluate(mean, std) -> float:
         load(eval_batch)
         values = [logp_fn(_split(mean + std * eps, layout)) for eps in draws]
         return float(np.mean(values)) + _entropy(std)
 
+    average = IterateAverage()
     learning_rate = pytensor.shared(settings.learning_rate, name="learning_rate")
 
     def after_step(approx, losses, step):
@@ -382,13 +433,14 @@ def _fit_pymc(model, sampler, settings, backend) -> FitResult:
             timing["first_step"] = time.perf_counter()
         learning_rate.set_value(learning_rate_at(step, settings))
         load(sampler.next())
+        if settings.convergence == "elbo":
+            average.add(raw_params())
         if step % settings.check_every == 0:
-            mean, std, params = current()
             if settings.convergence == "elbo":
-                checks.append((step, evaluate(mean, std)))
+                checks.append((step, evaluate(*split_raw(average.close_window()))))
                 done = monitor.update_elbo(checks[-1][1])
             else:
-                done = monitor.update_parameters(params)
+                done = monitor.update_parameters(raw_params())
             progress.maybe_log(step, losses[-1], checks[-1][1] if checks else None, force=True)
             if done:
                 state["converged"] = True
@@ -414,7 +466,7 @@ def _fit_pymc(model, sampler, settings, backend) -> FitResult:
     steps = len(losses)
     compile_seconds += timing.get("first_step", timing["start"]) - timing["start"]
     fit_seconds = time.perf_counter() - timing.get("first_step", timing["start"])
-    mean, std, _ = current()
+    mean, std = split_raw(average.result(raw_params()))
     return FitResult(
         means=_split(mean, layout),
         stds=_split(std, layout),
@@ -488,6 +540,10 @@ def _fit_jax(model, sampler, settings, backend) -> FitResult:
         values = [flat[bounds[k] : bounds[k + 1]].reshape(shape) for k, (_, shape) in enumerate(layout)]
         return logp_graph(*values, *[batch[name] for name in names])[0]
 
+    def flatten(params):
+        return jnp.concatenate([params["mu"], params["rho"]])
+
+    average = IterateAverage()
     optimizer = optax.adam(lambda step: learning_rate_at(step, settings, jnp))
     point = model.initial_point()
     params = {
@@ -498,37 +554,42 @@ def _fit_jax(model, sampler, settings, backend) -> FitResult:
     key = jax.random.PRNGKey(settings.seed)
 
     def step(carry, inputs):
-        params, opt_state = carry
+        params, opt_state, total = carry
         step_index, batch = inputs
 
         def loss(p):
             std = jax.nn.softplus(p["rho"])
-            noise = jax.random.normal(jax.random.fold_in(key, step_index), p["mu"].shape)
+            # float32 noise is ample for a Monte-Carlo gradient and several times cheaper on CPU.
+            noise = jax.random.normal(jax.random.fold_in(key, step_index), p["mu"].shape, jnp.float32)
+            noise = noise.astype(p["mu"].dtype)
             return -(logp(p["mu"] + std * noise, batch) + jnp.sum(jnp.log(std)))
 
         value, grads = jax.value_and_grad(loss)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), value
+        params = optax.apply_updates(params, updates)
+        return (params, opt_state, total + flatten(params)), value
 
     @jax.jit
     def run_chunk(params, opt_state, first_step, batches):
         steps = first_step + jnp.arange(batches[names[0]].shape[0])
-        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (steps, batches))
-        return params, opt_state, losses
+        carry = (params, opt_state, jnp.zeros(2 * int(bounds[-1])))
+        (params, opt_state, total), losses = jax.lax.scan(step, carry, (steps, batches))
+        return params, opt_state, total, losses
 
     eval_batch = sampler.evaluation_batch(evaluation_cells(settings, sampler.n_genes), settings.seed)
     eval_batch = {k: jnp.asarray(v) for k, v in eval_batch.items()}
     eval_draws = jnp.asarray(fixed_normal_draws(settings.eval_samples, int(bounds[-1]), settings.seed))
 
     @jax.jit
-    def evaluate(params):
-        std = jax.nn.softplus(params["rho"])
-        values = jax.lax.map(lambda eps: logp(params["mu"] + std * eps, eval_batch), eval_draws)
+    def evaluate(flat):
+        mu, rho = jnp.split(flat, 2)
+        std = jax.nn.softplus(rho)
+        values = jax.lax.map(lambda eps: logp(mu + std * eps, eval_batch), eval_draws)
         return jnp.mean(values) + jnp.sum(jnp.log(std))
 
     chunk = _chunk_length(sampler, settings)
     t0 = time.perf_counter()
-    evaluate(params).block_until_ready()
+    evaluate(flatten(params)).block_until_ready()
     compile_seconds = time.perf_counter() - t0
 
     monitor = ConvergenceMonitor(settings.convergence, settings.tolerance, settings.patience)
@@ -547,7 +608,8 @@ def _fit_jax(model, sampler, settings, backend) -> FitResult:
             jax.block_until_ready(run_chunk.lower(params, opt_state, 0, batches).compile())
             compile_seconds += time.perf_counter() - compiling
             t0 += time.perf_counter() - compiling
-        params, opt_state, losses = run_chunk(params, opt_state, steps, batches)
+        params, opt_state, total, losses = run_chunk(params, opt_state, steps, batches)
+        average.add_sum(total, length)
         chunks.append(losses)
         steps += length
         if steps % settings.check_every == 0:
@@ -555,18 +617,18 @@ def _fit_jax(model, sampler, settings, backend) -> FitResult:
             if not np.isfinite(last):
                 raise FloatingPointError(_divergence_message(steps, settings))
             if settings.convergence == "elbo":
-                checks.append((steps, float(evaluate(params)) + entropy_constant))
+                checks.append((steps, float(evaluate(average.close_window())) + entropy_constant))
                 converged = monitor.update_elbo(checks[-1][1])
             else:
-                flat = np.concatenate([np.asarray(params["mu"]), np.asarray(params["rho"])])
-                converged = monitor.update_parameters(flat)
+                converged = monitor.update_parameters(np.asarray(flatten(params)))
             progress.maybe_log(steps, last - entropy_constant, checks[-1][1] if checks else None, force=True)
     losses = np.concatenate([np.asarray(c) for c in chunks]) - entropy_constant
     fit_seconds = time.perf_counter() - t0
     if not np.all(np.isfinite(losses)):
         raise FloatingPointError(_divergence_message(int(np.argmax(~np.isfinite(losses))) + 1, settings))
-    mean = np.asarray(params["mu"])
-    std = np.asarray(jax.nn.softplus(params["rho"]))
+    last = flatten(params)
+    mean, rho = np.split(np.asarray(average.result(last) if settings.convergence == "elbo" else last), 2)
+    std = np.log1p(np.exp(rho))
     return FitResult(
         means=_split(mean, layout),
         stds=_split(std, layout),

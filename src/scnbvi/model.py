@@ -87,9 +87,8 @@ def build_model(
 
         cells = data["cell_index"]
         if mode == "cells":
-            log_mu = cell_log_rate[cells][:, None] + gene_log_rate[None, :]
             block_logp = sparse_block_nb_logp(
-                log_mu, alpha, data["nz_row"], data["nz_gene"], data["nz_count"]
+                cell_log_rate[cells], gene_log_rate, alpha, data["nz_row"], data["nz_gene"], data["nz_count"]
             )
             pm.Potential("y", block_logp * n_cells / cells.shape[0])
         else:
@@ -108,18 +107,21 @@ def build_model(
     return model
 
 
-def sparse_block_nb_logp(log_mu, alpha, nz_row, nz_gene, nz_count):
-    """Sum of NB(y | mu, alpha) log-probabilities over a block of cells x genes, zeros included.
+def sparse_block_nb_logp(cell_log_rate, gene_log_rate, alpha, nz_row, nz_gene, nz_count):
+    """Sum of NB(y | mu, alpha) log-probabilities over a block of cells x genes, zeros included,
+    where ``log mu_ig = cell_log_rate_i + gene_log_rate_g``.
 
     Split so that only the count-independent part touches every entry of the block:
-    ``log NB(y) = -alpha*softplus(log mu - log alpha)`` for every entry, plus
+    ``-alpha*log(1 + mu/alpha)`` for every entry, plus
     ``lgamma(y+alpha) - lgamma(alpha) - lgamma(y+1) + y*(log mu - log(alpha + mu))`` for the
-    non-zero entries only. ``alpha`` is a scalar or one value per gene (column).
+    non-zero entries only. ``mu/alpha`` factorises as ``exp(cell) * exp(gene - log alpha)``, so
+    the dense part costs one ``log1p`` per entry. ``alpha`` is a scalar or one value per gene.
     Padding entries with count 0 add exactly zero.
     """
     log_alpha = pt.log(alpha)
-    zero_part = -pt.sum(alpha * pt.softplus(log_mu - log_alpha))
-    nz_log_mu = log_mu[nz_row, nz_gene]
+    odds = pt.exp(cell_log_rate)[:, None] * pt.exp(gene_log_rate - log_alpha)[None, :]
+    zero_part = -pt.sum(alpha * pt.sum(pt.log1p(odds), axis=0))
+    nz_log_mu = cell_log_rate[nz_row] + gene_log_rate[nz_gene]
     nz_alpha = alpha[nz_gene] if alpha.ndim else alpha
     nz_log_alpha = pt.log(nz_alpha)
     count_part = pt.sum(

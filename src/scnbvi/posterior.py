@@ -46,7 +46,7 @@ def draw_posterior(
     constrain = pytensor.function(batched, vectorised, mode=pytensor_mode(result.backend), on_unused_input="ignore")
 
     rng = np.random.default_rng([seed, 11])
-    pieces: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    posterior: dict[str, np.ndarray] = {}
     for start in range(0, draws, chunk):
         size = min(chunk, draws - start)
         values = [
@@ -54,8 +54,9 @@ def draw_posterior(
             for v in model.value_vars
         ]
         for name, value in zip(names, constrain(*values)):
-            pieces[name].append(value)
-    posterior = {name: np.concatenate(parts)[None, ...] for name, parts in pieces.items()}
+            if name not in posterior:  # float32 halves the size of atlas-scale traces
+                posterior[name] = np.empty((1, draws, *value.shape[1:]), dtype=np.float32)
+            posterior[name][0, start : start + size] = value
     dims = {name: list(model.named_vars_to_dims.get(name, ())) for name in names}
     coords = {name: list(values) for name, values in model.coords.items()}
     idata = az.from_dict(posterior=posterior, coords=coords, dims=dims)

@@ -13,7 +13,7 @@ def run(snakemake, main):
     threads = str(snakemake.threads)
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = threads
-    os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=1")
+    os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={threads}")
     terminal = sys.stderr
     log_file = open(snakemake.log[0], "w", buffering=1)
     sys.stderr = log_file

@@ -1,0 +1,278 @@
+"""Benchmark of scnbvi against the original notebook's settings, and of its scaling.
+
+Every case runs in its own process (clean peak RSS, no shared caches beyond PyTensor's on-disk
+cache), on this machine, in one run. Usage, from the repository root:
+
+    python workflow/benchmark.py --parts 1,2,3,4 --out benchmark.md
+
+Part 1: seed demo slice, original settings vs scnbvi defaults, against a long full-batch
+reference fit (full-data ELBO gap, alpha, agreement of gene and cell effects).
+Part 2: engines and backends on the seed demo: ms per step and time to convergence.
+Part 3: scaling with cells (5k, 20k, 80k) and genes (500 and 3,000 HVGs, all 39,241).
+Part 4: the full 186,224 x 39,241 size (the 20k real cells stacked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+DATA = REPO.parent / "shared" / "data"
+SEED_DEMO = DATA / "seed_demo_1000x500.h5ad"
+MICROGLIA = DATA / "microglia_20k.h5ad"
+CACHE = REPO / "results" / "benchmark"
+
+ORIGINAL = dict(minibatch="entries", batch_size=128, convergence="parameters", tolerance=0.01,
+                check_every=100, max_iterations=300_000, learning_rate=0.01, learning_rate_decay=1.0,
+                init="prior")
+REFERENCE = dict(minibatch="cells", batch_size=1000, max_iterations=30_000, learning_rate=0.01,
+                 learning_rate_decay=0.9, convergence="elbo", tolerance=1e-7, check_every=1000, patience=3)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def seed_demo():
+    from scnbvi.data import read_counts
+
+    return read_counts(SEED_DEMO).X
+
+
+def atlas_like(n_cells: int, n_genes: int | None):
+    """The real 20k cells, genes cut to the top HVGs, cells stacked up to ``n_cells``."""
+    import scipy.sparse as sp
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    cached = CACHE / f"cells{n_cells}_genes{n_genes or 'all'}.npz"
+    if cached.exists():
+        return sp.load_npz(cached).tocsr()
+    from scnbvi.data import read_counts, slice_counts
+
+    adata = read_counts(MICROGLIA)
+    if n_genes:
+        adata = slice_counts(adata, genes_method="hvg", n_genes=n_genes)
+    counts = adata.X.tocsr()
+    repeats = -(-n_cells // counts.shape[0])
+    stacked = sp.vstack([counts] * repeats, format="csr")[:n_cells]
+    sp.save_npz(cached, stacked, compressed=False)
+    return stacked
+
+
+def offsets(counts):
+    """As the workflow's defaults: median total counts as the scalar depth, imputed lengths."""
+    from scnbvi.covariates import impute_gene_lengths, log_offsets
+
+    depth = np.asarray(counts.sum(axis=1)).ravel().astype(float)
+    depth[depth <= 0] = np.median(depth)
+    return log_offsets(depth, impute_gene_lengths(counts.shape[1], seed=0), per_cell=False)
+
+
+# --------------------------------------------------------------------------- one case
+
+
+def run_case(case: dict) -> dict:
+    """Fit one configuration and report timings, steps, memory and (optionally) quality."""
+    from scnbvi.inference import InferenceSettings, fit
+
+    counts = seed_demo() if case["data"] == "seed_demo" else atlas_like(case["n_cells"], case["n_genes"])
+    cell_offset, gene_offset = offsets(counts)
+    settings = InferenceSettings(**{**case.get("settings", {}), "log_every_seconds": 60.0})
+    start = time.perf_counter()
+    model, result = fit(counts, cell_offset, gene_offset, settings, backend=case["backend"])
+    wall = time.perf_counter() - start
+    out = {
+        "steps": result.steps,
+        "epochs": result.epochs,
+        "converged": result.converged,
+        "fit_seconds": result.fit_seconds,
+        "compile_seconds": result.compile_seconds,
+        "wall_seconds": wall,
+        "ms_per_step": 1000 * result.fit_seconds / max(result.steps, 1),
+        "seconds_per_epoch": result.fit_seconds / max(result.epochs, 1e-9),
+        "alpha": float(np.exp(result.means["alpha_log__"]).mean()),
+        "shape": list(counts.shape),
+    }
+    if case.get("quality"):
+        out["full_data_elbo"] = full_data_elbo(counts, cell_offset, gene_offset, result)
+        effects = _effects(result)
+        np.savez(case["quality"], **effects)
+    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    return out
+
+
+def _effects(result) -> dict:
+    m = result.means
+    sigma_gene, sigma_cell = np.exp(m["sigma_gene_log__"]), np.exp(m["sigma_cond_log__"])
+    return {
+        "gene": m["mu_gene"] + sigma_gene * m["z_gene"],
+        "cell": m["mu_cond"] + sigma_cell * m["z_cell"],
+        "alpha": np.exp(m["alpha_log__"]),
+    }
+
+
+def full_data_elbo(counts, cell_offset, gene_offset, result, samples: int = 32) -> float:
+    """The ELBO on every cell with fixed draws: the same yardstick for every fit."""
+    import jax
+    import jax.numpy as jnp
+
+    from scnbvi.batches import cell_block
+    from scnbvi.inference import _entropy, _free_layout, _jax_logp, fixed_normal_draws
+    from scnbvi.model import BATCH_CONTAINERS, build_model
+
+    model = build_model(cell_log_offset=cell_offset, gene_log_offset=gene_offset, batch_size=counts.shape[0])
+    layout = _free_layout(model)
+    logp = _jax_logp(model, BATCH_CONTAINERS["cells"])
+    batch = cell_block(counts, np.arange(counts.shape[0]))
+    mean = np.concatenate([result.means[n].ravel() for n, _ in layout])
+    std = np.concatenate([result.stds[n].ravel() for n, _ in layout])
+    bounds = np.cumsum([0] + [int(np.prod(s)) for _, s in layout])
+
+    @jax.jit
+    def at(flat):
+        values = [flat[bounds[k]:bounds[k + 1]].reshape(s) for k, (_, s) in enumerate(layout)]
+        return logp(*values, *[jnp.asarray(batch[n]) for n in BATCH_CONTAINERS["cells"]])[0]
+
+    draws = fixed_normal_draws(samples, mean.size, seed=123)
+    return float(np.mean([at(mean + std * eps) for eps in draws])) + _entropy(std)
+
+
+def spawn(case: dict, timeout: float) -> dict:
+    """Run a case in a fresh process; a case that fails or times out is reported, not fatal."""
+    command = [sys.executable, "-W", "ignore", __file__, "--case", json.dumps(case)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- parts
+
+
+def scnbvi_defaults() -> dict:
+    from scnbvi.inference import InferenceSettings
+
+    return {k: v for k, v in asdict(InferenceSettings()).items() if k not in ("log_every_seconds", "memory_limit_gb")}
+
+
+def part1(timeout):
+    rows = []
+    cases = {
+        "reference (full batch, long)": dict(backend="jax", settings=REFERENCE),
+        "original settings (entries, pymc/c)": dict(backend="c", settings=ORIGINAL),
+        "scnbvi defaults, jax": dict(backend="jax", settings=scnbvi_defaults()),
+        "scnbvi defaults, pymc/c": dict(backend="c", settings=scnbvi_defaults()),
+    }
+    results = {}
+    for name, case in cases.items():
+        npz = CACHE / f"part1_{len(results)}.npz"
+        results[name] = spawn({**case, "data": "seed_demo", "quality": str(npz)}, timeout)
+        results[name]["npz"] = npz
+    reference = results["reference (full batch, long)"]
+    ref_effects = np.load(reference["npz"]) if "error" not in reference else None
+    for name, r in results.items():
+        if "error" in r:
+            rows.append([name, r["error"]] + [""] * 8)
+            continue
+        gap = (reference["full_data_elbo"] - r["full_data_elbo"]) / abs(reference["full_data_elbo"])
+        e = np.load(r["npz"])
+        corr_gene = np.corrcoef(e["gene"] - e["gene"].mean(), ref_effects["gene"] - ref_effects["gene"].mean())[0, 1]
+        diff_gene = np.max(np.abs((e["gene"] - e["gene"].mean()) - (ref_effects["gene"] - ref_effects["gene"].mean())))
+        corr_cell = np.corrcoef(e["cell"], ref_effects["cell"])[0, 1]
+        diff_cell = np.max(np.abs((e["cell"] - e["cell"].mean()) - (ref_effects["cell"] - ref_effects["cell"].mean())))
+        rows.append([name, f"{r['fit_seconds']:.1f}", f"{r['compile_seconds']:.1f}", f"{r['steps']:,}",
+                     "yes" if r["converged"] else "no", f"{100 * gap:.3f} %", f"{r['alpha']:.4f}",
+                     f"{corr_gene:.4f} / {diff_gene:.3f}", f"{corr_cell:.4f} / {diff_cell:.3f}"])
+    header = ["seed demo 1,000 x 500", "fit s (warm)", "compile s", "steps", "converged",
+              "ELBO gap to reference", "alpha", "gene effects r / max|diff|", "cell effects r / max|diff|"]
+    return table(header, rows)
+
+
+def part2(timeout):
+    rows = []
+    for backend in ("jax", "c", "numba", "py"):
+        settings = scnbvi_defaults()
+        if backend == "py":  # ~100 ms/step: time a fixed number of steps, project convergence
+            settings = {**settings, "max_iterations": 300, "convergence": "elbo", "tolerance": 1e-12}
+        r = spawn({"data": "seed_demo", "backend": backend, "settings": settings}, timeout)
+        if "error" in r:
+            rows.append([backend, r["error"], "", "", ""])
+            continue
+        to_converge = f"{r['fit_seconds']:.1f} s ({r['steps']:,} steps)" if r["converged"] else "not converged"
+        rows.append([("jax" if backend == "jax" else f"pymc / {backend}"), f"{r['ms_per_step']:.2f}",
+                     f"{r['compile_seconds']:.1f}", to_converge, f"{r['peak_rss_gb']:.2f}"])
+    return table(["engine / backend (seed demo, cells of 128)", "ms per step", "compile s", "time to convergence", "peak RSS GB"], rows)
+
+
+def scaling_rows(sizes, backend, timeout):
+    rows = []
+    for n_cells, n_genes in sizes:
+        r = spawn({"data": "atlas", "n_cells": n_cells, "n_genes": n_genes, "backend": backend,
+                   "settings": scnbvi_defaults()}, timeout)
+        label = f"{n_cells:,} x {n_genes or 39241:,}"
+        if "error" in r:
+            rows.append([label, backend, r["error"], "", "", "", ""])
+            continue
+        rows.append([label, backend, f"{r['seconds_per_epoch']:.1f}", f"{r['epochs']:.2f}",
+                     "yes" if r["converged"] else "no", f"{r['fit_seconds'] / 60:.1f}", f"{r['peak_rss_gb']:.2f}"])
+    return rows
+
+
+SCALING_HEADER = ["cells x genes", "engine", "s per epoch", "epochs", "converged", "fit min", "peak RSS GB"]
+
+
+def part3(timeout):
+    sizes = [(n, g) for g in (500, 3000, None) for n in (5_000, 20_000, 80_000)]
+    return table(SCALING_HEADER, scaling_rows(sizes, "jax", timeout))
+
+
+def part4(timeout):
+    rows = scaling_rows([(186_224, 3000), (186_224, None)], "jax", timeout)
+    return table(SCALING_HEADER, rows)
+
+
+def table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--parts", default="1,2,3,4")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per case")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(json.loads(args.case))))
+        return
+    import platform
+
+    import psutil
+
+    sections = [f"Machine: {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+                f"{platform.processor() or platform.machine()}; command: `python workflow/benchmark.py --parts {args.parts}`"]
+    for part in args.parts.split(","):
+        started = time.perf_counter()
+        text = {"1": part1, "2": part2, "3": part3, "4": part4}[part](args.timeout)
+        sections.append(f"Part {part} ({time.perf_counter() - started:.0f} s)\n\n{text}")
+        print(sections[-1], flush=True)
+    if args.out:
+        args.out.write_text("\n\n".join(sections) + "\n")
+
+
+if __name__ == "__main__":
+    main()
