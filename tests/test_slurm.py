@@ -43,10 +43,12 @@ UPSTREAM_OUTPUTS = (
     "covariates_genes.tsv",
 )
 # The test cluster has no slurmdbd (so no sacct) and no real accounts; a command-line
-# --default-resources replaces the profile's whole block, so it repeats every entry.
+# --default-resources replaces the profile's whole block, so it repeats every entry. The
+# plugin polls 1 s after a submission, then every 11, 21, ... s until a job ends (the
+# default first wait, 40 s, would dominate these short jobs).
 CLUSTER_ARGS = (
     "--slurm-status-command", "squeue",
-    "--slurm-init-seconds-before-status-checks", "2",
+    "--slurm-init-seconds-before-status-checks", "1",
     "--default-resources", "slurm_account=test", "slurm_partition=debug", "mem_mb=1000", "runtime=10",
 )
 RUN_TIMEOUT = 600
@@ -201,9 +203,9 @@ def test_gpu_profile_requests_a_gpu_for_fit_only(slurm_cluster, tmp_path):
 
 
 # A fit that runs its full max_iterations (patience above the number of checks: no early
-# stop), about 10-20 s of steps on the C backend; it logs a line every check_every steps.
+# stop), about 13 s of steps on the C backend; it logs a line every check_every steps.
 SLOW_FIT = copy.deepcopy(SMALL_SIMULATED)
-SLOW_FIT["datasets"]["sim"]["inference"].update(max_iterations=25000, check_every=1000, patience=1000)
+SLOW_FIT["datasets"]["sim"]["inference"].update(max_iterations=20000, check_every=1000, patience=1000)
 
 
 def wait_for(condition, timeout: float, what: str, process: subprocess.Popen, output: Path):

@@ -378,10 +378,27 @@ def per_epoch_schedule(settings: InferenceSettings, steps_per_epoch: float) -> I
     )
 
 
-def _stop_reason(converged: bool, steps: int, settings: InferenceSettings) -> str:
+def _fit_result(layout, mean, std, losses, checks, converged, sampler, settings,
+                fit_seconds, compile_seconds, engine, backend) -> FitResult:
+    steps = len(losses)
     if converged:
-        return f"converged ({settings.convergence} rule, tolerance {settings.tolerance:g})"
-    return f"reached max_iterations={settings.max_iterations} without converging"
+        reason = f"converged ({settings.convergence} rule, tolerance {settings.tolerance:g})"
+    else:
+        reason = f"reached max_iterations={settings.max_iterations} without converging"
+    return FitResult(
+        means=_split(mean, layout),
+        stds=_split(std, layout),
+        losses=losses,
+        checks=checks,
+        steps=steps,
+        epochs=steps / sampler.steps_per_epoch,
+        converged=converged,
+        stop_reason=reason,
+        fit_seconds=fit_seconds,
+        compile_seconds=compile_seconds,
+        engine=engine,
+        backend=backend,
+    )
 
 
 def _fit_pymc(model, sampler, settings, backend) -> FitResult:
@@ -463,24 +480,11 @@ def _fit_pymc(model, sampler, settings, backend) -> FitResult:
         except FloatingPointError as err:
             raise FloatingPointError(_divergence_message(len(advi.hist), settings)) from err
     losses = np.asarray(advi.hist, dtype=float)
-    steps = len(losses)
     compile_seconds += timing.get("first_step", timing["start"]) - timing["start"]
     fit_seconds = time.perf_counter() - timing.get("first_step", timing["start"])
     mean, std = split_raw(average.result(raw_params()))
-    return FitResult(
-        means=_split(mean, layout),
-        stds=_split(std, layout),
-        losses=losses,
-        checks=checks,
-        steps=steps,
-        epochs=steps / sampler.steps_per_epoch,
-        converged=state["converged"],
-        stop_reason=_stop_reason(state["converged"], steps, settings),
-        fit_seconds=fit_seconds,
-        compile_seconds=compile_seconds,
-        engine="pymc",
-        backend=backend,
-    )
+    return _fit_result(layout, mean, std, losses, checks, state["converged"], sampler, settings,
+                       fit_seconds, compile_seconds, "pymc", backend)
 
 
 def _divergence_message(step: int, settings: InferenceSettings) -> str:
@@ -629,17 +633,5 @@ def _fit_jax(model, sampler, settings, backend) -> FitResult:
     last = flatten(params)
     mean, rho = np.split(np.asarray(average.result(last) if settings.convergence == "elbo" else last), 2)
     std = np.log1p(np.exp(rho))
-    return FitResult(
-        means=_split(mean, layout),
-        stds=_split(std, layout),
-        losses=losses,
-        checks=checks,
-        steps=steps,
-        epochs=steps / sampler.steps_per_epoch,
-        converged=converged,
-        stop_reason=_stop_reason(converged, steps, settings),
-        fit_seconds=fit_seconds,
-        compile_seconds=compile_seconds,
-        engine="jax",
-        backend=backend,
-    )
+    return _fit_result(layout, mean, std, losses, checks, converged, sampler, settings,
+                       fit_seconds, compile_seconds, "jax", backend)
