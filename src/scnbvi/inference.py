@@ -103,7 +103,9 @@ def require_backend(backend: str) -> None:
 def pytensor_mode(backend: str):
     """The PyTensor compile mode of a ``pymc``-engine backend."""
     if backend == "py":
-        return pytensor.compile.mode.Mode(linker="py", optimizer="fast_run")
+        # Without fusion each elementwise op is one vectorised NumPy call; fused composites
+        # would run element by element in Python.
+        return pytensor.compile.mode.Mode(linker="py", optimizer="fast_run").excluding("fusion")
     if backend == "numba":
         return "NUMBA"
     if backend == "jax":
