@@ -155,7 +155,9 @@ def spawn(case: dict, timeout: float) -> dict:
         return {"error": f"timed out after {timeout:.0f} s"}
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(json.dumps({"case": case, "result": result}), file=sys.stderr, flush=True)
+    return result
 
 
 # --------------------------------------------------------------------------- parts

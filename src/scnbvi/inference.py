@@ -615,6 +615,8 @@ def _fit_jax(model, sampler, settings, backend) -> FitResult:
             compile_seconds += time.perf_counter() - compiling
             t0 += time.perf_counter() - compiling
         params, opt_state, total, losses = run_chunk(params, opt_state, steps, batches)
+        if chunks:  # let one chunk run while the next is staged, but never queue more
+            chunks[-1].block_until_ready()
         average.add_sum(total, length)
         chunks.append(losses)
         steps += length

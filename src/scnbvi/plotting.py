@@ -16,7 +16,11 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def plot_elbo(elbo: pd.DataFrame, out_path, *, converged: bool, stop_reason: str, title: str = ""):
-    """Plot ELBO (= -loss) against iteration; the y axis is symlog because early losses are huge."""
+    """Plot ELBO (= -loss) against iteration.
+
+    The first steps can be orders of magnitude worse than the rest, so the y range is set from
+    the later part of the curve; the full history stays in elbo.tsv.
+    """
     iteration = elbo["iteration"].to_numpy()
     value = -elbo["loss"].to_numpy()
     window = max(5, len(value) // 100)
@@ -28,8 +32,12 @@ def plot_elbo(elbo: pd.DataFrame, out_path, *, converged: bool, stop_reason: str
         ax.plot(checks["iteration"], checks["eval_elbo"], "o-", color="C2", ms=3, lw=1, label="fixed-cells ELBO (convergence check)")
     marker = "converged" if converged else "stopped (not converged)"
     ax.axvline(iteration[-1], color="C3" if not converged else "C1", ls="--", lw=1)
-    ax.annotate(f"{marker} at {iteration[-1]:,}", xy=(iteration[-1], np.nanmax(value)), ha="right", va="top", fontsize=9)
-    ax.set_yscale("symlog")
+    ax.annotate(f"{marker} at {iteration[-1]:,}", xy=(iteration[-1], 1), xycoords=("data", "axes fraction"),
+                ha="right", va="top", fontsize=9)
+    settled = smooth(value, window)[len(value) // 20 :]
+    low, high = np.nanquantile(settled, 0.01), np.nanmax(value[len(value) // 20 :])
+    margin = 0.1 * (high - low) or 1.0
+    ax.set_ylim(low - margin, high + margin)
     ax.set_xlabel("iteration")
     ax.set_ylabel("ELBO")
     ax.set_title(title or stop_reason, fontsize=10)
