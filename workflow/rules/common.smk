@@ -71,10 +71,19 @@ def scaled_mem_mb(base_mb, per_input_mb):
     return mem_mb
 
 
-def fit_runtime(wildcards, attempt):
-    """Minutes: an upper bound from max_iterations (a generous 20 ms/step), more on retry."""
+def scaled_runtime(base_minutes, minutes_per_gb):
+    """Wall time in minutes that grows with the input file size and with each retry."""
+
+    def runtime(wildcards, input, attempt):
+        return int((base_minutes + minutes_per_gb * input_mb(input) / 1000) * attempt)
+
+    return runtime
+
+
+def fit_runtime(wildcards, input, attempt):
+    """Minutes: an upper bound from max_iterations (a generous 20 ms/step) and the input size."""
     iterations = dataset_config(wildcards)["inference"]["max_iterations"]
-    return int((15 + iterations * 0.02 / 60) * attempt)
+    return int((15 + iterations * 0.02 / 60 + 30 * input_mb(input) / 1000) * attempt)
 
 
 def all_outputs():

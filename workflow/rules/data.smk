@@ -32,7 +32,7 @@ rule load:
         "../../envs/data.yaml"
     resources:
         mem_mb=scaled_mem_mb(1000, 6),
-        runtime=lambda wildcards, attempt: 20 * attempt,
+        runtime=scaled_runtime(10, 20),
     script:
         "../scripts/load.py"
 
@@ -52,7 +52,7 @@ rule slice:
         "../../envs/data.yaml"
     resources:
         mem_mb=scaled_mem_mb(1000, 6),
-        runtime=lambda wildcards, attempt: 20 * attempt,
+        runtime=scaled_runtime(10, 20),
     script:
         "../scripts/slice.py"
 
@@ -74,6 +74,6 @@ rule covariates:
         "../../envs/data.yaml"
     resources:
         mem_mb=scaled_mem_mb(1000, 4),
-        runtime=lambda wildcards, attempt: 10 * attempt,
+        runtime=scaled_runtime(10, 10),
     script:
         "../scripts/covariates.py"

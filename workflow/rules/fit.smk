@@ -50,7 +50,7 @@ rule summary:
         "../../envs/fit.yaml"
     resources:
         mem_mb=scaled_mem_mb(2000, 4),
-        runtime=lambda wildcards, attempt: 30 * attempt,
+        runtime=scaled_runtime(30, 20),
     script:
         "../scripts/summary.py"
 
@@ -74,6 +74,6 @@ rule plot_elbo:
         "../../envs/plot.yaml"
     resources:
         mem_mb=scaled_mem_mb(1000, 20),
-        runtime=lambda wildcards, attempt: 10 * attempt,
+        runtime=scaled_runtime(10, 5),
     script:
         "../scripts/plot_elbo.py"
