@@ -79,6 +79,6 @@ def fit_attributes(result: FitResult, seed: int, draws: int) -> dict:
         "fit_seconds": float(result.fit_seconds),
         "compile_seconds": float(result.compile_seconds),
         "final_loss": float(np.mean(result.losses[-100:])),
-        **{key: value for key, value in result.attrs.items()},
+        **result.attrs,
         **package_versions(),
     }
