@@ -64,7 +64,8 @@ def test_full_batch_likelihood_equals_scipy(mode, gene_dispersion):
     model = build_model(cell_log_offset=cell_offset, gene_log_offset=gene_offset, mode=mode,
                         batch_size=sampler.batch_size, gene_dispersion=gene_dispersion)
     expected = _reference_loglik(counts.toarray(), point, cell_offset, gene_offset)
-    np.testing.assert_allclose(_likelihood_term(model, batch, point), expected, rtol=1e-10)
+    # The cells layout sums its count-independent part in float32.
+    np.testing.assert_allclose(_likelihood_term(model, batch, point), expected, rtol=1e-10 if mode == "entries" else 1e-7)
 
 
 @pytest.mark.parametrize("mode", ["cells", "entries"])
@@ -88,7 +89,7 @@ def test_minibatch_likelihood_is_scaled_to_the_data_set(mode):
         mu = np.exp(gene + cell)
         batch_loglik = stats.nbinom.logpmf(batch["counts"], 1.7, 1.7 / (1.7 + mu)).sum()
         scale = n_cells * n_genes / len(batch["counts"])
-    np.testing.assert_allclose(_likelihood_term(model, batch, point), scale * batch_loglik, rtol=1e-10)
+    np.testing.assert_allclose(_likelihood_term(model, batch, point), scale * batch_loglik, rtol=1e-7)
 
 
 def test_cell_blocks_keep_counts_aligned_with_their_cells():
@@ -131,7 +132,8 @@ def test_streaming_from_sparse_equals_the_dense_matrix_path():
 
 def test_padding_adds_only_zero_counts():
     block = cell_block(_counts(), np.arange(5))
-    assert nonzero_capacity(5, minimum=4) == 8 and nonzero_capacity(8, minimum=4) == 8
+    assert nonzero_capacity(3, minimum=4) == 4 and nonzero_capacity(8, minimum=4) == 8
+    assert nonzero_capacity(140_000) == 163_840 and nonzero_capacity(131_072) == 131_072
     padded = pad_nonzeros(block, nonzero_capacity(len(block["nz_count"]), minimum=64))
     assert len(padded["nz_count"]) == 64
     assert padded["nz_count"].sum() == block["nz_count"].sum()

@@ -81,9 +81,13 @@ def cell_block(counts: sp.csr_matrix, cells: np.ndarray) -> dict[str, np.ndarray
 
 
 def nonzero_capacity(nnz: int, minimum: int = 1024) -> int:
-    """The next power of two >= nnz: a handful of distinct shapes lets a compiled (JAX) step
-    be reused across blocks instead of being recompiled for each one."""
-    return max(minimum, 1 << max(nnz - 1, 0).bit_length())
+    """nnz rounded up to the next of eight steps per power of two: a handful of distinct
+    shapes lets a compiled (JAX) step be reused across blocks instead of being recompiled for
+    each one, and padding wastes at most a quarter of the work."""
+    if nnz <= minimum:
+        return minimum
+    grain = max(1, (1 << (nnz - 1).bit_length()) // 8)
+    return -(-nnz // grain) * grain
 
 
 def pad_nonzeros(batch: dict[str, np.ndarray], capacity: int) -> dict[str, np.ndarray]:

@@ -232,30 +232,40 @@ class IterateAverage:
 
     Minibatch noise makes the last iterate jitter around the optimum; the window average does
     not, so the convergence check and the returned fit use it (``elbo`` rule only; the
-    ``parameters`` rule reproduces the original and keeps the last iterate).
+    ``parameters`` rule reproduces the original and keeps the last iterate). Parameters are
+    an array or a dict of arrays.
     """
 
     def __init__(self):
         self.total, self.count, self.last_window = None, 0, None
 
     def add(self, params) -> None:
-        self.total = params.copy() if self.total is None else self.total + params
-        self.count += 1
+        self.add_sum(_map(np.copy, params), 1)
 
     def add_sum(self, total, count: int) -> None:
-        self.total = total if self.total is None else self.total + total
+        self.total = total if self.total is None else _map(lambda a, b: a + b, self.total, total)
         self.count += count
 
     def close_window(self):
-        self.last_window = self.total / self.count
+        self.last_window = self._mean()
         self.total, self.count = None, 0
         return self.last_window
 
     def result(self, last_iterate):
         """The newest average (a partial window counts), else the last iterate."""
         if self.count:
-            return self.total / self.count
+            return self._mean()
         return self.last_window if self.last_window is not None else last_iterate
+
+    def _mean(self):
+        return _map(lambda total: total / self.count, self.total)
+
+
+def _map(function, *trees):
+    """``function`` applied leafwise to arrays or to dicts of arrays."""
+    if isinstance(trees[0], dict):
+        return {key: function(*(tree[key] for tree in trees)) for key in trees[0]}
+    return function(*trees)
 
 
 class Progress:
@@ -344,6 +354,7 @@ def fit(
         cell_names=cell_names,
         gene_names=gene_names,
         initvals=initvals,
+        dense_float32=engine_for(backend) == "jax",
     )
     run = _fit_jax if engine_for(backend) == "jax" else _fit_pymc
     result = run(model, sampler, settings, backend)
@@ -497,19 +508,79 @@ def _divergence_message(step: int, settings: InferenceSettings) -> str:
     )
 
 
-def _jax_logp(model: pm.Model, container_names):
-    """The model's log density (Jacobian included) as a JAX function of (values..., batch...).
-
-    The data containers are swapped for symbolic inputs first, so each step can pass its
-    own minibatch instead of the constants that jaxification would bake in.
-    """
-    from pymc.sampling.jax import get_jaxified_graph
-    from pytensor.graph.replace import graph_replace
-
+def _jax_inputs(model: pm.Model, container_names) -> dict:
+    """Symbolic stand-ins for the data containers, so each step can pass its own minibatch
+    instead of the constants that jaxification would bake in."""
     containers = [model[name] for name in container_names]
     inputs = [pt.tensor(name=f"{c.name}_batch", dtype=c.dtype, shape=(None,) * c.ndim) for c in containers]
-    logp = graph_replace(model.logp(jacobian=True), dict(zip(containers, inputs)), strict=False)
-    return get_jaxified_graph(inputs=model.value_vars + inputs, outputs=[logp])
+    return dict(zip(containers, inputs))
+
+
+def jaxify(inputs, outputs):
+    """A PyTensor graph as a JAX function, like ``pymc.sampling.jax.get_jaxified_graph`` but
+    keeping ``log1p(exp(x))``: XLA vectorises it, while the stabilised softplus that PyTensor
+    would put in its place (three nested selects) makes the dense part's gradient ~5x slower."""
+    from pytensor.compile.mode import JAX
+    from pytensor.compile.sharedvalue import SharedVariable
+    from pytensor.graph import FunctionGraph
+    from pytensor.graph.replace import clone_replace
+    from pytensor.graph.traversal import graph_inputs
+    from pytensor.link.jax.dispatch import jax_funcify
+
+    # Shared variables left in the graph (dimension lengths) become constants.
+    shared = [v for v in graph_inputs(outputs) if isinstance(v, SharedVariable)]
+    outputs = clone_replace(outputs, replace={v: pt.constant(v.get_value(borrow=True)) for v in shared})
+    fgraph = FunctionGraph(inputs=inputs, outputs=outputs, clone=True)
+    JAX.excluding("local_log1p_plusminus_exp").optimizer.rewrite(fgraph)
+    return jax_funcify(fgraph)
+
+
+def _jax_logp(model: pm.Model, container_names):
+    """The model's log density (Jacobian included) as a JAX function of (values..., batch...)."""
+    from pytensor.graph.replace import graph_replace
+
+    batch_inputs = _jax_inputs(model, container_names)
+    logp = graph_replace(model.logp(jacobian=True), batch_inputs, strict=False)
+    return jaxify(model.value_vars + list(batch_inputs.values()), [logp])
+
+
+def cell_variable(model: pm.Model):
+    """The per-cell latent variable (dims ``cell``), which must be N(0, 1) a priori."""
+    from pytensor.tensor.basic import get_underlying_scalar_constant_value
+    from pytensor.tensor.random.basic import NormalRV
+
+    rv = next(rv for rv in model.free_RVs if model.named_vars_to_dims.get(rv.name) == ("cell",))
+    loc, scale = (float(get_underlying_scalar_constant_value(v)) for v in rv.owner.inputs[-2:])
+    if not isinstance(rv.owner.op, NormalRV) or (loc, scale) != (0.0, 1.0):
+        raise ValueError(f"the per-cell variable {rv.name} must be Normal(0, 1) a priori")
+    return rv
+
+
+def _jax_minibatch_logp(model: pm.Model, container_names):
+    """The model's log density without the per-cell prior, as a JAX function of
+    (global values..., cells' values as read by the minibatch, batch...).
+
+    The likelihood must read the per-cell variable only as ``z[cell_index]``; that read
+    becomes an input, so a step draws and differentiates only the minibatch's cells. Their
+    N(0, 1) prior has a closed-form expectation under q and is added by the engine.
+    """
+    from pytensor.graph.replace import graph_replace
+    from pytensor.graph.traversal import ancestors
+
+    cell_rv = cell_variable(model)
+    cell_value = model.rvs_to_values[cell_rv]
+    global_rvs = [rv for rv in model.free_RVs if rv is not cell_rv]
+    logp = model.logp(vars=global_rvs + model.observed_RVs + model.potentials, jacobian=True)
+    reads = [v for v in ancestors([logp]) if v.owner is not None and cell_value in v.owner.inputs]
+    if any(len(v.owner.inputs) != 2 or v.owner.inputs[1] is not model["cell_index"] for v in reads):
+        raise ValueError(f"the likelihood must read {cell_value.name} only as {cell_value.name}[cell_index]")
+    cells_read = pt.vector(f"{cell_value.name}_read", dtype=cell_value.dtype)
+    logp = graph_replace(logp, {v: cells_read for v in reads}, strict=False)
+    batch_inputs = _jax_inputs(model, container_names)
+    logp = graph_replace(logp, batch_inputs, strict=False)
+    global_values = [model.rvs_to_values[rv] for rv in global_rvs]
+    function = jaxify(global_values + [cells_read] + list(batch_inputs.values()), [logp])
+    return function, global_values, cell_value
 
 
 def _stack_batches(batches: list[dict[str, np.ndarray]], mode: str) -> dict[str, np.ndarray]:
@@ -532,75 +603,93 @@ def _chunk_length(sampler: BatchSampler, settings: InferenceSettings, budget_byt
 
 
 def _fit_jax(model, sampler, settings, backend) -> FitResult:
+    """ADVI in a jitted optax loop, with the per-cell part of the ELBO handled per minibatch.
+
+    The Gaussian factors are parameterised by mean and log sd. The per-cell N(0, 1) prior
+    and the entropy are taken in closed form, so Monte-Carlo noise is drawn only for the
+    global parameters and the minibatch's cells: the same ELBO as ``pm.fit`` optimises, with
+    less gradient noise, and no per-step random numbers or transcendental functions for the
+    cells outside the minibatch.
+    """
     import jax
     import jax.numpy as jnp
     import optax
 
     names = BATCH_CONTAINERS[sampler.mode]
-    layout = _free_layout(model)
-    sizes = [int(np.prod(shape, dtype=int)) for _, shape in layout]
-    bounds = np.cumsum([0, *sizes])
-    logp_graph = _jax_logp(model, names)
-
-    def logp(flat, batch):
-        values = [flat[bounds[k] : bounds[k + 1]].reshape(shape) for k, (_, shape) in enumerate(layout)]
-        return logp_graph(*values, *[batch[name] for name in names])[0]
-
-    def flatten(params):
-        return jnp.concatenate([params["mu"], params["rho"]])
-
-    average = IterateAverage()
-    optimizer = optax.adam(lambda step: learning_rate_at(step, settings, jnp))
+    logp_function, global_values, cell_value = _jax_minibatch_logp(model, names)
     point = model.initial_point()
+    layout = [(v.name, point[v.name].shape) for v in global_values]
+    bounds = np.cumsum([0, *[int(np.prod(shape, dtype=int)) for _, shape in layout]])
+    n_global, n_cells = int(bounds[-1]), sampler.n_cells
+
+    def logp(theta, cells_read, batch):
+        values = [theta[bounds[k] : bounds[k + 1]].reshape(shape) for k, (_, shape) in enumerate(layout)]
+        return logp_function(*values, cells_read, *[batch[name] for name in names])[0]
+
+    def cell_prior_and_entropy(p):
+        """E_q[log N(z | 0, 1)] + H[q] over every cell, up to constants."""
+        return jnp.sum(p["cell_log_sd"]) - 0.5 * jnp.sum(p["cell_mean"] ** 2 + jnp.exp(2 * p["cell_log_sd"]))
+
+    def elbo_estimate(p, global_noise, cell_noise, batch):
+        theta = p["mean"] + jnp.exp(p["log_sd"]) * global_noise
+        cells = batch["cell_index"]
+        cells_read = p["cell_mean"][cells] + jnp.exp(p["cell_log_sd"][cells]) * cell_noise
+        return logp(theta, cells_read, batch) + jnp.sum(p["log_sd"]) + cell_prior_and_entropy(p)
+
+    log_sd = math.log(_initial_std(settings))
     params = {
-        "mu": jnp.concatenate([jnp.ravel(point[name]) for name, _ in layout]),
-        "rho": jnp.full(int(bounds[-1]), np.log(np.expm1(_initial_std(settings)))),
+        "mean": jnp.concatenate([jnp.ravel(point[name]) for name, _ in layout]),
+        "log_sd": jnp.full(n_global, log_sd),
+        "cell_mean": jnp.asarray(point[cell_value.name], dtype=float),
+        "cell_log_sd": jnp.full(n_cells, log_sd),
     }
-    opt_state = optimizer.init(params)
+    optimizer = optax.adam(lambda step: learning_rate_at(step, settings, jnp))
     key = jax.random.PRNGKey(settings.seed)
+
+    def normal(key, size, dtype):
+        # float32 noise is ample for a Monte-Carlo gradient and several times cheaper on CPU.
+        return jax.random.normal(key, (size,), jnp.float32).astype(dtype)
 
     def step(carry, inputs):
         params, opt_state, total = carry
         step_index, batch = inputs
-
-        def loss(p):
-            std = jax.nn.softplus(p["rho"])
-            # float32 noise is ample for a Monte-Carlo gradient and several times cheaper on CPU.
-            noise = jax.random.normal(jax.random.fold_in(key, step_index), p["mu"].shape, jnp.float32)
-            noise = noise.astype(p["mu"].dtype)
-            return -(logp(p["mu"] + std * noise, batch) + jnp.sum(jnp.log(std)))
-
-        value, grads = jax.value_and_grad(loss)(params)
+        global_key, cell_key = jax.random.split(jax.random.fold_in(key, step_index))
+        dtype = params["mean"].dtype
+        noise = (normal(global_key, n_global, dtype), normal(cell_key, batch["cell_index"].shape[0], dtype))
+        value, grads = jax.value_and_grad(lambda p: -elbo_estimate(p, *noise, batch))(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return (params, opt_state, total + flatten(params)), value
+        return (params, opt_state, jax.tree.map(jnp.add, total, params)), value
 
     @jax.jit
     def run_chunk(params, opt_state, first_step, batches):
         steps = first_step + jnp.arange(batches[names[0]].shape[0])
-        carry = (params, opt_state, jnp.zeros(2 * int(bounds[-1])))
+        carry = (params, opt_state, jax.tree.map(jnp.zeros_like, params))
         (params, opt_state, total), losses = jax.lax.scan(step, carry, (steps, batches))
         return params, opt_state, total, losses
 
     eval_batch = sampler.evaluation_batch(evaluation_cells(settings, sampler.n_genes), settings.seed)
     eval_batch = {k: jnp.asarray(v) for k, v in eval_batch.items()}
-    eval_draws = jnp.asarray(fixed_normal_draws(settings.eval_samples, int(bounds[-1]), settings.seed))
+    n_read = int(eval_batch["cell_index"].shape[0])
+    eval_draws = jnp.asarray(fixed_normal_draws(settings.eval_samples, n_global + n_read, settings.seed))
 
     @jax.jit
-    def evaluate(flat):
-        mu, rho = jnp.split(flat, 2)
-        std = jax.nn.softplus(rho)
-        values = jax.lax.map(lambda eps: logp(mu + std * eps, eval_batch), eval_draws)
-        return jnp.mean(values) + jnp.sum(jnp.log(std))
+    def evaluate(p):
+        values = jax.lax.map(lambda eps: elbo_estimate(p, eps[:n_global], eps[n_global:], eval_batch), eval_draws)
+        return jnp.mean(values)
 
-    chunk = _chunk_length(sampler, settings)
     t0 = time.perf_counter()
-    evaluate(flatten(params)).block_until_ready()
+    evaluate(params).block_until_ready()
     compile_seconds = time.perf_counter() - t0
 
+    # The expected log prior of N(0, 1) cells and the Gaussian entropies, constants included.
+    dimension = n_global + n_cells
+    constant = 0.5 * dimension * (1.0 + math.log(2 * math.pi)) - 0.5 * n_cells * math.log(2 * math.pi)
+    opt_state = optimizer.init(params)
+    chunk = _chunk_length(sampler, settings)
+    average = IterateAverage()
     monitor = ConvergenceMonitor(settings.convergence, settings.tolerance, settings.patience)
     progress = Progress(settings.max_iterations, sampler.steps_per_epoch, settings.log_every_seconds)
-    entropy_constant = 0.5 * int(bounds[-1]) * (1.0 + math.log(2 * math.pi))
     chunks: list = []
     checks: list[tuple[int, float]] = []
     converged = False
@@ -625,17 +714,17 @@ def _fit_jax(model, sampler, settings, backend) -> FitResult:
             if not np.isfinite(last):
                 raise FloatingPointError(_divergence_message(steps, settings))
             if settings.convergence == "elbo":
-                checks.append((steps, float(evaluate(average.close_window())) + entropy_constant))
+                checks.append((steps, float(evaluate(average.close_window())) + constant))
                 converged = monitor.update_elbo(checks[-1][1])
             else:
-                converged = monitor.update_parameters(np.asarray(flatten(params)))
-            progress.maybe_log(steps, last - entropy_constant, checks[-1][1] if checks else None, force=True)
-    losses = np.concatenate([np.asarray(c) for c in chunks]) - entropy_constant
+                converged = monitor.update_parameters(np.concatenate([np.asarray(v) for v in params.values()]))
+            progress.maybe_log(steps, last - constant, checks[-1][1] if checks else None, force=True)
+    losses = np.concatenate([np.asarray(c) for c in chunks]) - constant
     fit_seconds = time.perf_counter() - t0
     if not np.all(np.isfinite(losses)):
         raise FloatingPointError(_divergence_message(int(np.argmax(~np.isfinite(losses))) + 1, settings))
-    last = flatten(params)
-    mean, rho = np.split(np.asarray(average.result(last) if settings.convergence == "elbo" else last), 2)
-    std = np.log1p(np.exp(rho))
-    return _fit_result(layout, mean, std, losses, checks, converged, sampler, settings,
-                       fit_seconds, compile_seconds, "jax", backend)
+    final = {k: np.asarray(v) for k, v in (average.result(params) if settings.convergence == "elbo" else params).items()}
+    result = _fit_result(layout, final["mean"], np.exp(final["log_sd"]), losses, checks, converged, sampler,
+                         settings, fit_seconds, compile_seconds, "jax", backend)
+    result.means[cell_value.name], result.stds[cell_value.name] = final["cell_mean"], np.exp(final["cell_log_sd"])
+    return result

@@ -30,6 +30,12 @@ BATCH_CONTAINERS = {
 }
 
 
+# The per-cell latent variable enters only as cell_effect = mu_cond + sigma_cond * z_cell. An
+# engine that keeps per-cell factors between visits stores them on the cell-effect scale, which
+# a change of mu_cond or sigma_cond does not make stale.
+CELL_EFFECT_LOCATION_SCALE = ("mu_cond", "sigma_cond")
+
+
 def empty_batch(mode: str, batch_size: int) -> dict[str, np.ndarray]:
     """A zero-filled batch with the shapes and dtypes of the given layout."""
     if mode == "cells":
@@ -56,10 +62,12 @@ def build_model(
     cell_names=None,
     gene_names=None,
     initvals: dict[str, np.ndarray] | None = None,
+    dense_float32: bool = False,
 ) -> pm.Model:
     """Build the model for a data set of ``len(cell_log_offset)`` cells x ``len(gene_log_offset)`` genes.
 
     The likelihood is scaled by ``total_size`` so that a minibatch stands for the whole data set.
+    ``dense_float32``: see :func:`sparse_block_nb_logp` (the ``jax`` engine sets it).
     """
     if mode not in MINIBATCH_MODES:
         raise ValueError(f"minibatch mode must be one of {MINIBATCH_MODES}, got {mode!r}")
@@ -83,17 +91,21 @@ def build_model(
         gene_effect = pm.Deterministic("gene_effect", mu_gene + sigma_gene * z_gene, dims="gene")
         cell_effect = pm.Deterministic("cell_effect", mu_cond + sigma_cond * z_cell, dims="cell")
         gene_log_rate = gene_effect + pt.as_tensor(np.asarray(gene_log_offset, dtype=float))
-        cell_log_rate = cell_effect + pt.as_tensor(np.asarray(cell_log_offset, dtype=float))
-
         cells = data["cell_index"]
+        # The likelihood reads the cells' latent effects only as ``z_cell[cells]``, so a step
+        # costs O(batch), not O(n_cells), and an engine can treat them as local parameters.
+        cell_log_rate = (
+            mu_cond + sigma_cond * z_cell[cells] + pt.as_tensor(np.asarray(cell_log_offset, dtype=float))[cells]
+        )
         if mode == "cells":
             block_logp = sparse_block_nb_logp(
-                cell_log_rate[cells], gene_log_rate, alpha, data["nz_row"], data["nz_gene"], data["nz_count"]
+                cell_log_rate, gene_log_rate, alpha, data["nz_row"], data["nz_gene"], data["nz_count"],
+                dense_float32=dense_float32,
             )
             pm.Potential("y", block_logp * n_cells / cells.shape[0])
         else:
             genes = data["gene_index"]
-            log_mu = cell_log_rate[cells] + gene_log_rate[genes]
+            log_mu = cell_log_rate + gene_log_rate[genes]
             pm.NegativeBinomial(
                 "y",
                 mu=pt.exp(log_mu),
@@ -107,20 +119,30 @@ def build_model(
     return model
 
 
-def sparse_block_nb_logp(cell_log_rate, gene_log_rate, alpha, nz_row, nz_gene, nz_count):
+def sparse_block_nb_logp(cell_log_rate, gene_log_rate, alpha, nz_row, nz_gene, nz_count, dense_float32=False):
     """Sum of NB(y | mu, alpha) log-probabilities over a block of cells x genes, zeros included,
     where ``log mu_ig = cell_log_rate_i + gene_log_rate_g``.
 
     Split so that only the count-independent part touches every entry of the block:
     ``-alpha*log(1 + mu/alpha)`` for every entry, plus
     ``lgamma(y+alpha) - lgamma(alpha) - lgamma(y+1) + y*(log mu - log(alpha + mu))`` for the
-    non-zero entries only. ``mu/alpha`` factorises as ``exp(cell) * exp(gene - log alpha)``, so
-    the dense part costs one ``log1p`` per entry. ``alpha`` is a scalar or one value per gene.
-    Padding entries with count 0 add exactly zero.
+    non-zero entries only. ``alpha`` is a scalar or one value per gene. Padding entries with
+    count 0 add exactly zero. ``dense_float32`` picks the form of the dense part that is
+    fastest under JAX; the default is fastest in C.
     """
     log_alpha = pt.log(alpha)
-    odds = pt.exp(cell_log_rate)[:, None] * pt.exp(gene_log_rate - log_alpha)[None, :]
-    zero_part = -pt.sum(alpha * pt.sum(pt.log1p(odds), axis=0))
+    if dense_float32:
+        # Genes x cells, so that each gene's sum runs along contiguous memory, in float32 (a
+        # block's per-gene sums stay accurate to ~1e-6): under XLA its gradient runs ~10x
+        # faster on CPU than the factorised float64 form below.
+        log_odds = pt.cast(gene_log_rate - log_alpha, "float32")[:, None] + pt.cast(cell_log_rate, "float32")[None, :]
+        per_gene = pt.cast(pt.sum(pt.log1p(pt.exp(log_odds)), axis=1), "float64")
+    else:
+        # mu/alpha factorises as exp(cell) * exp(gene - log alpha): one log1p per entry, the
+        # fastest form for PyTensor's C backend.
+        odds = pt.exp(cell_log_rate)[:, None] * pt.exp(gene_log_rate - log_alpha)[None, :]
+        per_gene = pt.sum(pt.log1p(odds), axis=0)
+    zero_part = -pt.sum(alpha * per_gene)
     nz_log_mu = cell_log_rate[nz_row] + gene_log_rate[nz_gene]
     nz_alpha = alpha[nz_gene] if alpha.ndim else alpha
     nz_log_alpha = pt.log(nz_alpha)
