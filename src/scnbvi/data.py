@@ -20,36 +20,63 @@ CELL_METHODS = ("all", "first", "random")
 GENE_METHODS = ("all", "first", "random", "hvg")
 
 
-def read_counts(path) -> ad.AnnData:
-    """Load an .h5ad into memory as checked integer counts in CSR, the layout every later step expects."""
+def read_counts(path, block_entries: int = 50_000_000) -> ad.AnnData:
+    """Load an .h5ad as checked integer counts in CSR, the layout every later step expects.
+
+    X is read from disk one block of cells at a time (``block_entries`` dense entries or
+    stored values), and each block is checked and shrunk to int32 CSR before the next is
+    read. So a file whose X would not fit in memory as stored (dense, or float64 values with
+    int64 indices) loads as long as its non-zero counts fit.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "file", "file not found", "check the path, or create the file before running")
     try:
-        adata = ad.read_h5ad(path)
+        backed = ad.read_h5ad(path, backed="r")
     except Exception as error:  # h5py and anndata raise many types for a bad file
         raise InputError(
             path, "file", f"not a readable .h5ad file ({type(error).__name__}: {error})",
             "write the counts with anndata's AnnData.write_h5ad",
         ) from error
-    if adata.X is None:
-        raise InputError(path, "X", "the file has no X matrix", "store the raw counts in X")
-    counts = _as_csr(adata.X)
+    try:
+        if backed.X is None:
+            raise InputError(path, "X", "the file has no X matrix", "store the raw counts in X")
+        obs, var, uns = backed.obs.copy(), backed.var.copy(), dict(backed.uns)
+        _require_cells_and_genes(*backed.shape, path)
+        blocks = [
+            _checked_block(backed.X[start : start + size], obs.index[start : start + size], var.index, path)
+            for start, size in _cell_blocks(backed, block_entries)
+        ]
+    finally:
+        backed.file.close()
+    dtype = max((block.dtype for block in blocks), key=lambda d: d.itemsize)
+    counts = sp.vstack([block.astype(dtype, copy=False) for block in blocks], format="csr")
+    return ad.AnnData(X=counts, obs=obs, var=var, uns=uns)
+
+
+def _cell_blocks(backed: ad.AnnData, block_entries: int):
+    """(first cell, number of cells) of each block read from disk."""
+    n_cells, n_genes = backed.shape
+    stored = n_genes * n_cells
+    if isinstance(backed.X, ad.abc.CSRDataset):
+        stored = backed.X.group["data"].shape[0]
+    size = max(1, int(block_entries * n_cells / max(stored, 1)))
+    return [(start, size) for start in range(0, n_cells, size)]
+
+
+def _checked_block(block, cell_names, gene_names, source) -> sp.csr_matrix:
+    """One block of cells from disk as validated, canonical counts in the smallest integer type."""
+    counts = _as_csr(block)
     counts.sum_duplicates()
     counts.eliminate_zeros()
-    adata.X = counts
-    validate_counts(adata, path)
-    adata.X = _as_smallest_integer(counts, path)
-    return adata
+    validate_counts(ad.AnnData(X=counts, obs=pd.DataFrame(index=cell_names), var=pd.DataFrame(index=gene_names)),
+                    source)
+    return _as_smallest_integer(counts, source)
 
 
 def validate_counts(adata: ad.AnnData, source) -> None:
     """Reject anything that is not a matrix of raw counts, naming the first bad entry so it can be found."""
-    if adata.n_obs == 0 or adata.n_vars == 0:
-        raise InputError(
-            source, "X", f"the matrix is empty ({adata.n_obs} cells x {adata.n_vars} genes)",
-            "pass a file with at least one cell and one gene",
-        )
+    _require_cells_and_genes(adata.n_obs, adata.n_vars, source)
     counts = _as_csr(adata.X)
     values = counts.data
     if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
@@ -177,6 +204,14 @@ def atomic_output(path):
     except BaseException:
         Path(temporary_name).unlink(missing_ok=True)
         raise
+
+
+def _require_cells_and_genes(n_cells: int, n_genes: int, source) -> None:
+    if n_cells == 0 or n_genes == 0:
+        raise InputError(
+            source, "X", f"the matrix is empty ({n_cells} cells x {n_genes} genes)",
+            "pass a file with at least one cell and one gene",
+        )
 
 
 def _as_csr(matrix) -> sp.csr_matrix:

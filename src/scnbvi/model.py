@@ -89,7 +89,7 @@ def build_model(
         alpha = pm.HalfCauchy("alpha", PRIOR_ALPHA_BETA, dims="gene" if gene_dispersion else None)
 
         gene_effect = pm.Deterministic("gene_effect", mu_gene + sigma_gene * z_gene, dims="gene")
-        cell_effect = pm.Deterministic("cell_effect", mu_cond + sigma_cond * z_cell, dims="cell")
+        pm.Deterministic("cell_effect", mu_cond + sigma_cond * z_cell, dims="cell")
         gene_log_rate = gene_effect + pt.as_tensor(np.asarray(gene_log_offset, dtype=float))
         cells = data["cell_index"]
         # The likelihood reads the cells' latent effects only as ``z_cell[cells]``, so a step
