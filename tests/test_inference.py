@@ -180,9 +180,10 @@ def test_memory_estimate_grows_with_the_data():
     assert small < 2e9 < atlas < 12e9
 
 
-def test_learning_rate_decays_by_the_factor_every_thousand_steps():
-    from scnbvi.inference import learning_rate_at
-
-    settings = InferenceSettings(learning_rate=0.1, learning_rate_decay=0.5)
-    assert learning_rate_at(0, settings) == 0.1
-    assert learning_rate_at(2000, settings) == pytest.approx(0.025)
+def test_a_plateau_shrinks_the_learning_rate_before_the_fit_stops():
+    monitor = ConvergenceMonitor("elbo", tolerance=1e-3, patience=2, decay=0.5, max_decays=2)
+    verdicts = [monitor.update_elbo(elbo) for elbo in (-2000.0, -1500.0, -1000.0, -1000.0, -1000.0)]
+    assert not any(verdicts) and monitor.learning_rate_scale == 0.5  # first plateau: halve
+    assert not monitor.update_elbo(-900.0) and monitor.learning_rate_scale == 0.5  # improving again
+    assert [monitor.update_elbo(-900.0) for _ in range(3)] == [False, False, True]
+    assert monitor.learning_rate_scale == 0.25

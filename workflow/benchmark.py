@@ -36,7 +36,8 @@ ORIGINAL = dict(minibatch="entries", batch_size=128, convergence="parameters", t
                 check_every=100, max_iterations=300_000, learning_rate=0.01, learning_rate_decay=1.0,
                 init="prior")
 REFERENCE = dict(minibatch="cells", batch_size=1000, max_iterations=30_000, learning_rate=0.01,
-                 learning_rate_decay=0.9, convergence="elbo", tolerance=1e-7, check_every=1000, patience=3)
+                 learning_rate_decay=0.5, max_decays=6, convergence="elbo", tolerance=1e-7, check_every=1000,
+                 patience=3)
 
 
 # --------------------------------------------------------------------------- data

@@ -38,7 +38,7 @@ class InferenceSettings:
     max_iterations: int = 300_000
     learning_rate: float = 0.05
     learning_rate_decay: float = 0.5
-    decay_steps: int = 1000
+    max_decays: int = 3
     seed: int = 0
     draws: int = 1000
     init: str = "data"
@@ -46,7 +46,7 @@ class InferenceSettings:
     convergence: str = "elbo"
     tolerance: float = 1e-4
     check_every: int = 250
-    patience: int = 3
+    patience: int = 2
     eval_cells: int = 1024
     eval_samples: int = 4
     memory_limit_gb: float | None = None
@@ -199,25 +199,42 @@ class ConvergenceMonitor:
 
     ``elbo``: a low-noise ELBO estimate on a fixed set of cells with fixed Monte-Carlo draws
     (common random numbers), so minibatch noise cannot fake a plateau; stop when it improved
-    by less than ``tolerance`` (relative) over the last ``patience`` checks.
+    by less than ``tolerance`` (relative) over the last ``patience`` checks, after the
+    learning rate has been shrunk on ``max_decays`` such plateaus.
     ``parameters``: the original notebook's rule (``pm.callbacks.CheckParametersConvergence``):
     stop when the largest relative change of the variational parameters between two checks
     is below ``tolerance``.
     """
 
-    def __init__(self, rule: str, tolerance: float, patience: int):
+    def __init__(self, rule: str, tolerance: float, patience: int, decay: float = 1.0, max_decays: int = 0):
         if rule not in CONVERGENCE_RULES:
             raise ValueError(f"convergence must be one of {CONVERGENCE_RULES}, got {rule!r}")
         self.rule, self.tolerance, self.patience = rule, tolerance, patience
+        self.decay, self.max_decays = decay, max_decays if decay < 1 else 0
+        self.decays = 0
         self.history: list[float] = []
         self._previous_params: np.ndarray | None = None
 
+    @property
+    def learning_rate_scale(self) -> float:
+        """The factor by which plateaus have shrunk the learning rate so far."""
+        return self.decay**self.decays
+
     def update_elbo(self, elbo: float) -> bool:
+        """True once converged. A plateau first shrinks the learning rate by ``decay`` (at
+        most ``max_decays`` times): a plateau that is only the noise floor of the current step
+        size gives way, and a fit is never declared converged because its steps were made
+        too small to move, as a fixed decay schedule would."""
         self.history.append(elbo)
         if len(self.history) <= self.patience:
             return False
         past = self.history[-1 - self.patience]
-        return (elbo - past) / abs(elbo) < self.tolerance
+        if (elbo - past) / abs(elbo) >= self.tolerance:
+            return False
+        if self.decays < self.max_decays:
+            self.decays += 1
+            return False
+        return True
 
     def update_parameters(self, params: np.ndarray) -> bool:
         previous, self._previous_params = self._previous_params, params.copy()
@@ -344,7 +361,7 @@ def fit(
     )
     sampler = BatchSampler(counts, settings.minibatch, settings.batch_size, settings.seed)
     if settings.minibatch == "cells":
-        settings = per_epoch_schedule(settings, sampler.steps_per_epoch)
+        settings = per_epoch_checks(settings, sampler.steps_per_epoch)
     model = build_model(
         cell_log_offset=cell_log_offset,
         gene_log_offset=gene_log_offset,
@@ -372,23 +389,18 @@ def _initial_std(settings: InferenceSettings) -> float:
     return settings.initial_std if settings.init == "data" else math.log(2.0)
 
 
-def learning_rate_at(step, settings: InferenceSettings, xp=np):
-    """Adam's step size: decays by ``learning_rate_decay`` every ``decay_steps`` (1 = constant)."""
-    return settings.learning_rate * xp.power(settings.learning_rate_decay, step / settings.decay_steps)
+def convergence_monitor(settings: InferenceSettings) -> ConvergenceMonitor:
+    return ConvergenceMonitor(settings.convergence, settings.tolerance, settings.patience,
+                              settings.learning_rate_decay, settings.max_decays)
 
 
-def per_epoch_schedule(settings: InferenceSettings, steps_per_epoch: float) -> InferenceSettings:
-    """Stretch the check interval and the decay period to at least one epoch.
+def per_epoch_checks(settings: InferenceSettings, steps_per_epoch: float) -> InferenceSettings:
+    """Stretch the check interval to at least one epoch.
 
-    A cell's own parameters only learn when its block comes round, once per epoch; on large
-    data, judging convergence or shrinking the step size faster than that would freeze them.
+    A cell's own parameters only learn when its block comes round, once per epoch; judging a
+    plateau (and shrinking the step size) faster than that would freeze them on large data.
     """
-    epoch = math.ceil(steps_per_epoch)
-    return replace(
-        settings,
-        check_every=max(settings.check_every, epoch),
-        decay_steps=max(settings.decay_steps, epoch),
-    )
+    return replace(settings, check_every=max(settings.check_every, math.ceil(steps_per_epoch)))
 
 
 def _fit_result(layout, mean, std, losses, checks, converged, sampler, settings,
@@ -425,7 +437,7 @@ def _fit_pymc(model, sampler, settings, backend) -> FitResult:
     layout = _free_layout(model)
     eval_batch = sampler.evaluation_batch(evaluation_cells(settings, sampler.n_genes), settings.seed)
     draws = fixed_normal_draws(settings.eval_samples, sum(int(np.prod(s)) for _, s in layout), settings.seed)
-    monitor = ConvergenceMonitor(settings.convergence, settings.tolerance, settings.patience)
+    monitor = convergence_monitor(settings)
     progress = Progress(settings.max_iterations, sampler.steps_per_epoch, settings.log_every_seconds)
     checks: list[tuple[int, float]] = []
     state = {"converged": False}
@@ -461,7 +473,6 @@ def _fit_pymc(model, sampler, settings, backend) -> FitResult:
     def after_step(approx, losses, step):
         if step == 1:
             timing["first_step"] = time.perf_counter()
-        learning_rate.set_value(learning_rate_at(step, settings))
         load(sampler.next())
         if settings.convergence == "elbo":
             average.add(raw_params())
@@ -469,6 +480,7 @@ def _fit_pymc(model, sampler, settings, backend) -> FitResult:
             if settings.convergence == "elbo":
                 checks.append((step, evaluate(*split_raw(average.close_window()))))
                 done = monitor.update_elbo(checks[-1][1])
+                learning_rate.set_value(settings.learning_rate * monitor.learning_rate_scale)
             else:
                 done = monitor.update_parameters(raw_params())
             progress.maybe_log(step, losses[-1], checks[-1][1] if checks else None, force=True)
@@ -643,7 +655,7 @@ def _fit_jax(model, sampler, settings, backend) -> FitResult:
         "cell_mean": jnp.asarray(point[cell_value.name], dtype=float),
         "cell_log_sd": jnp.full(n_cells, log_sd),
     }
-    optimizer = optax.adam(lambda step: learning_rate_at(step, settings, jnp))
+    optimizer = optax.adam(1.0)  # unit steps, scaled by the learning rate of the chunk
     key = jax.random.PRNGKey(settings.seed)
 
     def normal(key, size, dtype):
@@ -651,21 +663,21 @@ def _fit_jax(model, sampler, settings, backend) -> FitResult:
         return jax.random.normal(key, (size,), jnp.float32).astype(dtype)
 
     def step(carry, inputs):
-        params, opt_state, total = carry
+        params, opt_state, total, learning_rate = carry
         step_index, batch = inputs
         global_key, cell_key = jax.random.split(jax.random.fold_in(key, step_index))
         dtype = params["mean"].dtype
         noise = (normal(global_key, n_global, dtype), normal(cell_key, batch["cell_index"].shape[0], dtype))
         value, grads = jax.value_and_grad(lambda p: -elbo_estimate(p, *noise, batch))(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return (params, opt_state, jax.tree.map(jnp.add, total, params)), value
+        params = optax.apply_updates(params, jax.tree.map(lambda u: learning_rate * u, updates))
+        return (params, opt_state, jax.tree.map(jnp.add, total, params), learning_rate), value
 
     @jax.jit
-    def run_chunk(params, opt_state, first_step, batches):
+    def run_chunk(params, opt_state, first_step, batches, learning_rate):
         steps = first_step + jnp.arange(batches[names[0]].shape[0])
-        carry = (params, opt_state, jax.tree.map(jnp.zeros_like, params))
-        (params, opt_state, total), losses = jax.lax.scan(step, carry, (steps, batches))
+        carry = (params, opt_state, jax.tree.map(jnp.zeros_like, params), learning_rate)
+        (params, opt_state, total, _), losses = jax.lax.scan(step, carry, (steps, batches))
         return params, opt_state, total, losses
 
     eval_batch = sampler.evaluation_batch(evaluation_cells(settings, sampler.n_genes), settings.seed)
@@ -688,7 +700,7 @@ def _fit_jax(model, sampler, settings, backend) -> FitResult:
     opt_state = optimizer.init(params)
     chunk = _chunk_length(sampler, settings)
     average = IterateAverage()
-    monitor = ConvergenceMonitor(settings.convergence, settings.tolerance, settings.patience)
+    monitor = convergence_monitor(settings)
     progress = Progress(settings.max_iterations, sampler.steps_per_epoch, settings.log_every_seconds)
     chunks: list = []
     checks: list[tuple[int, float]] = []
@@ -700,10 +712,11 @@ def _fit_jax(model, sampler, settings, backend) -> FitResult:
         batches = _stack_batches([sampler.next() for _ in range(length)], sampler.mode)
         if steps == 0:
             compiling = time.perf_counter()
-            jax.block_until_ready(run_chunk.lower(params, opt_state, 0, batches).compile())
+            jax.block_until_ready(run_chunk.lower(params, opt_state, 0, batches, settings.learning_rate).compile())
             compile_seconds += time.perf_counter() - compiling
             t0 += time.perf_counter() - compiling
-        params, opt_state, total, losses = run_chunk(params, opt_state, steps, batches)
+        learning_rate = settings.learning_rate * monitor.learning_rate_scale
+        params, opt_state, total, losses = run_chunk(params, opt_state, steps, batches, learning_rate)
         if chunks:  # let one chunk run while the next is staged, but never queue more
             chunks[-1].block_until_ready()
         average.add_sum(total, length)
