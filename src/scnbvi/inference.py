@@ -13,6 +13,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 import pymc as pm
@@ -621,7 +622,8 @@ def _fit_jax(model, sampler, settings, backend) -> FitResult:
     and the entropy are taken in closed form, so Monte-Carlo noise is drawn only for the
     global parameters and the minibatch's cells: the same ELBO as ``pm.fit`` optimises, with
     less gradient noise, and no per-step random numbers or transcendental functions for the
-    cells outside the minibatch.
+    cells outside the minibatch. In the ``entries`` layout each triple draws its cell's value
+    on its own; as the likelihood is a sum over triples, the estimate stays unbiased.
     """
     import jax
     import jax.numpy as jnp
@@ -662,8 +664,8 @@ def _fit_jax(model, sampler, settings, backend) -> FitResult:
         # float32 noise is ample for a Monte-Carlo gradient and several times cheaper on CPU.
         return jax.random.normal(key, (size,), jnp.float32).astype(dtype)
 
-    def step(carry, inputs):
-        params, opt_state, total, learning_rate = carry
+    def step(learning_rate, carry, inputs):
+        params, opt_state, total = carry
         step_index, batch = inputs
         global_key, cell_key = jax.random.split(jax.random.fold_in(key, step_index))
         dtype = params["mean"].dtype
@@ -671,13 +673,13 @@ def _fit_jax(model, sampler, settings, backend) -> FitResult:
         value, grads = jax.value_and_grad(lambda p: -elbo_estimate(p, *noise, batch))(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, jax.tree.map(lambda u: learning_rate * u, updates))
-        return (params, opt_state, jax.tree.map(jnp.add, total, params), learning_rate), value
+        return (params, opt_state, jax.tree.map(jnp.add, total, params)), value
 
     @jax.jit
     def run_chunk(params, opt_state, first_step, batches, learning_rate):
         steps = first_step + jnp.arange(batches[names[0]].shape[0])
-        carry = (params, opt_state, jax.tree.map(jnp.zeros_like, params), learning_rate)
-        (params, opt_state, total, _), losses = jax.lax.scan(step, carry, (steps, batches))
+        carry = (params, opt_state, jax.tree.map(jnp.zeros_like, params))
+        (params, opt_state, total), losses = jax.lax.scan(partial(step, learning_rate), carry, (steps, batches))
         return params, opt_state, total, losses
 
     eval_batch = sampler.evaluation_batch(evaluation_cells(settings, sampler.n_genes), settings.seed)

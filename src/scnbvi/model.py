@@ -30,12 +30,6 @@ BATCH_CONTAINERS = {
 }
 
 
-# The per-cell latent variable enters only as cell_effect = mu_cond + sigma_cond * z_cell. An
-# engine that keeps per-cell factors between visits stores them on the cell-effect scale, which
-# a change of mu_cond or sigma_cond does not make stale.
-CELL_EFFECT_LOCATION_SCALE = ("mu_cond", "sigma_cond")
-
-
 def empty_batch(mode: str, batch_size: int) -> dict[str, np.ndarray]:
     """A zero-filled batch with the shapes and dtypes of the given layout."""
     if mode == "cells":

@@ -83,7 +83,7 @@ def scaled_runtime(base_minutes, minutes_per_gb):
 def fit_runtime(wildcards, input, attempt):
     """Minutes: an upper bound from max_iterations (a generous 20 ms/step) and the input size."""
     iterations = dataset_config(wildcards)["inference"]["max_iterations"]
-    return int((15 + iterations * 0.02 / 60 + 30 * input_mb(input) / 1000) * attempt)
+    return scaled_runtime(15 + iterations * 0.02 / 60, 30)(wildcards, input, attempt)
 
 
 def all_outputs():
