@@ -8,7 +8,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from scnbvi.data import atomic_output
+from scnbvi.outputs import atomic_output
 from scnbvi.errors import InputError
 
 GTF_COLUMNS = ["seqname", "source", "feature", "start", "end", "score", "strand", "frame", "attributes"]

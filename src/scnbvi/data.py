@@ -1,10 +1,7 @@
 """Read, check, clean and slice single-cell count matrices (cells x genes, sparse CSR)."""
 
-import contextlib
 import hashlib
 import numbers
-import os
-import tempfile
 from pathlib import Path
 
 import anndata as ad
@@ -13,6 +10,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scnbvi.errors import InputError
+from scnbvi.outputs import atomic_output
 
 RAW_COUNTS_FIX = "pass raw counts (adata.raw or a counts layer), not normalised or scaled data"
 QC_ACTIONS = ("keep", "drop")
@@ -189,21 +187,6 @@ def write_counts(adata: ad.AnnData, path) -> None:
     """Write an .h5ad so that readers never see a half-written file."""
     with atomic_output(path) as temporary_path:
         adata.write_h5ad(temporary_path)
-
-
-@contextlib.contextmanager
-def atomic_output(path):
-    """Yield a temporary path next to `path`; move it into place only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(handle)
-    try:
-        yield Path(temporary_name)
-        os.replace(temporary_name, path)
-    except BaseException:
-        Path(temporary_name).unlink(missing_ok=True)
-        raise
 
 
 def _require_cells_and_genes(n_cells: int, n_genes: int, source) -> None:

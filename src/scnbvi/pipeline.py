@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from scnbvi.covariates import read_covariates
-from scnbvi.data import atomic_output
+from scnbvi.outputs import atomic_output
 from scnbvi.errors import InputError
 from scnbvi.inference import InferenceSettings, fit
 from scnbvi.posterior import draw_posterior

@@ -5,7 +5,8 @@ def main(snakemake):
     import json
     import logging
 
-    from scnbvi.data import apply_qc_actions, atomic_output, qc_report, read_counts, write_counts
+    from scnbvi.data import apply_qc_actions, qc_report, read_counts, write_counts
+    from scnbvi.outputs import write_json
 
     settings = snakemake.params.settings
     adata = read_counts(snakemake.input[0])
@@ -15,8 +16,7 @@ def main(snakemake):
     report["after"] = qc_report(adata)
     logging.getLogger("scnbvi").info("quality report: %s", json.dumps(report))
     write_counts(adata, snakemake.output.h5ad)
-    with atomic_output(snakemake.output.qc) as path:
-        path.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(report, snakemake.output.qc)
 
 
 run(snakemake, main)

@@ -6,7 +6,7 @@ def main(snakemake):
 
     import pandas as pd
 
-    from scnbvi.data import atomic_output
+    from scnbvi.outputs import atomic_output
     from scnbvi.plotting import plot_elbo
 
     elbo = pd.read_csv(snakemake.input.elbo, sep="\t")

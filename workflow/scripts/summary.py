@@ -5,7 +5,7 @@ def main(snakemake):
     import anndata as ad
     import arviz as az
 
-    from scnbvi.data import atomic_output
+    from scnbvi.outputs import atomic_output
     from scnbvi.summary import gene_table, posterior_summary
 
     idata = az.from_netcdf(snakemake.input.trace)
