@@ -19,9 +19,10 @@ setup: $(BIN)/snakemake
 run: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES)
 
+# pytest alone runs only the fast tests (pyproject's addopts); a later -m replaces that selection.
 test: setup
 	bash .ci/slurm.sh install
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m ""
 
 test-local: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slurm"

@@ -1,4 +1,5 @@
-"""Shared fixtures: running the workflow in a scratch copy of the repository."""
+"""Shared test helpers: the preset configs of .test/config, the real data next to the repository,
+small AnnData files, and running the workflow in a scratch copy of the repository."""
 
 from __future__ import annotations
 
@@ -8,12 +9,56 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anndata as ad
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-WORKFLOW_PARTS = ("Snakefile", "config", "workflow", "envs", "profiles", "resources", "src")
+PRESETS = REPO / ".test" / "config"
+WORKFLOW_PARTS = ("Snakefile", "config", "workflow", "envs", "profiles", "resources", "src", ".test")
+
+
+def preset(name: str) -> dict:
+    """A config of .test/config, read afresh so that a test can change its copy freely."""
+    return yaml.safe_load((PRESETS / f"{name}.yaml").read_text())
+
+
+# The tests' default configuration: a small simulated data set that fits in seconds.
+SMALL_SIMULATED = preset("small_simulated")
+
+
+def shared_data(name: str) -> Path:
+    """A real data file of ../shared/data; a missing one fails the test (a skip would hide it in CI)."""
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.fail(
+            f"../shared/data/{name} is missing: the real test data lives next to the repository in "
+            "../shared/data (see the README's Development section); copy or link it there",
+            pytrace=False,
+        )
+    return path
+
+
+def make_adata(counts, obs=None, var=None) -> ad.AnnData:
+    """Counts (dense or sparse, kept as given) with cells c0, c1, ... and genes g0, g1, ...;
+    ``obs`` and ``var`` are extra columns (a mapping or a DataFrame, one value per row)."""
+    n_cells, n_genes = counts.shape
+    return ad.AnnData(X=counts, obs=_frame(obs, "c", n_cells), var=_frame(var, "g", n_genes))
+
+
+def _frame(columns, prefix: str, n: int) -> pd.DataFrame:
+    # np.asarray: a Series or DataFrame column keeps its values, not its own index.
+    values = {} if columns is None else {name: np.asarray(column) for name, column in columns.items()}
+    return pd.DataFrame(values, index=[f"{prefix}{i}" for i in range(n)])
+
+
+def write_h5ad(path: Path, counts, obs=None, var=None) -> str:
+    """``make_adata`` written to ``path``; returns the path as a string, ready for a config."""
+    make_adata(counts, obs, var).write_h5ad(path)
+    return str(path)
 
 
 def copy_workflow(destination: Path) -> Path:
@@ -44,19 +89,3 @@ def write_config(workdir: Path, config: dict, name: str = "test.yaml") -> str:
 @pytest.fixture
 def workflow_copy(tmp_path) -> Path:
     return copy_workflow(tmp_path / "scnbvi")
-
-
-# A small simulated data set that fits in seconds; the tests' default configuration.
-SMALL_SIMULATED = {
-    "backend": "c",
-    "datasets": {
-        "sim": {
-            "simulate": {"n_cells": 300, "n_genes": 40, "seed": 3},
-            "covariates": {
-                "depth": {"source": "obs", "column": "depth", "per_cell": True},
-                "gene_length": {"source": "var", "column": "length"},
-            },
-            "inference": {"max_iterations": 3000, "check_every": 250, "draws": 200},
-        }
-    },
-}

@@ -9,11 +9,13 @@ import pytest
 import scipy.sparse as sp
 
 from scnbvi.covariates import (
+    covariate_tables,
     gene_lengths_from_gtf,
     gene_lengths_from_table,
     impute_gene_lengths,
     log_offsets,
     read_covariates,
+    read_offsets,
     sequencing_depth,
     write_covariates,
 )
@@ -104,14 +106,14 @@ def test_imputed_lengths_are_seeded_and_in_range():
 def test_depth_from_obs_imputes_missing_and_non_positive_values():
     adata = cells_with_obs(pd.DataFrame({"Bases": [2e5, np.nan, 3e5, 0.0, -5.0]}, index=list("abcde")))
 
-    depth, n_imputed = sequencing_depth(adata, seed=7)
-    again, _ = sequencing_depth(adata, seed=7)
+    depth, n_imputed = sequencing_depth(adata, source="obs", seed=7)
+    again, _ = sequencing_depth(adata, source="obs", seed=7)
 
     assert n_imputed == 3
     np.testing.assert_array_equal(depth[[0, 2]], [2e5, 3e5])
     assert np.all(depth > 0)
     np.testing.assert_array_equal(depth, again)
-    assert not np.array_equal(depth, sequencing_depth(adata, seed=8)[0])
+    assert not np.array_equal(depth, sequencing_depth(adata, source="obs", seed=8)[0])
     assert adata.obs["Bases"].isna().sum() == 1
 
 
@@ -120,10 +122,10 @@ def test_depth_from_obs_rejects_missing_or_text_column():
 
     with pytest.raises(InputError, match=r"covariates.depth: obs\['Bases'\]: column not found "
                                          r"\(available: \['reads', 'label'\]\)") as error:
-        sequencing_depth(adata)
+        sequencing_depth(adata, source="obs")
     assert "covariates.depth.source: total_counts or constant" in error.value.fix
     with pytest.raises(InputError, match="not numeric"):
-        sequencing_depth(adata, column="label")
+        sequencing_depth(adata, source="obs", column="label")
 
 
 def test_depth_from_total_counts_and_constant():
@@ -139,7 +141,7 @@ def test_depth_from_total_counts_rejects_empty_cells():
     adata = cells_with_obs(pd.DataFrame(index=["a", "b"]), counts)
 
     with pytest.raises(InputError, match=r"1 cells have zero counts \(first: 'b'\).*load.zero_cells: drop"):
-        sequencing_depth(adata, source="total_counts")
+        sequencing_depth(adata, source="total_counts", per_cell=True)
 
 
 def test_log_offsets_use_median_depth_unless_per_cell():
@@ -157,13 +159,23 @@ def test_log_offsets_use_median_depth_unless_per_cell():
 def test_covariates_round_trip(tmp_path):
     cells_path, genes_path = tmp_path / "out" / "cells.tsv", tmp_path / "out" / "genes.tsv"
     depth, lengths = np.array([1.5e5, 2.5e5]), np.array([1234.5, 987.0, 2000.0])
-    cell_offset, gene_offset = log_offsets(depth, lengths, per_cell=True)
+    adata = ad.AnnData(
+        X=sp.csr_matrix(np.array([[1, 0, 2], [0, 3, 0]], dtype=np.int32)),
+        obs=pd.DataFrame({"reads": depth}, index=["007", "b"]),
+        var=pd.DataFrame({"length": lengths}, index=["G1", "G2", "G3"]),
+    )
+    settings = {
+        "gene_length": {"source": "var", "column": "length", "path": None, "attribute": "gene_id"},
+        "depth": {"source": "obs", "column": "reads", "constant": 1e4, "per_cell": True},
+        "depth_ref": 1e5, "length_ref": 2000.0, "seed": 0,
+    }
+    cells, genes = covariate_tables(adata, settings)
+    write_covariates(cells, genes, cells_path, genes_path)
+    cell_offset, gene_offset = read_offsets(cells_path, genes_path, adata)
 
-    write_covariates(cells_path, genes_path, obs_names=["007", "b"], depth=depth, cell_log_offset=cell_offset,
-                     var_names=["G1", "G2", "G3"], gene_length=lengths, gene_log_offset=gene_offset)
-    cells, genes = read_covariates(cells_path, genes_path)
-
-    assert list(cells.index) == ["007", "b"] and list(genes.index) == ["G1", "G2", "G3"]
-    np.testing.assert_array_equal(cells["log_offset"], cell_offset)
-    np.testing.assert_array_equal(genes["length"], lengths)
+    assert list(read_covariates(cells_path, genes_path)[0].index) == ["007", "b"]
+    np.testing.assert_array_equal(cell_offset, np.log(depth / 1e5))
+    np.testing.assert_array_equal(gene_offset, np.log(lengths / 2000.0))
     assert sorted(path.name for path in cells_path.parent.iterdir()) == ["cells.tsv", "genes.tsv"]
+    with pytest.raises(InputError, match="gene names differ"):
+        read_offsets(cells_path, genes_path, adata[:, ::-1])

@@ -179,7 +179,7 @@ def test_apply_qc_actions_rejects_unknown_action():
 def test_slice_first_equals_leading_block():
     adata = simulated_counts()
 
-    sliced = slice_counts(adata, n_cells=10, n_genes=7)
+    sliced = slice_counts(adata, cells_method="first", n_cells=10, genes_method="first", n_genes=7)
 
     assert_same_counts(sliced, adata[:10, :7])
     assert isinstance(sliced.X, sp.csr_matrix)
@@ -205,7 +205,8 @@ def test_slice_larger_than_available_or_all_keeps_everything():
     adata = simulated_counts()
 
     assert slice_counts(adata, cells_method="random", n_cells=10_000, genes_method="all").shape == adata.shape
-    assert slice_counts(adata, n_cells=None, n_genes=None).shape == adata.shape
+    first_none = slice_counts(adata, cells_method="first", n_cells=None, genes_method="first", n_genes=None)
+    assert first_none.shape == adata.shape
 
 
 def test_slice_hvg_finds_variable_genes_without_touching_input():
@@ -252,10 +253,10 @@ def test_slice_errors_name_the_setting_that_emptied_it():
         slice_counts(adata, obs_filters={"batch": ["x"]})
     assert error.value.field == "slice.obs_filters.batch"
     with pytest.raises(InputError, match="every gene is zero in the selected cells") as error:
-        slice_counts(adata, n_cells=1, drop_zero_genes=True)
+        slice_counts(adata, cells_method="first", n_cells=1, drop_zero_genes=True)
     assert error.value.field == "slice.drop_zero_genes"
     with pytest.raises(InputError) as error:
-        slice_counts(adata, n_cells=1, drop_zero_cells=True, source="config.slice")
+        slice_counts(adata, cells_method="first", n_cells=1, drop_zero_cells=True, source="config.slice")
     assert error.value.field == "config.slice.drop_zero_cells"
 
 
@@ -264,8 +265,28 @@ def test_slice_rejects_unknown_method_and_bad_size():
         slice_counts(simulated_counts(), cells_method="last")
     assert error.value.field == "slice.cells.method"
     with pytest.raises(InputError) as error:
-        slice_counts(simulated_counts(), n_genes=0)
+        slice_counts(simulated_counts(), genes_method="first", n_genes=0)
     assert error.value.field == "slice.genes.n"
+
+
+@pytest.mark.parametrize(
+    ("setting", "field", "fix"),
+    [
+        ({"n_cells": 100}, "slice.cells.n", "set slice.cells.method to first or random, or remove n"),
+        ({"n_genes": 7}, "slice.genes.n", "set slice.genes.method to first, random or hvg, or remove n"),
+    ],
+)
+def test_slice_rejects_a_size_that_method_all_would_ignore(setting, field, fix):
+    with pytest.raises(InputError, match=r"n=\d+ is set but method is 'all'") as error:
+        slice_counts(simulated_counts(), **setting)
+    assert error.value.field == field
+    assert error.value.fix == fix
+
+
+def test_slice_defaults_keep_everything():
+    adata = simulated_counts()
+
+    assert_same_counts(slice_counts(adata), adata)
 
 
 def test_slice_drops_zero_cells_and_genes():

@@ -10,7 +10,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from scnbvi.inference import ConvergenceMonitor, InferenceSettings, fit, require_backend
+from scnbvi.inference import InferenceSettings, fit, require_backend
+from scnbvi.inference.plateau import DecayThenStop, ParameterChangeStop
+from scnbvi.errors import BackendUnavailableError, DivergenceError, InsufficientMemoryError
 from scnbvi.posterior import draw_posterior
 from scnbvi.simulate import SimulationTruth, simulate_counts
 
@@ -41,6 +43,7 @@ def c_fit(simulated):
     return _fit(simulated, "c")
 
 
+@pytest.mark.fit
 def test_recovers_gene_effects_cell_effects_and_dispersion(c_fit):
     adata, result, idata = c_fit
     post = idata.posterior
@@ -66,6 +69,7 @@ def test_recovers_gene_effects_cell_effects_and_dispersion(c_fit):
     assert alpha.std() < 0.15
 
 
+@pytest.mark.fit
 def test_same_seed_same_numbers(simulated, c_fit):
     _, first, _ = c_fit
     _, again, _ = _fit(simulated, "c")
@@ -74,6 +78,7 @@ def test_same_seed_same_numbers(simulated, c_fit):
         np.testing.assert_array_equal(first.means[name], again.means[name])
 
 
+@pytest.mark.fit
 def test_jax_engine_agrees_with_pymc_engine(simulated, c_fit):
     _, pymc_result, pymc_idata = c_fit
     _, jax_result, jax_idata = _fit(simulated, "jax")
@@ -88,6 +93,7 @@ def test_jax_engine_agrees_with_pymc_engine(simulated, c_fit):
     assert abs(pymc_result.checks[-1][1] - jax_result.checks[-1][1]) / abs(pymc_result.checks[-1][1]) < 1e-3
 
 
+@pytest.mark.fit
 def test_entries_layout_runs_and_is_scaled(simulated):
     _, result, idata = _fit(simulated, "c", minibatch="entries", batch_size=512, max_iterations=1500, init="prior")
     assert result.steps == 1500 and not result.converged
@@ -95,25 +101,25 @@ def test_entries_layout_runs_and_is_scaled(simulated):
 
 
 def test_elbo_rule_stops_on_a_plateau_and_not_while_improving():
-    plateau = ConvergenceMonitor("elbo", tolerance=1e-3, patience=3)
-    improving = ConvergenceMonitor("elbo", tolerance=1e-3, patience=3)
+    plateau = DecayThenStop(tolerance=1e-3, patience=3)
+    improving = DecayThenStop(tolerance=1e-3, patience=3)
     stopped_at = None
     for check in range(40):
-        if plateau.update_elbo(-1000.0 - 500.0 * np.exp(-check)) and stopped_at is None:
+        if plateau.update(-1000.0 - 500.0 * np.exp(-check)) and stopped_at is None:
             stopped_at = check
-        assert not improving.update_elbo(-1000.0 + 2.0 * check)  # +0.2% per check, still rising
+        assert not improving.update(-1000.0 + 2.0 * check)  # +0.2% per check, still rising
     assert stopped_at is not None and 3 < stopped_at < 15
 
 
 def test_parameter_rule_is_the_relative_change():
-    monitor = ConvergenceMonitor("parameters", tolerance=0.01, patience=1)
-    assert not monitor.update_parameters(np.array([1.0, 2.0]))
-    assert not monitor.update_parameters(np.array([1.1, 2.0]))
-    assert monitor.update_parameters(np.array([1.105, 2.01]))
+    rule = ParameterChangeStop(tolerance=0.01)
+    assert not rule.update(np.array([1.0, 2.0]))
+    assert not rule.update(np.array([1.1, 2.0]))
+    assert rule.update(np.array([1.105, 2.01]))
 
 
 def test_diverging_fit_says_to_lower_the_learning_rate(simulated):
-    with pytest.raises(FloatingPointError, match="lower inference.learning_rate"):
+    with pytest.raises(DivergenceError, match="lower inference.learning_rate"):
         _fit(simulated, "c", learning_rate=1e6, max_iterations=300, init="prior")
 
 
@@ -121,13 +127,13 @@ def test_backends_that_cannot_run_say_what_is_missing(monkeypatch):
     import pytensor
 
     monkeypatch.setattr(pytensor.config, "cxx", "")
-    with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler.*backend: py"):
+    with pytest.raises(BackendUnavailableError, match="needs a C\\+\\+ compiler.*backend: py"):
         require_backend("c")
     with pytest.raises(ValueError, match="backend must be one of"):
         require_backend("cuda")
 
 
-@pytest.mark.slow
+@pytest.mark.fit
 def test_pure_python_backend_runs_without_any_compiler(tmp_path):
     """As on a compute node without gcc: no compiler on PATH and a fresh PyTensor cache."""
     bin_dir = tmp_path / "bin"
@@ -158,7 +164,7 @@ def test_pure_python_backend_runs_without_any_compiler(tmp_path):
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
-@pytest.mark.slow
+@pytest.mark.fit
 def test_numba_backend_fits(simulated):
     _, result, idata = _fit(simulated, "numba", max_iterations=300, draws=20)
     assert result.backend == "numba" and np.isfinite(result.losses).all()
@@ -168,12 +174,12 @@ def test_numba_backend_fits(simulated):
 def test_a_matrix_over_the_memory_budget_is_refused_before_fitting(simulated):
     adata, (cell_offset, gene_offset) = simulated
     settings = InferenceSettings(max_iterations=10, memory_limit_gb=0.05)
-    with pytest.raises(MemoryError, match=r"needs about .* GB .* available; fix: lower inference.batch_size"):
+    with pytest.raises(InsufficientMemoryError, match=r"needs about .* GB .* available; fix: lower inference.batch_size"):
         fit(adata.X, cell_offset, gene_offset, settings, backend="c")
 
 
 def test_memory_estimate_grows_with_the_data():
-    from scnbvi.inference import estimate_memory_bytes
+    from scnbvi.inference.memory import estimate_memory_bytes
 
     small = sum(estimate_memory_bytes(1_000, 500, 50_000, QUICK).values())
     atlas = sum(estimate_memory_bytes(186_224, 39_241, 154_000_000, QUICK).values())
@@ -181,9 +187,121 @@ def test_memory_estimate_grows_with_the_data():
 
 
 def test_a_plateau_shrinks_the_learning_rate_before_the_fit_stops():
-    monitor = ConvergenceMonitor("elbo", tolerance=1e-3, patience=2, decay=0.5, max_decays=2)
-    verdicts = [monitor.update_elbo(elbo) for elbo in (-2000.0, -1500.0, -1000.0, -1000.0, -1000.0)]
+    monitor = DecayThenStop(tolerance=1e-3, patience=2, decay=0.5, max_decays=2)
+    verdicts = [monitor.update(elbo) for elbo in (-2000.0, -1500.0, -1000.0, -1000.0, -1000.0)]
     assert not any(verdicts) and monitor.learning_rate_scale == 0.5  # first plateau: halve
-    assert not monitor.update_elbo(-900.0) and monitor.learning_rate_scale == 0.5  # improving again
-    assert [monitor.update_elbo(-900.0) for _ in range(3)] == [False, False, True]
+    assert not monitor.update(-900.0) and monitor.learning_rate_scale == 0.5  # improving again
+    assert [monitor.update(-900.0) for _ in range(3)] == [False, False, True]
     assert monitor.learning_rate_scale == 0.25
+
+
+# A few steps on the small data set: 400 cells in blocks of 128 give a check every 4 steps.
+SHORT = dict(max_iterations=13, check_every=1, draws=20)
+
+
+def test_pymc_engine_trains_on_drawn_blocks_after_every_check(simulated, monkeypatch):
+    """The fixed evaluation cells are loaded for each check; the step after it must still
+    train on the next block the sampler drew."""
+    import pymc as pm
+
+    from scnbvi.batches import BatchSampler
+
+    drawn, trained = [], []
+    original_next, original_fit = BatchSampler.next, pm.fit
+
+    def recording_next(self):
+        batch = original_next(self)
+        drawn.append(batch["cell_index"].copy())
+        return batch
+
+    def fit_recording_containers(*args, callbacks, **kwargs):
+        model = pm.modelcontext(None)
+        record = lambda *_: trained.append(model["cell_index"].get_value().copy())  # noqa: E731
+        return original_fit(*args, callbacks=[*callbacks, record], **kwargs)
+
+    monkeypatch.setattr(BatchSampler, "next", recording_next)
+    monkeypatch.setattr(pm, "fit", fit_recording_containers)
+    _, result, _ = _fit(simulated, "c", **SHORT)
+    assert result.settings.check_every == 4 and len(result.checks) == 3
+    assert len(trained) == result.steps == 13
+    for step, cells in enumerate(trained, start=1):  # after step k the containers hold draw k + 1
+        np.testing.assert_array_equal(cells, drawn[step], err_msg=f"after step {step}")
+
+
+@pytest.mark.fit
+@pytest.mark.parametrize("backend", ["c", "jax"])
+def test_a_converged_fit_reports_its_converging_step(simulated, backend):
+    _, result, _ = _fit(simulated, backend, max_iterations=20_000)
+    assert result.converged
+    assert result.steps == result.checks[-1][0] == len(result.losses)
+    table = result.elbo_table()
+    assert len(table) == result.steps and table["eval_elbo"].iloc[-1] == result.checks[-1][1]
+
+
+@pytest.mark.parametrize("backend", ["c", pytest.param("jax", marks=pytest.mark.fit)])
+def test_effective_settings_are_recorded(simulated, backend):
+    """What the fit ran with, not what was asked: the batch clamped to the cells, the check
+    interval stretched to an epoch, the decays taken and the learning rate they left."""
+    _, result, idata = _fit(simulated, backend, batch_size=1000, check_every=1, tolerance=1.0,
+                            learning_rate_decay=0.5, max_decays=2, max_iterations=12, draws=20)
+    stats = result.statistics()
+    assert stats["batch_size"] == 400 and stats["check_every"] == 1
+    assert stats["decays"] == result.decays == 2 and stats["converged"] == 1
+    assert stats["final_learning_rate"] == pytest.approx(QUICK.learning_rate * 0.25)
+    attrs = idata.posterior.attrs
+    for key in ("batch_size", "check_every", "decays", "final_learning_rate", "learning_rate"):
+        assert attrs[key] == stats[key], key
+    _, stretched, _ = _fit(simulated, backend, **SHORT)
+    assert stretched.statistics()["check_every"] == 4 and stretched.statistics()["batch_size"] == 128
+
+
+@pytest.mark.parametrize("backend", ["c", pytest.param("jax", marks=pytest.mark.fit)])
+def test_parameters_rule_neither_averages_nor_compiles_the_elbo(simulated, backend, monkeypatch):
+    import pymc as pm
+
+    from scnbvi.inference import jax_engine, pymc_engine
+
+    def unused(*args, **kwargs):
+        raise AssertionError("not needed by the parameters rule")
+
+    monkeypatch.setattr(pm.Model, "compile_logp", unused)
+    for engine in (jax_engine, pymc_engine):
+        monkeypatch.setattr(engine.IterateAverage, "add", unused)
+        monkeypatch.setattr(engine.IterateAverage, "add_sum", unused)
+    _, result, _ = _fit(simulated, backend, convergence="parameters", **SHORT)
+    assert result.steps == 13 and not result.checks
+
+
+def test_parameter_layout_round_trips_the_models_free_variables(simulated):
+    from scnbvi.inference import ParameterLayout
+    from scnbvi.model import build_model
+
+    adata, (cell_offset, gene_offset) = simulated
+    model = build_model(cell_log_offset=cell_offset, gene_log_offset=gene_offset)
+    layout = ParameterLayout.from_model(model)
+    assert layout.names == tuple(v.name for v in model.value_vars)
+    assert layout.size == 400 + 30 + 5  # z_cell, z_gene, two mu, two sigma and alpha, one each
+    point = model.initial_point()
+    flat = layout.flatten(point)
+    assert flat.shape == (layout.size,)
+    for name, values in layout.split(flat).items():
+        np.testing.assert_array_equal(values, point[name])
+
+
+def test_full_data_elbo_equals_the_models_own_log_density_over_the_same_draws(simulated):
+    """The benchmark's yardstick (JAX, every cell at once) against PyMC's compiled log density."""
+    from scnbvi.batches import cell_block
+    from scnbvi.inference import ParameterLayout, full_data_elbo
+    from scnbvi.inference.elbo import fixed_normal_draws, gaussian_entropy
+    from scnbvi.model import build_model, load_batch
+
+    adata, (cell_offset, gene_offset) = simulated
+    _, result, _ = _fit(simulated, "c", **SHORT)
+    model = build_model(cell_log_offset=cell_offset, gene_log_offset=gene_offset, batch_size=adata.n_obs)
+    load_batch(model, cell_block(adata.X.tocsr(), np.arange(adata.n_obs)))
+    layout = ParameterLayout.from_model(model)
+    mean, std = layout.flatten(result.means), layout.flatten(result.stds)
+    logp = model.compile_logp(jacobian=True)
+    draws = fixed_normal_draws(8, layout.size, seed=5)
+    expected = np.mean([logp(layout.split(mean + std * eps)) for eps in draws]) + gaussian_entropy(std)
+    assert full_data_elbo(adata.X, cell_offset, gene_offset, result, samples=8, seed=5) == pytest.approx(expected, rel=1e-6)

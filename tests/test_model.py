@@ -7,8 +7,8 @@ import pytest
 import scipy.sparse as sp
 from scipy import stats
 
-from scnbvi.batches import BatchSampler, cell_block, nonzero_capacity, pad_nonzeros
-from scnbvi.model import BATCH_CONTAINERS, build_model
+from scnbvi.batches import BATCH_LAYOUT, BatchSampler, cell_block, nonzero_capacity, pad_nonzeros
+from scnbvi.model import build_model, load_batch
 
 
 def _counts(n_cells=12, n_genes=7, seed=0):
@@ -36,8 +36,7 @@ def _reference_loglik(counts, point, cell_offset, gene_offset):
 
 
 def _likelihood_term(model, batch, point):
-    for container in (model[name] for name in batch):
-        container.set_value(batch[container.name].astype(container.dtype))
+    load_batch(model, batch)
     term = model["y"]
     if term in model.observed_RVs:
         logp = model.logp(vars=[term], jacobian=False)
@@ -126,7 +125,7 @@ def test_streaming_from_sparse_equals_the_dense_matrix_path():
     from_dense = BatchSampler(counts.toarray(), "cells", 10, seed=1)
     for _ in range(6):
         a, b = from_sparse.next(), from_dense.next()
-        for name in BATCH_CONTAINERS["cells"]:
+        for name in BATCH_LAYOUT["cells"]:
             np.testing.assert_array_equal(a[name], b[name])
 
 
@@ -143,18 +142,17 @@ def test_padding_adds_only_zero_counts():
 def test_jax_minibatch_log_density_and_closed_form_cell_prior_make_up_the_model_log_density():
     """The graph surgery behind the jax engine: the likelihood with ``z_cell`` read per block,
     plus the N(0, 1) log density of every cell, is the model's own log density."""
-    from scnbvi.inference import _jax_minibatch_logp
+    from scnbvi.inference.jax_graph import minibatch_logp
 
     counts = _counts(n_cells=12, n_genes=7)
     model = build_model(cell_log_offset=np.linspace(-1, 1, 12), gene_log_offset=np.zeros(7), batch_size=12,
                         dense_float32=True)
     batch = cell_block(counts, np.arange(12))
-    for container in (model[name] for name in BATCH_CONTAINERS["cells"]):
-        container.set_value(batch[container.name].astype(container.dtype))
+    load_batch(model, batch)
     rng = np.random.default_rng(3)
     point = {name: rng.normal(size=np.shape(value)) for name, value in model.initial_point().items()}
-    logp, global_values, cell_value = _jax_minibatch_logp(model, BATCH_CONTAINERS["cells"])
+    logp, global_values, cell_value = minibatch_logp(model, tuple(BATCH_LAYOUT["cells"]))
     minibatch = logp(*[point[v.name] for v in global_values], point[cell_value.name][batch["cell_index"]],
-                     *[batch[name] for name in BATCH_CONTAINERS["cells"]])[0]
+                     *[batch[name] for name in BATCH_LAYOUT["cells"]])[0]
     expected = model.compile_logp()(point)
     np.testing.assert_allclose(float(minibatch) + stats.norm.logpdf(point["z_cell"]).sum(), expected, rtol=1e-7)

@@ -12,7 +12,6 @@ the workflow copy, and the cluster keeps finished jobs listed for 10 minutes (Mi
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -27,7 +26,7 @@ import arviz as az
 import numpy as np
 import pytest
 
-from conftest import REPO, SMALL_SIMULATED, copy_workflow, snakemake, write_config
+from conftest import REPO, SMALL_SIMULATED, copy_workflow, preset, snakemake, write_config
 
 pytestmark = pytest.mark.slurm
 
@@ -204,7 +203,7 @@ def test_gpu_profile_requests_a_gpu_for_fit_only(slurm_cluster, tmp_path):
 
 # A fit that runs its full max_iterations (patience above the number of checks: no early
 # stop), about 13 s of steps on the C backend; it logs a line every check_every steps.
-SLOW_FIT = copy.deepcopy(SMALL_SIMULATED)
+SLOW_FIT = preset("small_simulated")
 SLOW_FIT["datasets"]["sim"]["inference"].update(max_iterations=20000, check_every=1000, patience=1000)
 
 

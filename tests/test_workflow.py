@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from conftest import SHARED_DATA, SMALL_SIMULATED, snakemake, write_config
+from conftest import PRESETS, SMALL_SIMULATED, preset, shared_data, snakemake, write_config, write_h5ad
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +24,15 @@ def test_dry_run_of_default_config_plans_every_rule(workflow_copy):
     assert result.returncode == 0, result.stderr
     for rule in ("simulate", "load", "slice", "covariates", "fit", "summary", "plot_elbo"):
         assert f"rule {rule}:" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", sorted(path.stem for path in PRESETS.glob("*.yaml")))
+def test_dry_run_of_each_preset_from_the_repository_root(workflow_copy, name):
+    """As the presets are used: from the repository root, with the real data in ../shared/data."""
+    (workflow_copy.parent / "shared").symlink_to(shared_data("seed_demo_1000x500.h5ad").parents[1])
+    result = snakemake(workflow_copy, "-n", "--configfile", f".test/config/{name}.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "rule fit:" in result.stdout + result.stderr
 
 
 def test_lint_passes(workflow_copy):
@@ -72,8 +81,8 @@ def test_changing_an_inference_setting_reruns_only_fit_and_downstream(workflow_c
     unchanged = snakemake(workflow_copy, "--configfile", config, "-n")
     assert "Nothing to be done" in unchanged.stdout + unchanged.stderr
 
-    changed = dict(SMALL_SIMULATED, datasets={"sim": {**SMALL_SIMULATED["datasets"]["sim"]}})
-    changed["datasets"]["sim"]["inference"] = {**changed["datasets"]["sim"]["inference"], "learning_rate": 0.02}
+    changed = preset("small_simulated")
+    changed["datasets"]["sim"]["inference"]["learning_rate"] = 0.02
     config = write_config(workflow_copy, changed)
     result = snakemake(workflow_copy, "--configfile", config)
     assert result.returncode == 0, result.stderr
@@ -85,27 +94,10 @@ def test_changing_an_inference_setting_reruns_only_fit_and_downstream(workflow_c
 
 def test_seed_demo_with_the_original_settings(workflow_copy):
     """The original notebook's slice and settings (iterations capped for time)."""
-    config = {
-        "datasets": {
-            "demo": {
-                "path": str(SHARED_DATA / "seed_demo_1000x500.h5ad"),
-                "slice": {"cells": {"method": "first", "n": 1000}, "genes": {"method": "first", "n": 500}},
-                "covariates": {"depth": {"source": "constant", "constant": 10000}},
-                "inference": {
-                    "minibatch": "entries",
-                    "batch_size": 128,
-                    "convergence": "parameters",
-                    "tolerance": 0.01,
-                    "check_every": 100,
-                    "learning_rate": 0.01,
-                    "learning_rate_decay": 1.0,
-                    "init": "prior",
-                    "max_iterations": 3000,
-                    "draws": 1000,
-                },
-            }
-        }
-    }
+    config = preset("original_notebook")
+    demo = config["datasets"]["demo"]
+    demo["path"] = str(shared_data("seed_demo_1000x500.h5ad"))  # the scratch copy is not next to ../shared
+    demo["inference"]["max_iterations"] = 3000
     result = snakemake(workflow_copy, "--configfile", write_config(workflow_copy, config))
     assert result.returncode == 0, result.stderr
     out = workflow_copy / "results" / "demo"
@@ -115,13 +107,6 @@ def test_seed_demo_with_the_original_settings(workflow_copy):
     assert 1 <= idata.posterior.attrs["iterations"] <= 3000
     qc = json.loads((out / "qc.json").read_text())
     assert qc["before"]["all_zero_genes"] == 250
-
-
-def _bad_input(path, counts):
-    adata = ad.AnnData(X=counts, obs=pd.DataFrame(index=[f"c{i}" for i in range(counts.shape[0])]),
-                       var=pd.DataFrame(index=[f"g{j}" for j in range(counts.shape[1])]))
-    adata.write_h5ad(path)
-    return str(path)
 
 
 def _good_counts():
@@ -140,7 +125,7 @@ def test_bad_counts_fail_load_with_one_line_and_no_output(workflow_copy, kind):
     corrupt, rule, words = BAD_INPUTS[kind]
     counts = _good_counts().tolil()
     corrupt(counts)
-    path = _bad_input(workflow_copy / "bad.h5ad", counts.tocsr())
+    path = write_h5ad(workflow_copy / "bad.h5ad", counts.tocsr())
     config = write_config(workflow_copy, {"datasets": {"bad": {"path": path}}})
     result = snakemake(workflow_copy, "--configfile", config)
     assert result.returncode != 0
@@ -164,17 +149,15 @@ def test_missing_input_file_is_reported(workflow_copy):
 
 
 def test_missing_obs_column_names_the_column(workflow_copy):
-    path = _bad_input(workflow_copy / "ok.h5ad", _good_counts())
+    path = write_h5ad(workflow_copy / "ok.h5ad", _good_counts())
     dataset = {"path": path, "covariates": {"depth": {"source": "obs", "column": "Bases"}}}
     text = _run_expecting_error(workflow_copy, dataset, ("obs['Bases']", "scnbvi error in rule covariates"), "covariates_cells.tsv")
     assert "fix:" in text
 
 
 def test_empty_slice_names_the_setting(workflow_copy):
-    path = _bad_input(workflow_copy / "ok.h5ad", _good_counts())
-    adata = ad.read_h5ad(path)
-    adata.obs["batch"] = "a"
-    adata.write_h5ad(path)
+    counts = _good_counts()
+    path = write_h5ad(workflow_copy / "ok.h5ad", counts, obs={"batch": ["a"] * counts.shape[0]})
     dataset = {"path": path, "slice": {"obs_filters": {"batch": ["zzz"]}}}
     _run_expecting_error(workflow_copy, dataset, ("slice.obs_filters.batch", "scnbvi error in rule slice"), "sliced.h5ad")
 

@@ -9,7 +9,29 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from scnbvi.model import MINIBATCH_MODES
+MINIBATCH_MODES = ("cells", "entries")
+
+# The arrays of one minibatch, by layout, with their dtypes: the model declares one data
+# container per name, and every batch below is built through ``make_batch``. A ``cells`` block
+# is its cells' indices plus its non-zero entries (row within the block, gene, count).
+BATCH_LAYOUT = {
+    "cells": {"cell_index": np.int32, "nz_row": np.int32, "nz_gene": np.int32, "nz_count": np.float64},
+    "entries": {"counts": np.float64, "cell_index": np.int32, "gene_index": np.int32},
+}
+
+
+def make_batch(mode: str, **arrays) -> dict[str, np.ndarray]:
+    """A minibatch of the given layout, every array in its declared dtype."""
+    layout = BATCH_LAYOUT[mode]
+    if set(arrays) != set(layout):
+        raise ValueError(f"a {mode!r} batch has arrays {sorted(layout)}, got {sorted(arrays)}")
+    return {name: np.asarray(arrays[name], dtype=dtype).ravel() for name, dtype in layout.items()}
+
+
+def empty_batch(mode: str, batch_size: int) -> dict[str, np.ndarray]:
+    """A zero-filled batch with the shapes of the given layout (one non-zero slot per block)."""
+    sizes = {"nz_row": 1, "nz_gene": 1, "nz_count": 1}
+    return make_batch(mode, **{name: np.zeros(sizes.get(name, batch_size)) for name in BATCH_LAYOUT[mode]})
 
 
 class BatchSampler:
@@ -45,11 +67,7 @@ class BatchSampler:
             return cell_block(self.counts, self._next_cells())
         flat = self._rng.integers(0, self.n_cells * self.n_genes, size=self.batch_size)
         cells, genes = np.divmod(flat, self.n_genes)
-        return {
-            "counts": np.asarray(self.counts[cells, genes], dtype=np.float64).ravel(),
-            "cell_index": cells.astype(np.int32),
-            "gene_index": genes.astype(np.int32),
-        }
+        return make_batch("entries", counts=self.counts[cells, genes], cell_index=cells, gene_index=genes)
 
     def evaluation_batch(self, n_cells: int, seed: int) -> dict[str, np.ndarray]:
         """A fixed batch of whole cells for a low-noise estimate of the full-data ELBO.
@@ -62,22 +80,24 @@ class BatchSampler:
         cells = np.sort(np.random.default_rng(seed).choice(self.n_cells, n_eval, replace=False))
         if self.mode == "cells":
             return cell_block(self.counts, cells)
-        return {
-            "counts": self.counts[cells].toarray().astype(np.float64).ravel(),
-            "cell_index": np.repeat(cells, self.n_genes).astype(np.int32),
-            "gene_index": np.tile(np.arange(self.n_genes, dtype=np.int32), n_eval),
-        }
+        return make_batch(
+            "entries",
+            counts=self.counts[cells].toarray(),
+            cell_index=np.repeat(cells, self.n_genes),
+            gene_index=np.tile(np.arange(self.n_genes), n_eval),
+        )
 
 
 def cell_block(counts: sp.csr_matrix, cells: np.ndarray) -> dict[str, np.ndarray]:
     """The given cells in the ``cells`` layout: their indices and their non-zero entries."""
     rows = counts[cells]
-    return {
-        "cell_index": cells.astype(np.int32),
-        "nz_row": np.repeat(np.arange(len(cells), dtype=np.int32), np.diff(rows.indptr)),
-        "nz_gene": rows.indices.astype(np.int32),
-        "nz_count": rows.data.astype(np.float64),
-    }
+    return make_batch(
+        "cells",
+        cell_index=cells,
+        nz_row=np.repeat(np.arange(len(cells)), np.diff(rows.indptr)),
+        nz_gene=rows.indices,
+        nz_count=rows.data,
+    )
 
 
 def nonzero_capacity(nnz: int, minimum: int = 1024) -> int:

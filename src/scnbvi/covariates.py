@@ -1,6 +1,7 @@
 """Per-gene lengths and per-cell sequencing depth, turned into the log offsets of the model."""
 
 import csv
+import logging
 import re
 from pathlib import Path
 
@@ -8,8 +9,10 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from scnbvi.outputs import atomic_output
 from scnbvi.errors import InputError
+from scnbvi.outputs import write_table
+
+log = logging.getLogger("scnbvi")
 
 GTF_COLUMNS = ["seqname", "source", "feature", "start", "end", "score", "strand", "frame", "attributes"]
 DEPTH_SOURCES = ("obs", "total_counts", "constant")
@@ -96,11 +99,11 @@ def impute_gene_lengths(n_genes, seed) -> np.ndarray:
 def sequencing_depth(
     adata: ad.AnnData,
     *,
-    source="obs",
+    source="total_counts",
     column="Bases",
     constant=10_000.0,
     seed=0,
-    per_cell=True,
+    per_cell=False,
     src_name="covariates.depth",
 ) -> tuple[np.ndarray, int]:
     """Per-cell sequencing depth and how many cells had theirs imputed.
@@ -137,20 +140,58 @@ def log_offsets(depth, lengths, *, per_cell=False, depth_ref=1e5, length_ref=200
     return np.log(cell_depth / depth_ref), gene_log_offset
 
 
-def write_covariates(cells_path, genes_path, *, obs_names, depth, cell_log_offset, var_names, gene_length,
-                     gene_log_offset) -> None:
-    """Write the cell and gene covariates as two TSVs, each atomically."""
-    cells = pd.DataFrame({"depth": depth, "log_offset": cell_log_offset}, index=pd.Index(obs_names, name="cell"))
-    genes = pd.DataFrame({"length": gene_length, "log_offset": gene_log_offset}, index=pd.Index(var_names, name="gene"))
-    for table, path in ((cells, cells_path), (genes, genes_path)):
-        with atomic_output(path) as temporary_path:
-            table.to_csv(temporary_path, sep="\t")
+def covariate_tables(adata: ad.AnnData, settings: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The cell table (depth, log offset) and gene table (length, log offset) of a data set,
+    from the config's ``covariates`` section, indexed by cell and gene name."""
+    lengths = settings["gene_length"]
+    if lengths["source"] == "table":
+        gene_length = gene_lengths_from_table(lengths["path"], adata.var_names)
+    elif lengths["source"] == "gtf":
+        gene_length = gene_lengths_from_gtf(lengths["path"], adata.var_names, lengths["attribute"])
+    elif lengths["source"] == "var":
+        gene_length = gene_lengths_from_var(adata, lengths["column"], "covariates.gene_length")
+    else:
+        gene_length = impute_gene_lengths(adata.n_vars, settings["seed"])
+    depth_settings = settings["depth"]
+    depth, n_imputed = sequencing_depth(
+        adata,
+        source=depth_settings["source"],
+        column=depth_settings["column"],
+        constant=depth_settings["constant"],
+        seed=settings["seed"],
+        per_cell=depth_settings["per_cell"],
+    )
+    log.info("depth: %d of %d cells imputed", n_imputed, adata.n_obs)
+    cell_log_offset, gene_log_offset = log_offsets(
+        depth, gene_length, per_cell=depth_settings["per_cell"],
+        depth_ref=settings["depth_ref"], length_ref=settings["length_ref"],
+    )
+    cells = pd.DataFrame({"depth": depth, "log_offset": cell_log_offset}, index=pd.Index(adata.obs_names, name="cell"))
+    genes = pd.DataFrame({"length": gene_length, "log_offset": gene_log_offset},
+                         index=pd.Index(adata.var_names, name="gene"))
+    return cells, genes
+
+
+def write_covariates(cells: pd.DataFrame, genes: pd.DataFrame, cells_path, genes_path) -> None:
+    """Write the two tables of ``covariate_tables`` as TSVs, each atomically."""
+    write_table(cells, cells_path)
+    write_table(genes, genes_path)
 
 
 def read_covariates(cells_path, genes_path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read the two tables written by `write_covariates`, indexed by cell and gene name."""
     return (_read_covariate_table(cells_path, "cell", ["depth", "log_offset"]),
             _read_covariate_table(genes_path, "gene", ["length", "log_offset"]))
+
+
+def read_offsets(cells_path, genes_path, adata: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
+    """The cell and gene log offsets in the order of the count matrix; tables written for
+    other data are an error."""
+    cells, genes = read_covariates(cells_path, genes_path)
+    for table, names, path, kind in ((cells, adata.obs_names, cells_path, "cell"), (genes, adata.var_names, genes_path, "gene")):
+        if not table.index.equals(pd.Index(names)):
+            raise InputError(path, kind, f"{kind} names differ from those of the count matrix", "rerun the covariates rule")
+    return cells["log_offset"].to_numpy(), genes["log_offset"].to_numpy()
 
 
 def _read_covariate_table(path, index_name, columns) -> pd.DataFrame:

@@ -125,9 +125,9 @@ def apply_qc_actions(adata: ad.AnnData, zero_cells="keep", zero_genes="keep", du
 def slice_counts(
     adata: ad.AnnData,
     *,
-    cells_method="first",
+    cells_method="all",
     n_cells=None,
-    genes_method="first",
+    genes_method="all",
     n_genes=None,
     obs_filters=None,
     drop_zero_cells=False,
@@ -259,6 +259,12 @@ def _choose(n_available, method, n, methods, rng, field) -> np.ndarray:
     if method not in methods:
         raise InputError("config", f"{field}.method", f"unknown method {method!r}", f"use one of {list(methods)}")
     n_wanted = _requested_size(n_available, n, f"{field}.n")
+    if method == "all" and n is not None:
+        # Silently keeping everything would fit far more data than asked for.
+        items = field.rsplit(".", 1)[-1]
+        others = [m for m in methods if m != "all"]
+        raise InputError("config", f"{field}.n", f"n={n} is set but method is 'all', which keeps every {items[:-1]}",
+                         f"set {field}.method to {', '.join(others[:-1])} or {others[-1]}, or remove n")
     if method == "all" or n_wanted == n_available:
         return np.arange(n_available)
     if method == "first":

@@ -15,35 +15,19 @@ import numpy as np
 import pymc as pm
 import pytensor.tensor as pt
 
-MINIBATCH_MODES = ("cells", "entries")
+from scnbvi.batches import MINIBATCH_MODES, empty_batch
 
 # Hyperpriors of the population-level parameters (log scale).
 PRIOR_MU_SD = 1.0
 PRIOR_SIGMA_SD = 1.0
 PRIOR_ALPHA_BETA = 2.0
 
-# Data containers that each minibatch fills, by layout. A ``cells`` block is its cells'
-# indices plus its non-zero entries (row within the block, gene, count).
-BATCH_CONTAINERS = {
-    "cells": ("cell_index", "nz_row", "nz_gene", "nz_count"),
-    "entries": ("counts", "cell_index", "gene_index"),
-}
 
-
-def empty_batch(mode: str, batch_size: int) -> dict[str, np.ndarray]:
-    """A zero-filled batch with the shapes and dtypes of the given layout."""
-    if mode == "cells":
-        return {
-            "cell_index": np.zeros(batch_size, dtype=np.int32),
-            "nz_row": np.zeros(1, dtype=np.int32),
-            "nz_gene": np.zeros(1, dtype=np.int32),
-            "nz_count": np.zeros(1),
-        }
-    return {
-        "counts": np.zeros(batch_size),
-        "cell_index": np.zeros(batch_size, dtype=np.int32),
-        "gene_index": np.zeros(batch_size, dtype=np.int32),
-    }
+def load_batch(model: pm.Model, batch: dict[str, np.ndarray]) -> None:
+    """Put a minibatch into the model's data containers (what ``pm.fit`` trains on next)."""
+    for name, values in batch.items():
+        container = model[name]
+        container.set_value(values.astype(container.dtype, copy=False))
 
 
 def build_model(

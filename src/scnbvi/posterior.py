@@ -31,8 +31,24 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def _constrainer(model: pm.Model, names: list[str], backend: str):
+    """A function from unconstrained values (a leading draw axis on each) to the named
+    variables: the model's own transforms and deterministics, vectorised over draws."""
+    outputs = model.replace_rvs_by_values([model[name] for name in names])
+    batched = [pt.tensor(dtype=v.type.dtype, shape=(None,) * (v.ndim + 1), name=v.name) for v in model.value_vars]
+    vectorised = vectorize_graph(outputs, replace=dict(zip(model.value_vars, batched)))
+    return pytensor.function(batched, vectorised, mode=pytensor_mode(backend), on_unused_input="ignore")
+
+
+def point_estimate(model: pm.Model, result: FitResult) -> dict[str, np.ndarray]:
+    """Every parameter and effect at the mean of q (in the unconstrained space), by name."""
+    names = posterior_variables(model)
+    values = _constrainer(model, names, result.backend)(*(result.means[v.name][None] for v in model.value_vars))
+    return {name: np.asarray(value[0]) for name, value in zip(names, values)}
+
+
 def draw_posterior(
-    model: pm.Model, result: FitResult, draws: int, seed: int, chunk: int = 100
+    model: pm.Model, result: FitResult, draws: int, seed: int, chunk: int = 100, attrs: dict | None = None
 ) -> az.InferenceData:
     """Draw from q in the unconstrained space and map the draws through the model's transforms.
 
@@ -40,11 +56,7 @@ def draw_posterior(
     so the engines need not know how a parameter is constrained.
     """
     names = posterior_variables(model)
-    outputs = model.replace_rvs_by_values([model[name] for name in names])
-    batched = [pt.tensor(dtype=v.type.dtype, shape=(None,) * (v.ndim + 1), name=v.name) for v in model.value_vars]
-    vectorised = vectorize_graph(outputs, replace=dict(zip(model.value_vars, batched)))
-    constrain = pytensor.function(batched, vectorised, mode=pytensor_mode(result.backend), on_unused_input="ignore")
-
+    constrain = _constrainer(model, names, result.backend)
     rng = np.random.default_rng([seed, 11])
     posterior: dict[str, np.ndarray] = {}
     for start in range(0, draws, chunk):
@@ -60,25 +72,20 @@ def draw_posterior(
     dims = {name: list(model.named_vars_to_dims.get(name, ())) for name in names}
     coords = {name: list(values) for name, values in model.coords.items()}
     idata = az.from_dict(posterior=posterior, coords=coords, dims=dims)
-    idata.posterior.attrs.update(fit_attributes(result, seed, draws))
+    idata.posterior.attrs.update(fit_attributes(result, seed, draws, attrs or {}))
     return idata
 
 
-def fit_attributes(result: FitResult, seed: int, draws: int) -> dict:
-    """What a reader of trace.nc needs to know about how it was made (netCDF-safe types)."""
-    return {
+def fit_attributes(result: FitResult, seed: int, draws: int, extra: dict) -> dict:
+    """What a reader of trace.nc needs to know about how it was made: the fit's statistics and
+    effective settings, anything the caller adds, and package versions (netCDF-safe types)."""
+    attributes = {
         "inference_method": "mean-field ADVI",
-        "engine": result.engine,
-        "backend": result.backend,
+        **result.statistics(),
         "seed": int(seed),
         "draws": int(draws),
         "iterations": int(result.steps),
-        "epochs": float(result.epochs),
-        "converged": int(result.converged),
-        "stop_reason": result.stop_reason,
-        "fit_seconds": float(result.fit_seconds),
-        "compile_seconds": float(result.compile_seconds),
-        "final_loss": float(np.mean(result.losses[-100:])),
-        **result.attrs,
+        **extra,
         **package_versions(),
     }
+    return {key: value for key, value in attributes.items() if value is not None}

@@ -1,5 +1,6 @@
 import copy
 import os
+import re
 
 import jsonschema
 from snakemake.exceptions import WorkflowError
@@ -24,8 +25,9 @@ DATASETS = sorted(config["datasets"])
 RESULTS = "results"
 
 
+# Names may hold regex characters (a "." in "v1.0" would match any character).
 wildcard_constraints:
-    dataset="|".join(DATASETS) if DATASETS else "no-dataset",
+    dataset="|".join(re.escape(name) for name in DATASETS) if DATASETS else "no-dataset",
 
 
 def dataset_config(wildcards):

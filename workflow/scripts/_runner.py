@@ -1,5 +1,5 @@
-"""What every rule script shares: the package on the path, stderr to the rule's log, and bad
-input reported as one line instead of a traceback."""
+"""What every rule script shares: the package on the path, stderr to the rule's log, and errors a
+user can act on reported as one line; anything else keeps its traceback in the log."""
 
 import logging
 import os
@@ -18,12 +18,17 @@ def run(snakemake, main):
     log_file = open(snakemake.log[0], "w", buffering=1)
     sys.stderr = log_file
     logging.basicConfig(stream=log_file, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
-    from scnbvi.errors import InputError
+    from scnbvi.errors import ScnbviError
 
     try:
         main(snakemake)
-    except (InputError, FloatingPointError, MemoryError, RuntimeError) as error:
+    except ScnbviError as error:
         message = f"scnbvi error in rule {snakemake.rule}: {error}"
         print(message, file=log_file)
         print(message, file=terminal)
+        sys.exit(1)
+    except Exception:
+        # An unexpected error (a bug, or JAX/XLA failing) needs its traceback, written before exiting.
+        logging.exception("unexpected error in rule %s", snakemake.rule)
+        print(f"scnbvi: unexpected error in rule {snakemake.rule}; traceback in {snakemake.log[0]}", file=terminal)
         sys.exit(1)

@@ -2,19 +2,32 @@ from _runner import run
 
 
 def main(snakemake):
-    from scnbvi.pipeline import fit_dataset
+    import anndata as ad
 
-    fit_dataset(
-        counts_path=snakemake.input.h5ad,
-        cells_path=snakemake.input.cells,
-        genes_path=snakemake.input.genes,
-        inference=snakemake.params.inference,
-        model=snakemake.params.model,
+    from scnbvi.covariates import read_offsets
+    from scnbvi.inference import InferenceSettings, fit
+    from scnbvi.outputs import atomic_output, write_json, write_table
+    from scnbvi.posterior import draw_posterior
+
+    adata = ad.read_h5ad(snakemake.input.h5ad)
+    cell_log_offset, gene_log_offset = read_offsets(snakemake.input.cells, snakemake.input.genes, adata)
+    settings = InferenceSettings.from_config(snakemake.params.inference)
+    gene_dispersion = snakemake.params.model["gene_dispersion"]
+    model, result = fit(
+        adata.X,
+        cell_log_offset,
+        gene_log_offset,
+        settings,
         backend=snakemake.params.backend,
-        trace_path=snakemake.output.trace,
-        elbo_path=snakemake.output.elbo,
-        stats_path=snakemake.output.stats,
+        gene_dispersion=gene_dispersion,
+        cell_names=adata.obs_names,
+        gene_names=adata.var_names,
     )
+    idata = draw_posterior(model, result, settings.draws, settings.seed, attrs={"gene_dispersion": int(gene_dispersion)})
+    write_table(result.elbo_table(), snakemake.output.elbo, index=False)
+    write_json(result.statistics(), snakemake.output.stats)
+    with atomic_output(snakemake.output.trace) as path:
+        idata.to_netcdf(str(path))
 
 
 run(snakemake, main)

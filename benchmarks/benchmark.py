@@ -3,7 +3,7 @@
 Every case runs in its own process (clean peak RSS, no shared caches beyond PyTensor's on-disk
 cache), on this machine, in one run. Usage, from the repository root:
 
-    python workflow/benchmark.py --parts 1,2,3,4 --out benchmark.md
+    python benchmarks/benchmark.py --parts 1,2,3,4 --out benchmark.md
 
 Part 1: seed demo slice, original settings vs scnbvi defaults, against a long full-batch
 reference fit (full-data ELBO gap, alpha, agreement of gene and cell effects).
@@ -24,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -32,9 +33,9 @@ SEED_DEMO = DATA / "seed_demo_1000x500.h5ad"
 MICROGLIA = DATA / "microglia_20k.h5ad"
 CACHE = REPO / "results" / "benchmark"
 
-ORIGINAL = dict(minibatch="entries", batch_size=128, convergence="parameters", tolerance=0.01,
-                check_every=100, max_iterations=300_000, learning_rate=0.01, learning_rate_decay=1.0,
-                init="prior")
+# The original notebook's settings: the preset the tests and CI use too.
+PRESET = REPO / ".test" / "config" / "original_notebook.yaml"
+ORIGINAL = yaml.safe_load(PRESET.read_text())["datasets"]["demo"]["inference"]
 REFERENCE = dict(minibatch="cells", batch_size=1000, max_iterations=30_000, learning_rate=0.01,
                  learning_rate_decay=0.5, max_decays=6, convergence="elbo", tolerance=1e-7, check_every=1000,
                  patience=3)
@@ -83,7 +84,8 @@ def offsets(counts):
 
 def run_case(case: dict) -> dict:
     """Fit one configuration and report timings, steps, memory and (optionally) quality."""
-    from scnbvi.inference import InferenceSettings, fit
+    from scnbvi.inference import InferenceSettings, fit, full_data_elbo
+    from scnbvi.posterior import point_estimate
 
     counts = seed_demo() if case["data"] == "seed_demo" else atlas_like(case["n_cells"], case["n_genes"])
     cell_offset, gene_offset = offsets(counts)
@@ -91,6 +93,7 @@ def run_case(case: dict) -> dict:
     start = time.perf_counter()
     model, result = fit(counts, cell_offset, gene_offset, settings, backend=case["backend"])
     wall = time.perf_counter() - start
+    estimate = point_estimate(model, result)
     out = {
         "steps": result.steps,
         "epochs": result.epochs,
@@ -100,51 +103,14 @@ def run_case(case: dict) -> dict:
         "wall_seconds": wall,
         "ms_per_step": 1000 * result.fit_seconds / max(result.steps, 1),
         "seconds_per_epoch": result.fit_seconds / max(result.epochs, 1e-9),
-        "alpha": float(np.exp(result.means["alpha_log__"]).mean()),
+        "alpha": float(estimate["alpha"].mean()),
         "shape": list(counts.shape),
     }
     if case.get("quality"):
         out["full_data_elbo"] = full_data_elbo(counts, cell_offset, gene_offset, result)
-        effects = _effects(result)
-        np.savez(case["quality"], **effects)
+        np.savez(case["quality"], gene=estimate["gene_effect"], cell=estimate["cell_effect"], alpha=estimate["alpha"])
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     return out
-
-
-def _effects(result) -> dict:
-    m = result.means
-    sigma_gene, sigma_cell = np.exp(m["sigma_gene_log__"]), np.exp(m["sigma_cond_log__"])
-    return {
-        "gene": m["mu_gene"] + sigma_gene * m["z_gene"],
-        "cell": m["mu_cond"] + sigma_cell * m["z_cell"],
-        "alpha": np.exp(m["alpha_log__"]),
-    }
-
-
-def full_data_elbo(counts, cell_offset, gene_offset, result, samples: int = 32) -> float:
-    """The ELBO on every cell with fixed draws: the same yardstick for every fit."""
-    import jax
-    import jax.numpy as jnp
-
-    from scnbvi.batches import cell_block
-    from scnbvi.inference import _entropy, _free_layout, _jax_logp, fixed_normal_draws
-    from scnbvi.model import BATCH_CONTAINERS, build_model
-
-    model = build_model(cell_log_offset=cell_offset, gene_log_offset=gene_offset, batch_size=counts.shape[0])
-    layout = _free_layout(model)
-    logp = _jax_logp(model, BATCH_CONTAINERS["cells"])
-    batch = cell_block(counts, np.arange(counts.shape[0]))
-    mean = np.concatenate([result.means[n].ravel() for n, _ in layout])
-    std = np.concatenate([result.stds[n].ravel() for n, _ in layout])
-    bounds = np.cumsum([0] + [int(np.prod(s)) for _, s in layout])
-
-    @jax.jit
-    def at(flat):
-        values = [flat[bounds[k]:bounds[k + 1]].reshape(s) for k, (_, s) in enumerate(layout)]
-        return logp(*values, *[jnp.asarray(batch[n]) for n in BATCH_CONTAINERS["cells"]])[0]
-
-    draws = fixed_normal_draws(samples, mean.size, seed=123)
-    return float(np.mean([at(mean + std * eps) for eps in draws])) + _entropy(std)
 
 
 def spawn(case: dict, timeout: float) -> dict:
@@ -285,7 +251,7 @@ def main():
     import psutil
 
     sections = [f"Machine: {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
-                f"{platform.processor() or platform.machine()}; command: `python workflow/benchmark.py --parts {args.parts}`"]
+                f"{platform.processor() or platform.machine()}; command: `python benchmarks/benchmark.py --parts {args.parts}`"]
     for part in args.parts.split(","):
         started = time.perf_counter()
         text = {"1": part1, "2": part2, "3": part3, "4": part4}[part](args.timeout)

@@ -1,0 +1,61 @@
+"""``fit``: resolve the settings once, build the model, and hand both to an engine."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pymc as pm
+import scipy.sparse as sp
+
+from scnbvi.batches import BatchSampler
+from scnbvi.inference import jax_engine, pymc_engine
+from scnbvi.inference.backends import engine_for, require_backend
+from scnbvi.inference.initialization import data_driven_initvals
+from scnbvi.inference.memory import check_memory
+from scnbvi.inference.settings import FitResult, InferenceSettings, effective_settings
+from scnbvi.model import build_model
+
+log = logging.getLogger("scnbvi")
+
+# Every engine is ``run(model, sampler, settings, backend) -> FitResult``.
+ENGINES = {"pymc": pymc_engine.run, "jax": jax_engine.run}
+
+
+def fit(
+    counts: sp.csr_matrix,
+    cell_log_offset: np.ndarray,
+    gene_log_offset: np.ndarray,
+    settings: InferenceSettings,
+    backend: str = "c",
+    gene_dispersion: bool = False,
+    cell_names=None,
+    gene_names=None,
+) -> tuple[pm.Model, FitResult]:
+    """Fit the model to a sparse cells x genes count matrix; returns the model and the fit."""
+    require_backend(backend)
+    engine = engine_for(backend)
+    counts = sp.csr_matrix(counts)
+    sampler = BatchSampler(counts, settings.minibatch, settings.batch_size, settings.seed)
+    settings = effective_settings(settings, sampler.batch_size, sampler.steps_per_epoch)
+    log.info("fitting %d cells x %d genes with engine %s, backend %s, effective %s",
+             *counts.shape, engine, backend, settings)
+    check_memory(*counts.shape, counts.nnz, settings)
+    model = build_model(
+        cell_log_offset=cell_log_offset,
+        gene_log_offset=gene_log_offset,
+        mode=settings.minibatch,
+        batch_size=settings.batch_size,
+        gene_dispersion=gene_dispersion,
+        cell_names=cell_names,
+        gene_names=gene_names,
+        initvals=data_driven_initvals(counts, cell_log_offset, gene_log_offset) if settings.init == "data" else None,
+        dense_float32=engine == "jax",
+    )
+    result = ENGINES[engine](model, sampler, settings, backend)
+    log.info(
+        "stopped after %d steps (%.2f epochs, %.1f s, compile %.1f s, %d learning-rate decays, final %g): %s",
+        result.steps, result.epochs, result.fit_seconds, result.compile_seconds, result.decays,
+        result.final_learning_rate, result.stop_reason,
+    )
+    return model, result
