@@ -5,7 +5,9 @@ configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/cell_cycle_inputs.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/cell_cycle.smk"
 include: "workflow/rules/fit.smk"
 
 

@@ -4,14 +4,15 @@ import dataclasses
 import inspect
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 from conftest import copy_workflow, snakemake, write_config
 
 from scnbvi.covariates import impute_gene_lengths, log_offsets, sequencing_depth
-from scnbvi.data import apply_qc_actions, slice_counts
+from scnbvi.data import apply_qc_actions, read_counts, read_counts_with_renames, slice_counts
 from scnbvi.inference import InferenceSettings
-from scnbvi.simulate import simulate_counts
+from scnbvi.simulate import SimulationTruth, simulate_counts
 
 SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -56,7 +57,11 @@ def test_slice_defaults_match_schema(dataset_defaults):
 
 
 def test_load_defaults_match_schema(dataset_defaults):
-    assert_defaults(apply_qc_actions, dataset_defaults["load"])
+    section = dict(dataset_defaults["load"])
+    duplicate_names = {"duplicate_names": section.pop("duplicate_names")}
+    assert_defaults(read_counts, duplicate_names)
+    assert_defaults(read_counts_with_renames, duplicate_names)
+    assert_defaults(apply_qc_actions, section)
 
 
 def test_covariate_defaults_match_schema(dataset_defaults):
@@ -78,7 +83,11 @@ def test_covariate_defaults_match_schema(dataset_defaults):
 
 
 def test_simulation_defaults_match_schema(dataset_defaults):
-    assert_defaults(simulate_counts, dataset_defaults["simulate"], optional=True)
+    section = dict(dataset_defaults["simulate"])
+    effects = {key: section.pop(key) for key in ("condition_effect_sd", "batch_effect_sd")}
+    assert_defaults(simulate_counts, section, optional=True)
+    truth = SimulationTruth()
+    assert effects == {key: getattr(truth, key) for key in effects}
 
 
 def test_inference_settings_match_schema(dataset_defaults):
@@ -106,3 +115,62 @@ def test_dataset_name_with_regex_characters_is_matched_literally(tmp_path):
     assert lookalike.returncode != 0
     assert "MissingRuleException" in output or "No rule to produce" in output, output
     assert "KeyError" not in output
+
+
+@pytest.mark.parametrize("name, valid", [
+    (".", False), ("..", False), ("...", False), ("my data", False), ("a/b", False),
+    ("v1.0", True), (".hidden", True), ("run-2_b", True),
+])
+def test_schema_refuses_data_set_names_that_are_not_a_directory_of_their_own(name, valid):
+    schema = yaml.safe_load(SCHEMA.read_text())
+    errors = list(jsonschema.Draft202012Validator(schema).iter_errors({"datasets": {name: {}}}))
+    assert (not errors) == valid, errors
+
+
+def _dry_run_with_config_text(tmp_path, text):
+    workdir = copy_workflow(tmp_path / "scnbvi")
+    (workdir / "names.yaml").write_text(text)
+    result = snakemake(workdir, "--configfile", "names.yaml", "-n")
+    return workdir, result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key, shown, quoted", [
+    ("123", "123", '"123"'),
+    ("1.5", "1.5", '"1.5"'),
+    ("on", "True", '"on", as written'),
+    ("yes", "True", '"on", as written'),
+    ("false", "False", '"on", as written'),
+])
+def test_data_set_name_read_as_a_number_or_boolean_is_one_config_line(tmp_path, key, shown, quoted):
+    workdir, result = _dry_run_with_config_text(tmp_path, f"datasets:\n  {key}:\n    simulate: {{n_cells: 50}}\n")
+
+    output = result.stdout + result.stderr
+    lines = [line for line in output.splitlines() if line.startswith("config: ")]
+    assert result.returncode != 0
+    assert lines == [
+        f"config: datasets: {shown} is not a valid data set name (a number, boolean or null in YAML, which reads "
+        f"on/off/yes/no as booleans); fix: quote it ({quoted}) or rename it"
+    ], output
+    assert "TypeError" not in output
+    assert not (workdir / "results").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [".", ".."])
+def test_data_set_name_of_only_dots_is_one_config_line(tmp_path, name):
+    workdir, result = _dry_run_with_config_text(tmp_path, f'datasets:\n  "{name}":\n    simulate: {{n_cells: 50}}\n')
+
+    output = result.stdout + result.stderr
+    lines = [line for line in output.splitlines() if line.startswith("config: ")]
+    assert result.returncode != 0
+    assert len(lines) == 1 and lines[0].startswith(f"config: datasets: {name!r} is not a valid data set name"), output
+    assert not (workdir / "results").exists()
+
+
+def test_model_defaults_match_schema(dataset_defaults):
+    from scnbvi.inference import fit
+    from scnbvi.model import build_model
+
+    for function in (fit, build_model):
+        assert_defaults(function, dataset_defaults["model"])

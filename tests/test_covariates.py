@@ -9,13 +9,13 @@ import pytest
 import scipy.sparse as sp
 
 from scnbvi.covariates import (
+    aligned_covariates,
     covariate_tables,
     gene_lengths_from_gtf,
     gene_lengths_from_table,
     impute_gene_lengths,
     log_offsets,
     read_covariates,
-    read_offsets,
     sequencing_depth,
     write_covariates,
 )
@@ -86,7 +86,7 @@ def test_table_lengths_with_or_without_header(tmp_path, header):
 def test_table_rejects_missing_genes_and_bad_lengths(tmp_path):
     path = tmp_path / "lengths.tsv"
     path.write_text("G1\t1500\nG2\t0\n")
-    with pytest.raises(InputError, match=r"1 lengths are not positive numbers \(first: gene 'G2'"):
+    with pytest.raises(InputError, match=r"1 lengths are not positive, finite numbers \(first: gene 'G2'"):
         gene_lengths_from_table(path, ["G1", "G2"])
 
     path.write_text("G1\t1500\n")
@@ -148,8 +148,8 @@ def test_log_offsets_use_median_depth_unless_per_cell():
     depth = np.array([1e5, 2e5, 4e5])
     lengths = np.array([2000.0, 4000.0])
 
-    cell_offset, gene_offset = log_offsets(depth, lengths)
-    per_cell_offset, _ = log_offsets(depth, lengths, per_cell=True)
+    cell_offset, gene_offset = log_offsets(depth, lengths, per_cell=False)
+    per_cell_offset, _ = log_offsets(depth, lengths)
 
     np.testing.assert_allclose(cell_offset, np.full(3, np.log(2.0)))
     np.testing.assert_allclose(per_cell_offset, [0.0, np.log(2.0), np.log(4.0)])
@@ -171,11 +171,12 @@ def test_covariates_round_trip(tmp_path):
     }
     cells, genes = covariate_tables(adata, settings)
     write_covariates(cells, genes, cells_path, genes_path)
-    cell_offset, gene_offset = read_offsets(cells_path, genes_path, adata)
+    cells, genes = aligned_covariates(cells_path, genes_path, adata)
+    cell_offset, gene_offset = cells["log_offset"].to_numpy(), genes["log_offset"].to_numpy()
 
     assert list(read_covariates(cells_path, genes_path)[0].index) == ["007", "b"]
     np.testing.assert_array_equal(cell_offset, np.log(depth / 1e5))
     np.testing.assert_array_equal(gene_offset, np.log(lengths / 2000.0))
     assert sorted(path.name for path in cells_path.parent.iterdir()) == ["cells.tsv", "genes.tsv"]
     with pytest.raises(InputError, match="gene names differ"):
-        read_offsets(cells_path, genes_path, adata[:, ::-1])
+        aligned_covariates(cells_path, genes_path, adata[:, ::-1])

@@ -1,14 +1,25 @@
 """Tests for reading, checking, cleaning and slicing count matrices."""
 
+import warnings
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from scnbvi.data import apply_qc_actions, qc_report, read_counts, slice_counts, validate_counts, write_counts
+from scnbvi import data
+from scnbvi.data import (
+    apply_qc_actions,
+    qc_report,
+    read_counts,
+    read_counts_with_renames,
+    slice_counts,
+    validate_counts,
+    write_counts,
+)
 from scnbvi.errors import InputError
 
 SEED_DEMO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "seed_demo_1000x500.h5ad"
@@ -165,7 +176,7 @@ def test_apply_qc_actions_drops_as_asked():
     assert list(cleaned.obs_names) == ["c0", "c3"]
     assert list(cleaned.var_names) == ["g0", "g1", "g2", "g4"]
     assert isinstance(cleaned.X, sp.csr_matrix)
-    assert list(apply_qc_actions(adata, duplicate_cells="drop").obs_names) == ["c0", "c1", "c3"]
+    assert list(apply_qc_actions(adata, zero_cells="keep", duplicate_cells="drop").obs_names) == ["c0", "c1", "c3"]
     assert list(apply_qc_actions(adata, zero_cells="drop").obs_names) == ["c0", "c2", "c3", "c5"]
     assert adata.shape == (6, 5)
 
@@ -325,3 +336,103 @@ def test_read_counts_in_blocks_names_a_bad_entry_in_a_later_block(tmp_path):
 
     with pytest.raises(InputError, match=r"non-integer values \(first: cell 'c7', gene 'g1' = 0.5\)"):
         read_counts(tmp_path / "data.h5ad", block_entries=8)
+
+
+def named(n_cells, n_genes, cell_names=None, gene_names=None) -> ad.AnnData:
+    """Ones, with the given (possibly repeated) cell and gene names."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".* names are not unique", category=UserWarning)
+        return ad.AnnData(X=sp.csr_matrix(np.ones((n_cells, n_genes))),
+                          obs=pd.DataFrame(index=cell_names or [f"c{i}" for i in range(n_cells)]),
+                          var=pd.DataFrame(index=gene_names or [f"g{j}" for j in range(n_genes)]))
+
+
+def test_read_counts_makes_repeated_names_unique_as_anndata_does_and_records_them(tmp_path):
+    genes = ["ACTB", "ACTB", "ACTB-1", "MALAT1", "ACTB", "MALAT1"]
+    named(3, 6, ["c0", "c0", "c1"], genes).write_h5ad(tmp_path / "dup.h5ad")
+    expected = named(3, 6, ["c0", "c0", "c1"], genes)
+    expected.obs_names_make_unique()
+    with pytest.warns(UserWarning, match="Suffix used"):  # ACTB-1 exists, so the repeats skip it
+        expected.var_names_make_unique()
+
+    counts, renamed = read_counts_with_renames(tmp_path / "dup.h5ad")
+
+    assert list(counts.var_names) == list(expected.var_names) == ["ACTB", "ACTB-2", "ACTB-1", "MALAT1", "ACTB-3",
+                                                                   "MALAT1-1"]
+    assert list(counts.obs_names) == list(expected.obs_names) == ["c0", "c0-1", "c1"]
+    assert renamed == {
+        "obs": {"count": 1, "names": {"c0": ["c0-1"]}},
+        "var": {"count": 3, "names": {"ACTB": ["ACTB-2", "ACTB-3"], "MALAT1": ["MALAT1-1"]}},
+    }
+    assert list(read_counts(tmp_path / "dup.h5ad").var_names) == list(counts.var_names)
+
+
+def test_read_counts_without_repeated_names_renames_nothing(tmp_path):
+    simulated_counts().write_h5ad(tmp_path / "counts.h5ad")
+
+    _, renamed = read_counts_with_renames(tmp_path / "counts.h5ad", duplicate_names="error")
+
+    assert renamed == {"obs": {"count": 0, "names": {}}, "var": {"count": 0, "names": {}}}
+
+
+def test_renamed_record_is_capped_but_counts_every_rename(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "RENAMED_RECORD_LIMIT", 2)
+    named(1, 6, gene_names=["a", "a", "b", "b", "c", "c"]).write_h5ad(tmp_path / "dup.h5ad")
+
+    _, renamed = read_counts_with_renames(tmp_path / "dup.h5ad")
+
+    assert renamed["var"] == {"count": 3, "names": {"a": ["a-1"], "b": ["b-1"]}}
+
+
+def test_read_counts_with_duplicate_names_error_stops_with_the_fix(tmp_path):
+    named(2, 4, gene_names=["g0", "ACTB", "g2", "ACTB"]).write_h5ad(tmp_path / "dup.h5ad")
+
+    with pytest.raises(InputError) as error:
+        read_counts(tmp_path / "dup.h5ad", duplicate_names="error")
+
+    assert error.value.field == "var_names"
+    assert str(error.value) == (
+        f"{tmp_path / 'dup.h5ad'}: var_names: 1 repeated names (first: 'ACTB', 2 times); "
+        "fix: make them unique in the file (adata.var_names_make_unique()) or set load.duplicate_names: make_unique"
+    )
+
+
+def test_read_counts_rejects_unknown_duplicate_names_action(tmp_path):
+    with pytest.raises(InputError) as error:
+        read_counts(tmp_path / "absent.h5ad", duplicate_names="drop")
+    assert error.value.field == "load.duplicate_names"
+
+
+def write_stored_csr(path, data, indices, indptr, shape):
+    """An .h5ad whose CSR X holds exactly these stored entries (repeats included), checked on disk."""
+    matrix = sp.csr_matrix((np.asarray(data, dtype=np.float64), indices, indptr), shape=shape)
+    assert not matrix.has_canonical_format
+    with_matrix(matrix).write_h5ad(path)
+    with h5py.File(path, "r") as file:
+        np.testing.assert_array_equal(file["X/data"][:], data)
+        np.testing.assert_array_equal(file["X/indices"][:], indices)
+
+
+@pytest.mark.parametrize("block_entries", [50_000_000, 4], ids=["at-once", "in-blocks"])
+@pytest.mark.parametrize("stored, problem", [
+    ([1.0, -1.0, 3.0], r"1 negative values \(first: cell 'c1', gene 'g2' = -1\)"),
+    ([1.0, 0.5, 0.5], r"2 non-integer values \(first: cell 'c1', gene 'g2' = 0.5\)"),
+    ([1.0, np.inf, -np.inf], r"2 non-finite values \(NaN or inf\) \(first: cell 'c1', gene 'g2' = inf\)"),
+], ids=["negative-plus-positive", "halves", "infinities"])
+def test_read_counts_checks_stored_entries_before_summing_repeats(tmp_path, stored, problem, block_entries):
+    """Two stored entries at (c1, g2) that would sum to a valid count must not pass."""
+    path = tmp_path / "repeats.h5ad"
+    write_stored_csr(path, stored, indices=[0, 2, 2], indptr=[0, 1, 3], shape=(2, 3))
+
+    with pytest.raises(InputError, match=problem):
+        read_counts(path, block_entries=block_entries)
+
+
+def test_read_counts_sums_valid_repeated_entries(tmp_path):
+    path = tmp_path / "repeats.h5ad"
+    write_stored_csr(path, [1.0, 2.0, 3.0], indices=[0, 2, 2], indptr=[0, 1, 3], shape=(2, 3))
+
+    counts = read_counts(path)
+
+    assert counts.X.has_canonical_format
+    np.testing.assert_array_equal(counts.X.toarray(), [[1, 0, 0], [0, 0, 5]])

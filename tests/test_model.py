@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import pandas as pd
 from scipy import stats
 
 from scnbvi.batches import BATCH_LAYOUT, BatchSampler, cell_block, nonzero_capacity, pad_nonzeros
+from scnbvi.design import build_design
 from scnbvi.model import build_model, load_batch
 
 
@@ -17,22 +19,37 @@ def _counts(n_cells=12, n_genes=7, seed=0):
     return sp.csr_matrix(dense.astype(np.int32))
 
 
-def _point(n_cells, n_genes, gene_dispersion, seed=1):
+def _point(n_cells, n_genes, gene_dispersion, n_coefficients=0, seed=1):
     rng = np.random.default_rng(seed)
-    return {
+    point = {
         "mu_gene": 0.3, "sigma_gene": 0.8, "z_gene": rng.normal(size=n_genes),
         "mu_cond": -0.2, "sigma_cond": 0.5, "z_cell": rng.normal(size=n_cells),
-        "alpha": rng.uniform(0.5, 3, n_genes) if gene_dispersion else 1.7,
     }
+    if gene_dispersion:
+        point.update(log_alpha_mean=0.2, log_alpha_sd=0.6, z_alpha=rng.normal(size=n_genes))
+    else:
+        point["alpha"] = 1.7
+    if n_coefficients:
+        point.update(tau=np.full(n_coefficients, 0.5), gamma=rng.normal(0, 0.3, (n_genes, n_coefficients)))
+    return point
 
 
-def _reference_loglik(counts, point, cell_offset, gene_offset):
+def _reference_loglik(counts, point, cell_offset, gene_offset, covariate_log_rate=0.0):
     """log NB summed over a dense block, straight from scipy's parametrisation."""
     gene = point["mu_gene"] + point["sigma_gene"] * point["z_gene"] + gene_offset
     cell = point["mu_cond"] + point["sigma_cond"] * point["z_cell"] + cell_offset
-    mu = np.exp(cell[:, None] + gene[None, :])
-    alpha = np.broadcast_to(point["alpha"], gene.shape)[None, :]
-    return stats.nbinom.logpmf(counts, alpha, alpha / (alpha + mu)).sum()
+    mu = np.exp(cell[:, None] + gene[None, :] + covariate_log_rate)
+    if "alpha" in point:
+        alpha = np.full(gene.shape, point["alpha"])
+    else:
+        alpha = np.exp(point["log_alpha_mean"] + point["log_alpha_sd"] * point["z_alpha"])
+    return stats.nbinom.logpmf(counts, alpha[None, :], alpha[None, :] / (alpha[None, :] + mu)).sum()
+
+
+def _design(n_cells):
+    obs = pd.DataFrame({"batch": np.array(["a", "b", "c"])[np.arange(n_cells) % 3],
+                        "quality": np.linspace(0.0, 2.0, n_cells) ** 2})
+    return build_design(obs, categorical=["batch"], continuous=["quality"])
 
 
 def _likelihood_term(model, batch, point):
@@ -50,19 +67,28 @@ def _likelihood_term(model, batch, point):
     return float(model.compile_fn(logp, inputs=model.value_vars, on_unused_input="ignore")(values))
 
 
+@pytest.mark.parametrize("with_design", [False, True], ids=["no-design", "design"])
 @pytest.mark.parametrize("gene_dispersion", [False, True])
 @pytest.mark.parametrize("mode", ["cells", "entries"])
-def test_full_batch_likelihood_equals_scipy(mode, gene_dispersion):
+def test_full_batch_likelihood_equals_scipy(mode, gene_dispersion, with_design):
     counts = _counts()
     n_cells, n_genes = counts.shape
     cell_offset = np.linspace(-1, 1, n_cells)
     gene_offset = np.linspace(0.5, -0.5, n_genes)
-    point = _point(n_cells, n_genes, gene_dispersion)
+    design = _design(n_cells) if with_design else None
+    point = _point(n_cells, n_genes, gene_dispersion, design.n_coefficients if design else 0)
     sampler = BatchSampler(counts, mode, n_cells if mode == "cells" else n_cells * n_genes, seed=0)
     batch = sampler.evaluation_batch(n_cells, seed=0)  # every cell: total_size scaling is 1
     model = build_model(cell_log_offset=cell_offset, gene_log_offset=gene_offset, mode=mode,
-                        batch_size=sampler.batch_size, gene_dispersion=gene_dispersion)
-    expected = _reference_loglik(counts.toarray(), point, cell_offset, gene_offset)
+                        batch_size=sampler.batch_size, gene_dispersion=gene_dispersion,
+                        design=None if design is None else design.matrix)
+    covariate_log_rate = 0.0
+    if design is not None:
+        # The model's covariates are centred; beta is read off the model at the point.
+        (beta,) = model.replace_rvs_by_values([model["beta"]])
+        beta = model.compile_fn(beta, inputs=[model.rvs_to_values[model["gamma"]]])({"gamma": point["gamma"]})
+        covariate_log_rate = (design.matrix - design.matrix.mean(axis=0)) @ beta.T
+    expected = _reference_loglik(counts.toarray(), point, cell_offset, gene_offset, covariate_log_rate)
     # The cells layout sums its count-independent part in float32.
     np.testing.assert_allclose(_likelihood_term(model, batch, point), expected, rtol=1e-10 if mode == "entries" else 1e-7)
 
@@ -76,7 +102,8 @@ def test_minibatch_likelihood_is_scaled_to_the_data_set(mode):
     point = _point(n_cells, n_genes, False)
     sampler = BatchSampler(counts, mode, 8 if mode == "cells" else 8 * n_genes, seed=4)
     batch = sampler.next()
-    model = build_model(cell_log_offset=offsets[0], gene_log_offset=offsets[1], mode=mode, batch_size=sampler.batch_size)
+    model = build_model(cell_log_offset=offsets[0], gene_log_offset=offsets[1], mode=mode, batch_size=sampler.batch_size,
+                        gene_dispersion=False)
     if mode == "cells":
         dense = counts[batch["cell_index"]].toarray()
         subset = {**point, "z_cell": point["z_cell"][batch["cell_index"]]}
@@ -146,7 +173,7 @@ def test_jax_minibatch_log_density_and_closed_form_cell_prior_make_up_the_model_
 
     counts = _counts(n_cells=12, n_genes=7)
     model = build_model(cell_log_offset=np.linspace(-1, 1, 12), gene_log_offset=np.zeros(7), batch_size=12,
-                        dense_float32=True)
+                        dense_float32=True, gene_dispersion=True, design=_design(12).matrix)
     batch = cell_block(counts, np.arange(12))
     load_batch(model, batch)
     rng = np.random.default_rng(3)
@@ -156,3 +183,21 @@ def test_jax_minibatch_log_density_and_closed_form_cell_prior_make_up_the_model_
                      *[batch[name] for name in BATCH_LAYOUT["cells"]])[0]
     expected = model.compile_logp()(point)
     np.testing.assert_allclose(float(minibatch) + stats.norm.logpdf(point["z_cell"]).sum(), expected, rtol=1e-7)
+
+
+def test_covariate_effects_have_their_hierarchical_prior():
+    """Whatever coordinates q uses, the model's density of beta is N(0, tau_k) per coefficient."""
+    design = _design(12)
+    model = build_model(cell_log_offset=np.zeros(12), gene_log_offset=np.zeros(7), design=design.matrix,
+                        coefficient_names=design.names)
+    assert list(model.coords["coefficient"]) == ["batch[b]", "batch[c]", "quality"]
+    rng = np.random.default_rng(4)
+    point = {"gamma": rng.normal(size=(7, 3)), "tau_log__": np.log([0.3, 0.5, 2.0])}
+    (beta, prior) = model.replace_rvs_by_values([model["beta"], model["beta_prior"]])
+    beta, prior = model.compile_fn([beta, prior], inputs=[model.rvs_to_values[model["gamma"]],
+                                                          model.rvs_to_values[model["tau"]]])(point)
+    np.testing.assert_allclose(prior, stats.norm.logpdf(beta, 0.0, [0.3, 0.5, 2.0]).sum(), rtol=1e-10)
+    # gamma are the coordinates in which the centred covariates are orthonormal
+    centred = design.matrix - design.matrix.mean(axis=0)
+    np.testing.assert_allclose(np.linalg.norm(centred @ beta.T, axis=0),
+                               np.sqrt(12) * np.linalg.norm(point["gamma"], axis=1), rtol=1e-8)

@@ -1,5 +1,6 @@
 """The rule scripts' runner: errors a user can act on as one line, anything else with its traceback."""
 
+import errno
 import importlib.util
 import logging
 import os
@@ -10,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from scnbvi.errors import InputError
+from scnbvi.outputs import atomic_output
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
 
@@ -71,3 +73,22 @@ def test_unexpected_error_keeps_its_traceback_in_the_log(runner, tmp_path):
     log = log_path.read_text()
     assert "Traceback" in log and "RuntimeError: xla boom" in log
     assert "scnbvi error" not in log
+
+
+def test_full_disk_while_writing_a_result_is_one_line(runner, tmp_path, capsys):
+    log_path = tmp_path / "fit.log"
+    trace = tmp_path / "results" / "x" / "trace.nc"
+
+    def main(snakemake):
+        with atomic_output(trace):
+            raise OSError(errno.ENOSPC, "Unable to synchronously create file (errno = 28, "
+                                        "error message = 'No space left on device')")
+
+    with pytest.raises(SystemExit) as exit_info:
+        runner.run(fake_snakemake(log_path), main)
+
+    assert exit_info.value.code == 1
+    [line] = log_path.read_text().splitlines()
+    assert line.startswith(f"scnbvi error in rule fit: no space left on device writing {trace}; free about 0.1 GB (")
+    assert line in capsys.readouterr().err
+    assert list(trace.parent.iterdir()) == []

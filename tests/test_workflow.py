@@ -16,7 +16,9 @@ from conftest import PRESETS, SMALL_SIMULATED, preset, shared_data, snakemake, w
 
 pytestmark = pytest.mark.slow
 
-OUTPUTS = ("trace.nc", "summary.csv", "genes.tsv", "elbo.tsv", "elbo.png")
+OUTPUTS = ("trace.nc", "summary.csv", "genes.tsv", "elbo.tsv", "elbo.png", "design.json",
+           "de/condition_treated_vs_control.tsv", "de/condition_treated_vs_control_ma.png",
+           "de/condition_treated_vs_control_volcano.png")
 
 
 def test_dry_run_of_default_config_plans_every_rule(workflow_copy):
@@ -54,13 +56,25 @@ def test_default_workflow_runs_and_recovers_simulated_truth(workflow_copy):
     genes = pd.read_csv(out / "genes.tsv", sep="\t", index_col=0)
     assert list(genes.index) == list(truth.var_names)
     # Gene effects are identified up to the shared level (mu_gene + mu_cond): compare centred.
+    # With the default design they are each gene's level at the cells' average covariates.
+    coefficients = [c for c in truth.var.columns if c.startswith("true_beta_")]
+    shares = [np.mean(truth.obs[c[10:].split("[")[0]] == c[10:].split("[")[1].rstrip("]")) for c in coefficients]
+    level = truth.var["true_gene_effect"] + truth.var[coefficients].to_numpy() @ np.array(shares)
     estimate = genes["log_expression_mean"] - genes["log_expression_mean"].mean()
-    true = truth.var["true_gene_effect"] - truth.var["true_gene_effect"].mean()
-    assert np.corrcoef(estimate, true)[0, 1] > 0.99
+    assert np.corrcoef(estimate, level - level.mean())[0, 1] > 0.99
+    for coefficient in coefficients:
+        true_beta = truth.var[coefficient].to_numpy()
+        assert np.corrcoef(genes[f"beta_{coefficient[10:]}_mean"], true_beta)[0, 1] > 0.95, coefficient
+    de = pd.read_csv(out / "de" / "condition_treated_vs_control.tsv", sep="\t", index_col=0)
+    true_log2fc = truth.var.loc[de.index, "true_beta_condition[treated]"] / np.log(2)
+    assert np.corrcoef(de["log2_fold_change"], true_log2fc)[0, 1] > 0.99
+    assert 0.9 <= np.mean((de["ci95_low"] < true_log2fc) & (true_log2fc < de["ci95_high"])) <= 0.99
+    assert de["lfsr"].is_monotonic_increasing
     alpha = idata.posterior["alpha"].values.ravel()
     assert np.quantile(alpha, 0.001) < truth.uns["truth"]["alpha"] < np.quantile(alpha, 0.999)
     summary = pd.read_csv(out / "summary.csv", index_col=0)
-    assert {"alpha", "mu_gene", "sigma_cond"} <= set(summary.index)
+    assert {"mu_gene", "sigma_cond", "tau[condition[treated]]"} <= set(summary.index)
+    assert summary.index.str.startswith("alpha").any()
     assert summary.index.str.startswith("cell_effect[").sum() == truth.n_obs
     elbo = pd.read_csv(out / "elbo.tsv", sep="\t")
     assert list(elbo.columns[:2]) == ["iteration", "loss"] and len(elbo) == attrs["iterations"]

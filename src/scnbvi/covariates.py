@@ -33,11 +33,11 @@ def gene_lengths_from_table(path, var_names) -> np.ndarray:
     if pd.isna(pd.to_numeric(table["length"].iloc[0], errors="coerce")):
         table = table.iloc[1:]  # the first row is a header
     lengths = pd.to_numeric(table["length"], errors="coerce")
-    bad = lengths.isna() | (lengths <= 0)
+    bad = ~np.isfinite(lengths) | (lengths <= 0)
     if bad.any():
         first = bad.to_numpy().argmax()
         raise InputError(
-            path, "length", f"{int(bad.sum())} lengths are not positive numbers "
+            path, "length", f"{int(bad.sum())} lengths are not positive, finite numbers "
             f"(first: gene {table['gene'].iloc[first]!r} = {table['length'].iloc[first]!r})",
             "give every gene a length in base pairs > 0",
         )
@@ -103,7 +103,7 @@ def sequencing_depth(
     column="Bases",
     constant=10_000.0,
     seed=0,
-    per_cell=False,
+    per_cell=True,
     src_name="covariates.depth",
 ) -> tuple[np.ndarray, int]:
     """Per-cell sequencing depth and how many cells had theirs imputed.
@@ -114,7 +114,11 @@ def sequencing_depth(
     if source == "obs":
         return _depth_from_obs(adata, column, seed, src_name)
     if source == "total_counts":
-        totals = np.asarray(adata.X.sum(axis=1), dtype=np.float64).ravel()
+        # The slice step records the total over all genes; a selection of genes would understate it.
+        if "total_counts" in adata.obs:
+            totals = adata.obs["total_counts"].to_numpy(dtype=np.float64)
+        else:
+            totals = np.asarray(adata.X.sum(axis=1), dtype=np.float64).ravel()
         zero = totals <= 0
         if per_cell and zero.any():
             raise InputError(
@@ -129,22 +133,49 @@ def sequencing_depth(
     raise InputError(src_name, "source", f"unknown source {source!r}", f"use one of {list(DEPTH_SOURCES)}")
 
 
-def log_offsets(depth, lengths, *, per_cell=False, depth_ref=1e5, length_ref=2000.0) -> tuple[np.ndarray, np.ndarray]:
+def log_offsets(depth, lengths, *, per_cell=True, depth_ref=1e5, length_ref=2000.0) -> tuple[np.ndarray, np.ndarray]:
     """Log offsets log(s/s_ref) per cell and log(L/L_ref) per gene.
 
-    Without `per_cell` every cell gets the median depth, as in the original model.
+    Without `per_cell` every cell gets the median depth, as in the original model. Genes
+    without a length (NaN: no length source) get no length offset.
     """
     depth = np.asarray(depth, dtype=np.float64)
     cell_depth = depth if per_cell else np.full(depth.shape, np.median(depth))
-    gene_log_offset = np.log(np.asarray(lengths, dtype=np.float64) / length_ref)
-    return np.log(cell_depth / depth_ref), gene_log_offset
+    lengths = np.asarray(lengths, dtype=np.float64)
+    gene_log_offset = np.where(np.isnan(lengths), 0.0, np.log(np.where(np.isnan(lengths), 1.0, lengths) / length_ref))
+    with np.errstate(divide="ignore"):
+        return np.log(cell_depth / depth_ref), gene_log_offset
+
+
+def require_finite_offsets(cells: pd.DataFrame, genes: pd.DataFrame, source="covariates") -> None:
+    """Stop before fitting when an offset is not finite: the fit would diverge at its first step
+    with advice (a smaller learning rate) that cannot help."""
+    zero_depth = ~np.isfinite(cells["log_offset"].to_numpy())
+    if zero_depth.any():
+        first = cells.index[zero_depth.argmax()]
+        raise InputError(
+            source, "depth",
+            f"{int(zero_depth.sum())} of {len(cells)} cells get a depth of {cells['depth'].iloc[zero_depth.argmax()]:g} "
+            f"(first: {first!r}; with one scalar depth, the median is 0 when half the cells have no counts)",
+            "drop cells without counts (load.zero_cells: drop or slice.drop_zero_cells: true), "
+            "or use per-cell depth (covariates.depth.per_cell: true)",
+        )
+    bad_length = ~np.isfinite(genes["log_offset"].to_numpy())
+    if bad_length.any():
+        first = genes.index[bad_length.argmax()]
+        raise InputError(source, "gene_length", f"{int(bad_length.sum())} genes have a length that gives no finite "
+                         f"offset (first: {first!r} = {genes['length'].iloc[bad_length.argmax()]!r})",
+                         "fix their lengths in the length source (positive, finite numbers)")
 
 
 def covariate_tables(adata: ad.AnnData, settings: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The cell table (depth, log offset) and gene table (length, log offset) of a data set,
-    from the config's ``covariates`` section, indexed by cell and gene name."""
+    from the config's ``covariates`` section, indexed by cell and gene name. Gene length
+    ``none`` (the default: UMI counts have no length bias) leaves the length empty."""
     lengths = settings["gene_length"]
-    if lengths["source"] == "table":
+    if lengths["source"] == "none":
+        gene_length = np.full(adata.n_vars, np.nan)
+    elif lengths["source"] == "table":
         gene_length = gene_lengths_from_table(lengths["path"], adata.var_names)
     elif lengths["source"] == "gtf":
         gene_length = gene_lengths_from_gtf(lengths["path"], adata.var_names, lengths["attribute"])
@@ -169,6 +200,7 @@ def covariate_tables(adata: ad.AnnData, settings: dict) -> tuple[pd.DataFrame, p
     cells = pd.DataFrame({"depth": depth, "log_offset": cell_log_offset}, index=pd.Index(adata.obs_names, name="cell"))
     genes = pd.DataFrame({"length": gene_length, "log_offset": gene_log_offset},
                          index=pd.Index(adata.var_names, name="gene"))
+    require_finite_offsets(cells, genes)
     return cells, genes
 
 
@@ -179,19 +211,20 @@ def write_covariates(cells: pd.DataFrame, genes: pd.DataFrame, cells_path, genes
 
 
 def read_covariates(cells_path, genes_path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read the two tables written by `write_covariates`, indexed by cell and gene name."""
+    """Read the two tables written by `write_covariates`, indexed by cell and gene name (the
+    cell table also holds the design's covariates, if any)."""
     return (_read_covariate_table(cells_path, "cell", ["depth", "log_offset"]),
             _read_covariate_table(genes_path, "gene", ["length", "log_offset"]))
 
 
-def read_offsets(cells_path, genes_path, adata: ad.AnnData) -> tuple[np.ndarray, np.ndarray]:
-    """The cell and gene log offsets in the order of the count matrix; tables written for
+def aligned_covariates(cells_path, genes_path, adata: ad.AnnData) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The cell and gene covariate tables in the order of the count matrix; tables written for
     other data are an error."""
     cells, genes = read_covariates(cells_path, genes_path)
     for table, names, path, kind in ((cells, adata.obs_names, cells_path, "cell"), (genes, adata.var_names, genes_path, "gene")):
         if not table.index.equals(pd.Index(names)):
             raise InputError(path, kind, f"{kind} names differ from those of the count matrix", "rerun the covariates rule")
-    return cells["log_offset"].to_numpy(), genes["log_offset"].to_numpy()
+    return cells, genes
 
 
 def _read_covariate_table(path, index_name, columns) -> pd.DataFrame:
@@ -201,7 +234,7 @@ def _read_covariate_table(path, index_name, columns) -> pd.DataFrame:
     if missing:
         raise InputError(path, "columns", f"missing columns {missing} (found {list(table.columns)})",
                          "rerun the covariates step")
-    return table.set_index(index_name)[columns]
+    return table.set_index(index_name)
 
 
 def _existing_file(path) -> Path:

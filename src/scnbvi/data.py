@@ -2,12 +2,14 @@
 
 import hashlib
 import numbers
+import warnings
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from anndata.utils import make_index_unique
 
 from scnbvi.errors import InputError
 from scnbvi.outputs import atomic_output
@@ -16,21 +18,44 @@ RAW_COUNTS_FIX = "pass raw counts (adata.raw or a counts layer), not normalised 
 QC_ACTIONS = ("keep", "drop")
 CELL_METHODS = ("all", "first", "random")
 GENE_METHODS = ("all", "first", "random", "hvg")
+DUPLICATE_NAME_ACTIONS = ("make_unique", "error")
+RENAMED_RECORD_LIMIT = 1000  # renamed entries listed per axis in qc.json; the count covers them all
 
 
-def read_counts(path, block_entries: int = 50_000_000) -> ad.AnnData:
+def read_counts(path, block_entries: int = 50_000_000, duplicate_names: str = "make_unique") -> ad.AnnData:
+    """Load an .h5ad as checked integer counts in CSR, with unique cell and gene names.
+
+    See ``read_counts_with_renames``, which also says which names were changed.
+    """
+    return read_counts_with_renames(path, block_entries, duplicate_names)[0]
+
+
+def read_counts_with_renames(path, block_entries: int = 50_000_000,
+                             duplicate_names: str = "make_unique") -> tuple[ad.AnnData, dict]:
     """Load an .h5ad as checked integer counts in CSR, the layout every later step expects.
+
+    Repeated obs or var names (a gene symbol listed twice is common, and its counts are still
+    valid) break the posterior's coordinates much later, so they are handled here, before X is
+    read: ``make_unique`` suffixes repeats as anndata's ``var_names_make_unique`` does (-1, -2,
+    ...), ``error`` stops. The second value records the renames for qc.json: per axis, the count
+    and original -> new names of at most RENAMED_RECORD_LIMIT renamed entries.
 
     X is read from disk one block of cells at a time (``block_entries`` dense entries or
     stored values), and each block is checked and shrunk to int32 CSR before the next is
     read. So a file whose X would not fit in memory as stored (dense, or float64 values with
     int64 indices) loads as long as its non-zero counts fit.
     """
+    if duplicate_names not in DUPLICATE_NAME_ACTIONS:
+        raise InputError("config", "load.duplicate_names", f"unknown action {duplicate_names!r}",
+                         f"use one of {list(DUPLICATE_NAME_ACTIONS)}")
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "file", "file not found", "check the path, or create the file before running")
     try:
-        backed = ad.read_h5ad(path, backed="r")
+        with warnings.catch_warnings():
+            # Its advice (call var_names_make_unique) is what duplicate_names does next.
+            warnings.filterwarnings("ignore", message=".* names are not unique", category=UserWarning)
+            backed = ad.read_h5ad(path, backed="r")
     except Exception as error:  # h5py and anndata raise many types for a bad file
         raise InputError(
             path, "file", f"not a readable .h5ad file ({type(error).__name__}: {error})",
@@ -41,6 +66,9 @@ def read_counts(path, block_entries: int = 50_000_000) -> ad.AnnData:
             raise InputError(path, "X", "the file has no X matrix", "store the raw counts in X")
         obs, var, uns = backed.obs.copy(), backed.var.copy(), dict(backed.uns)
         _require_cells_and_genes(*backed.shape, path)
+        renamed = {}
+        for axis, frame in (("obs", obs), ("var", var)):
+            frame.index, renamed[axis] = _unique_names(frame.index, axis, duplicate_names, path)
         blocks = [
             _checked_block(backed.X[start : start + size], obs.index[start : start + size], var.index, path)
             for start, size in _cell_blocks(backed, block_entries)
@@ -49,7 +77,30 @@ def read_counts(path, block_entries: int = 50_000_000) -> ad.AnnData:
         backed.file.close()
     dtype = max((block.dtype for block in blocks), key=lambda d: d.itemsize)
     counts = sp.vstack([block.astype(dtype, copy=False) for block in blocks], format="csr")
-    return ad.AnnData(X=counts, obs=obs, var=var, uns=uns)
+    return ad.AnnData(X=counts, obs=obs, var=var, uns=uns), renamed
+
+
+def _unique_names(names: pd.Index, axis: str, duplicate_names: str, source) -> tuple[pd.Index, dict]:
+    """The names with repeats suffixed (or an error), and the record of what was renamed."""
+    repeated = names.duplicated()
+    if not repeated.any():
+        return names, {"count": 0, "names": {}}
+    if duplicate_names == "error":
+        first = names[repeated][0]
+        raise InputError(
+            source, f"{axis}_names",
+            f"{int(repeated.sum())} repeated names (first: {first!r}, {int((names == first).sum())} times)",
+            f"make them unique in the file (adata.{axis}_names_make_unique()) or set load.duplicate_names: make_unique",
+        )
+    with warnings.catch_warnings():
+        # anndata warns when a suffixed name already exists; the record below shows what happened.
+        warnings.simplefilter("ignore", UserWarning)
+        unique = make_index_unique(names)
+    changed = np.flatnonzero(unique != names)
+    record = {}
+    for position in changed[:RENAMED_RECORD_LIMIT]:
+        record.setdefault(str(names[position]), []).append(str(unique[position]))
+    return unique, {"count": len(changed), "names": record}
 
 
 def _cell_blocks(backed: ad.AnnData, block_entries: int):
@@ -63,12 +114,16 @@ def _cell_blocks(backed: ad.AnnData, block_entries: int):
 
 
 def _checked_block(block, cell_names, gene_names, source) -> sp.csr_matrix:
-    """One block of cells from disk as validated, canonical counts in the smallest integer type."""
+    """One block of cells from disk as validated, canonical counts in the smallest integer type.
+
+    The stored values are checked before repeated (cell, gene) entries are summed: -1 and +3, or
+    0.5 and 0.5, would otherwise add up to a valid count and hide a broken file.
+    """
     counts = _as_csr(block)
-    counts.sum_duplicates()
-    counts.eliminate_zeros()
     validate_counts(ad.AnnData(X=counts, obs=pd.DataFrame(index=cell_names), var=pd.DataFrame(index=gene_names)),
                     source)
+    counts.sum_duplicates()
+    counts.eliminate_zeros()
     return _as_smallest_integer(counts, source)
 
 
@@ -100,7 +155,7 @@ def qc_report(adata: ad.AnnData) -> dict:
     }
 
 
-def apply_qc_actions(adata: ad.AnnData, zero_cells="keep", zero_genes="keep", duplicate_cells="keep") -> ad.AnnData:
+def apply_qc_actions(adata: ad.AnnData, zero_cells="drop", zero_genes="keep", duplicate_cells="keep") -> ad.AnnData:
     """Drop all-zero cells, all-zero genes or repeated cells as configured; duplicates keep their first occurrence."""
     actions = {"zero_cells": zero_cells, "zero_genes": zero_genes, "duplicate_cells": duplicate_cells}
     for name, action in actions.items():

@@ -1,6 +1,8 @@
 """Errors a user can act on. Their messages are one line naming the cause and the fix, so the
 workflow's scripts print them as such; any other exception keeps its traceback in the log."""
 
+import errno
+
 
 class ScnbviError(Exception):
     """Base of the errors whose message alone tells the user what to do."""
@@ -24,3 +26,11 @@ class InsufficientMemoryError(ScnbviError, MemoryError):
 
 class BackendUnavailableError(ScnbviError, RuntimeError):
     """The configured compute backend cannot run on this machine (missing compiler or package)."""
+
+
+class DiskFullError(ScnbviError, OSError):
+    """A result could not be written because its disk is full; the partial file is already removed."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.errno = errno.ENOSPC

@@ -1,7 +1,9 @@
 """The hierarchical Negative-Binomial model, defined once in PyMC and shared by both engines.
 
-log mu_ig = (mu_gene + sigma_gene*z_g) + (mu_cond + sigma_cond*z_i) + log(s_i/s_ref) + log(L_g/L_ref)
-y_ig ~ NB(mu_ig, alpha), z ~ N(0, 1) (non-centred), alpha ~ HalfCauchy(2).
+log mu_ig = (mu_gene + sigma_gene*z_g) + (mu_cond + sigma_cond*z_i) + offsets_ig + sum_k x_ik beta_gk
+y_ig ~ NB(mu_ig, alpha), z ~ N(0, 1) (non-centred), alpha ~ HalfCauchy(2);
+beta_gk = tau_k * z_gk, tau_k ~ HalfNormal(1): per-gene covariate effects, shrunk per covariate;
+with per-gene dispersion, log alpha_g = m + s * z_g, m ~ N(0, 2.5), s ~ HalfNormal(1).
 
 The observed counts enter through data containers that hold one minibatch at a time, so the
 matrix itself never has to live inside the graph. Two minibatch layouts exist:
@@ -21,6 +23,9 @@ from scnbvi.batches import MINIBATCH_MODES, empty_batch
 PRIOR_MU_SD = 1.0
 PRIOR_SIGMA_SD = 1.0
 PRIOR_ALPHA_BETA = 2.0
+PRIOR_TAU_SD = 1.0
+PRIOR_LOG_ALPHA_MEAN_SD = 2.5
+PRIOR_LOG_ALPHA_SD_SD = 1.0
 
 
 def load_batch(model: pm.Model, batch: dict[str, np.ndarray]) -> None:
@@ -36,24 +41,32 @@ def build_model(
     gene_log_offset: np.ndarray,
     mode: str = "cells",
     batch_size: int = 128,
-    gene_dispersion: bool = False,
+    gene_dispersion: bool = True,
     cell_names=None,
     gene_names=None,
     initvals: dict[str, np.ndarray] | None = None,
     dense_float32: bool = False,
+    design: np.ndarray | None = None,
+    coefficient_names=None,
 ) -> pm.Model:
     """Build the model for a data set of ``len(cell_log_offset)`` cells x ``len(gene_log_offset)`` genes.
 
     The likelihood is scaled by ``total_size`` so that a minibatch stands for the whole data set.
     ``dense_float32``: see :func:`sparse_block_nb_logp` (the ``jax`` engine sets it).
+    ``design``: cells x coefficients covariates (see :mod:`scnbvi.design`), each with one
+    effect per gene.
     """
     if mode not in MINIBATCH_MODES:
         raise ValueError(f"minibatch mode must be one of {MINIBATCH_MODES}, got {mode!r}")
     n_cells, n_genes = len(cell_log_offset), len(gene_log_offset)
+    design = np.zeros((n_cells, 0)) if design is None else np.asarray(design, dtype=float)
     coords = {
         "cell": list(cell_names) if cell_names is not None else [f"cell{i}" for i in range(n_cells)],
         "gene": list(gene_names) if gene_names is not None else [f"gene{g}" for g in range(n_genes)],
     }
+    if design.shape[1]:
+        coords["coefficient"] = list(coefficient_names) if coefficient_names is not None else [
+            f"x{k}" for k in range(design.shape[1])]
     batch = empty_batch(mode, batch_size)
     with pm.Model(coords=coords) as model:
         data = {name: pm.Data(name, value) for name, value in batch.items()}
@@ -64,7 +77,7 @@ def build_model(
         mu_cond = pm.Normal("mu_cond", 0.0, PRIOR_MU_SD)
         sigma_cond = pm.HalfNormal("sigma_cond", PRIOR_SIGMA_SD)
         z_cell = pm.Normal("z_cell", 0.0, 1.0, dims="cell")
-        alpha = pm.HalfCauchy("alpha", PRIOR_ALPHA_BETA, dims="gene" if gene_dispersion else None)
+        alpha = gene_alpha() if gene_dispersion else pm.HalfCauchy("alpha", PRIOR_ALPHA_BETA)
 
         gene_effect = pm.Deterministic("gene_effect", mu_gene + sigma_gene * z_gene, dims="gene")
         pm.Deterministic("cell_effect", mu_cond + sigma_cond * z_cell, dims="cell")
@@ -75,15 +88,24 @@ def build_model(
         cell_log_rate = (
             mu_cond + sigma_cond * z_cell[cells] + pt.as_tensor(np.asarray(cell_log_offset, dtype=float))[cells]
         )
+        # Centred covariates make each gene effect the gene's level at the data's average
+        # covariates, nearly uncorrelated a posteriori with its covariate effects: a mean-field
+        # q then keeps the effects' uncertainty instead of losing it to that correlation.
+        centred = design - design.mean(axis=0)
+        beta = covariate_effects(centred) if design.shape[1] else None
+        covariates = pt.as_tensor(centred)[cells] if beta is not None else None
         if mode == "cells":
             block_logp = sparse_block_nb_logp(
                 cell_log_rate, gene_log_rate, alpha, data["nz_row"], data["nz_gene"], data["nz_count"],
                 dense_float32=dense_float32,
+                covariate_log_rate=None if beta is None else pt.dot(covariates, beta.T),
             )
             pm.Potential("y", block_logp * n_cells / cells.shape[0])
         else:
             genes = data["gene_index"]
             log_mu = cell_log_rate + gene_log_rate[genes]
+            if beta is not None:
+                log_mu = log_mu + pt.sum(covariates * beta[genes], axis=1)
             pm.NegativeBinomial(
                 "y",
                 mu=pt.exp(log_mu),
@@ -97,9 +119,36 @@ def build_model(
     return model
 
 
-def sparse_block_nb_logp(cell_log_rate, gene_log_rate, alpha, nz_row, nz_gene, nz_count, dense_float32=False):
+def gene_alpha():
+    """Per-gene dispersion, shrunk towards a common level learned from all genes."""
+    log_alpha_mean = pm.Normal("log_alpha_mean", 0.0, PRIOR_LOG_ALPHA_MEAN_SD)
+    log_alpha_sd = pm.HalfNormal("log_alpha_sd", PRIOR_LOG_ALPHA_SD_SD)
+    z_alpha = pm.Normal("z_alpha", 0.0, 1.0, dims="gene")
+    return pm.Deterministic("alpha", pt.exp(log_alpha_mean + log_alpha_sd * z_alpha), dims="gene")
+
+
+def covariate_effects(centred_design: np.ndarray):
+    """Per-gene effects of each covariate (genes x coefficients), beta_gk ~ N(0, tau_k).
+
+    The free variable is ``gamma = beta @ R.T``, where ``R`` comes from the QR decomposition of
+    the centred design: in these coordinates the covariates are orthonormal, so the
+    likelihood barely correlates a gene's coefficients, and a mean-field q keeps each
+    coefficient's full uncertainty (with indicators of several levels of one column it would
+    lose it to their correlation). The map is linear, so the density of beta is the prior
+    itself, added as a potential.
+    """
+    _, upper = np.linalg.qr(centred_design / np.sqrt(len(centred_design)))
+    tau = pm.HalfNormal("tau", PRIOR_TAU_SD, dims="coefficient")
+    gamma = pm.Flat("gamma", dims=("gene", "coefficient"))
+    beta = pm.Deterministic("beta", pt.dot(gamma, pt.as_tensor(np.linalg.inv(upper)).T), dims=("gene", "coefficient"))
+    pm.Potential("beta_prior", pt.sum(pm.logp(pm.Normal.dist(0.0, tau), beta)))
+    return beta
+
+
+def sparse_block_nb_logp(cell_log_rate, gene_log_rate, alpha, nz_row, nz_gene, nz_count, dense_float32=False,
+                         covariate_log_rate=None):
     """Sum of NB(y | mu, alpha) log-probabilities over a block of cells x genes, zeros included,
-    where ``log mu_ig = cell_log_rate_i + gene_log_rate_g``.
+    where ``log mu_ig = cell_log_rate_i + gene_log_rate_g (+ covariate_log_rate_ig)``.
 
     Split so that only the count-independent part touches every entry of the block:
     ``-alpha*log(1 + mu/alpha)`` for every entry, plus
@@ -114,7 +163,12 @@ def sparse_block_nb_logp(cell_log_rate, gene_log_rate, alpha, nz_row, nz_gene, n
         # block's per-gene sums stay accurate to ~1e-6): under XLA its gradient runs ~10x
         # faster on CPU than the factorised float64 form below.
         log_odds = pt.cast(gene_log_rate - log_alpha, "float32")[:, None] + pt.cast(cell_log_rate, "float32")[None, :]
+        if covariate_log_rate is not None:
+            log_odds = log_odds + pt.cast(covariate_log_rate.T, "float32")
         per_gene = pt.cast(pt.sum(pt.log1p(pt.exp(log_odds)), axis=1), "float64")
+    elif covariate_log_rate is not None:
+        log_odds = cell_log_rate[:, None] + (gene_log_rate - log_alpha)[None, :] + covariate_log_rate
+        per_gene = pt.sum(pt.log1p(pt.exp(log_odds)), axis=0)
     else:
         # mu/alpha factorises as exp(cell) * exp(gene - log alpha): one log1p per entry, the
         # fastest form for PyTensor's C backend.
@@ -122,6 +176,8 @@ def sparse_block_nb_logp(cell_log_rate, gene_log_rate, alpha, nz_row, nz_gene, n
         per_gene = pt.sum(pt.log1p(odds), axis=0)
     zero_part = -pt.sum(alpha * per_gene)
     nz_log_mu = cell_log_rate[nz_row] + gene_log_rate[nz_gene]
+    if covariate_log_rate is not None:
+        nz_log_mu = nz_log_mu + covariate_log_rate[nz_row, nz_gene]
     nz_alpha = alpha[nz_gene] if alpha.ndim else alpha
     nz_log_alpha = pt.log(nz_alpha)
     count_part = pt.sum(

@@ -44,3 +44,28 @@ def plot_elbo(elbo: pd.DataFrame, out_path, *, converged: bool, stop_reason: str
     ax.legend(loc="lower right", fontsize=8)
     fig.savefig(out_path, dpi=120)
     plt.close(fig)
+
+
+def plot_contrast(table: pd.DataFrame, out_ma, out_volcano, *, title: str, lfsr_level: float = 0.05):
+    """MA plot (log2 fold change against mean expression) and volcano plot (against lfsr) of
+    one contrast; genes with lfsr below ``lfsr_level`` are highlighted."""
+    called = table["lfsr"].to_numpy() < lfsr_level
+    lfc = table["log2_fold_change"].to_numpy()
+    label = f"lfsr < {lfsr_level:g} ({int(called.sum())} of {len(table)} genes)"
+    panels = (
+        (out_ma, np.log10(table["base_mean"].to_numpy() + 1e-3), lfc, "log10 base mean", "log2 fold change"),
+        # Shown down to 1e-16 (float64 resolution): smaller rates are all certain signs.
+        (out_volcano, lfc, -np.log10(np.maximum(table["lfsr"].to_numpy(), 1e-16)), "log2 fold change", "-log10 lfsr"),
+    )
+    for path, x, y, x_label, y_label in panels:
+        fig, ax = plt.subplots(figsize=(6, 4.5), layout="constrained")
+        ax.scatter(x[~called], y[~called], s=4, color="0.6", lw=0, label="other genes")
+        ax.scatter(x[called], y[called], s=6, color="C3", lw=0, label=label)
+        if path == out_ma:
+            ax.axhline(0, color="0.3", lw=0.8)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
+        ax.set_title(title, fontsize=10)
+        ax.legend(loc="best", fontsize=8, frameon=False)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)

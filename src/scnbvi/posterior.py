@@ -12,13 +12,16 @@ import pytensor.tensor as pt
 from pytensor.graph.replace import vectorize_graph
 
 from scnbvi.inference import FitResult, pytensor_mode
+from scnbvi.outputs import code_version
 
 RECORDED_PACKAGES = ("scnbvi", "pymc", "pytensor", "arviz", "numpy", "jax", "anndata")
 
 
 def posterior_variables(model: pm.Model) -> list[str]:
-    """Every free parameter and derived effect, in the model's order."""
-    return [rv.name for rv in model.free_RVs] + [d.name for d in model.deterministics]
+    """Every free parameter and derived effect, in the model's order, but the coordinates in
+    which q is fitted where the model reports the same quantity on its own scale (``gamma``
+    for the covariate effects ``beta``)."""
+    return [rv.name for rv in model.free_RVs if rv.name != "gamma"] + [d.name for d in model.deterministics]
 
 
 def package_versions() -> dict[str, str]:
@@ -87,5 +90,6 @@ def fit_attributes(result: FitResult, seed: int, draws: int, extra: dict) -> dic
         "iterations": int(result.steps),
         **extra,
         **package_versions(),
+        **code_version(),
     }
     return {key: value for key, value in attributes.items() if value is not None}

@@ -21,6 +21,12 @@ class SimulationTruth:
     alpha: float = 2.0
     depth_ref: float = 1e5
     length_ref: float = 2000.0
+    condition_effect_sd: float = 0.0
+    batch_effect_sd: float = 0.0
+
+
+# Simulated covariates: obs column -> levels, the first is the reference (effect zero).
+SIMULATED_FACTORS = {"condition": ("control", "treated"), "batch": ("b1", "b2", "b3")}
 
 
 def simulate_counts(n_cells: int, n_genes: int, seed: int, truth: SimulationTruth = SimulationTruth()) -> ad.AnnData:
@@ -28,6 +34,9 @@ def simulate_counts(n_cells: int, n_genes: int, seed: int, truth: SimulationTrut
 
     Depth goes to ``obs['depth']`` and gene length to ``var['length']``; the true effects go
     to ``obs['true_cell_effect']``, ``var['true_gene_effect']`` and the truth to ``uns``.
+    Every cell gets a ``condition`` and a ``batch`` (uniformly at random); each non-reference
+    level has a per-gene effect drawn from N(0, sd) with the truth's ``*_effect_sd`` (zero by
+    default), stored as ``var['true_beta_<column>[<level>]']``.
     """
     rng = np.random.default_rng(seed)
     gene_effect = truth.mu_gene + truth.sigma_gene * rng.standard_normal(n_genes)
@@ -38,17 +47,31 @@ def simulate_counts(n_cells: int, n_genes: int, seed: int, truth: SimulationTrut
         (cell_effect + np.log(depth / truth.depth_ref))[:, None]
         + (gene_effect + np.log(length / truth.length_ref))[None, :]
     )
+    covariate_rng = np.random.default_rng([seed, 2])  # a stream of its own: the rest stays as without covariates
+    factors = {column: covariate_rng.integers(0, len(levels), n_cells) for column, levels in SIMULATED_FACTORS.items()}
+    effect_sd = {"condition": truth.condition_effect_sd, "batch": truth.batch_effect_sd}
+    true_beta = {}
+    for column, levels in SIMULATED_FACTORS.items():
+        for code, level in enumerate(levels[1:], start=1):
+            beta = effect_sd[column] * covariate_rng.standard_normal(n_genes)
+            log_mu += (factors[column] == code)[:, None] * beta[None, :]
+            true_beta[f"true_beta_{column}[{level}]"] = beta
     mu = np.exp(log_mu)
     # NB(mu, alpha) as a Gamma-Poisson mixture: rate ~ Gamma(alpha, mu/alpha).
     counts = rng.poisson(rng.gamma(truth.alpha, mu / truth.alpha))
     adata = ad.AnnData(
         X=sp.csr_matrix(counts.astype(np.int32)),
         obs=pd.DataFrame(
-            {"depth": depth, "true_cell_effect": cell_effect},
+            {
+                "depth": depth,
+                "true_cell_effect": cell_effect,
+                **{column: pd.Categorical(np.asarray(levels)[factors[column]], categories=levels)
+                   for column, levels in SIMULATED_FACTORS.items()},
+            },
             index=[f"cell{i:06d}" for i in range(n_cells)],
         ),
         var=pd.DataFrame(
-            {"length": length, "true_gene_effect": gene_effect},
+            {"length": length, "true_gene_effect": gene_effect, **true_beta},
             index=[f"gene{g:05d}" for g in range(n_genes)],
         ),
     )

@@ -33,6 +33,11 @@ def gene_table(idata: az.InferenceData, counts: sp.spmatrix, var_names) -> pd.Da
         alpha = alpha.stack(sample=("chain", "draw"))
         table["dispersion_mean"] = alpha.mean("sample").values
         table["dispersion_sd"] = alpha.std("sample").values
+    if "beta" in posterior:
+        beta = posterior["beta"].stack(sample=("chain", "draw"))
+        for name in beta["coefficient"].values:
+            table[f"beta_{name}_mean"] = beta.sel(coefficient=name).mean("sample").values
+            table[f"beta_{name}_sd"] = beta.sel(coefficient=name).std("sample").values
     table["total_counts"] = np.asarray(counts.sum(axis=0)).ravel().astype(np.int64)
     table["n_cells_expressed"] = np.asarray((counts > 0).sum(axis=0)).ravel().astype(np.int64)
     return table

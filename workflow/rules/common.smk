@@ -1,10 +1,21 @@
 import copy
 import os
 import re
+import sys
+from pathlib import Path
 
 import jsonschema
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
+
+# YAML reads `123:` as a number and `on:`/`yes:` as True; the schema cannot see such keys.
+for name in config["datasets"] if isinstance(config.get("datasets"), dict) else ():
+    if not isinstance(name, str):
+        quoted = '"on", as written' if name is None or isinstance(name, bool) else f'"{name}"'
+        raise WorkflowError(
+            f"config: datasets: {name} is not a valid data set name (a number, boolean or null in YAML, "
+            f"which reads on/off/yes/no as booleans); fix: quote it ({quoted}) or rename it"
+        )
 
 # Keys given with --config replace whole sections; a user's config file replaces the
 # built-in data sets, so a config naming only its own data sets fits only those.
@@ -15,10 +26,23 @@ except WorkflowError as error:
     if not isinstance(cause, jsonschema.ValidationError):
         raise
     where = ".".join(str(part) for part in cause.absolute_path) or "(top level)"
+    problem = cause.message
+    if "propertyNames" in cause.schema_path:
+        problem = (f"{cause.instance!r} is not a valid data set name (it becomes results/{{name}}/: use only "
+                   "A-Z a-z 0-9 _ . - and not only dots)")
     raise WorkflowError(
-        f"config: {where}: {cause.message}; fix: see workflow/schemas/config.schema.yaml "
+        f"config: {where}: {problem}; fix: see workflow/schemas/config.schema.yaml "
         "or the README's configuration reference"
     ) from None
+
+# Every rule that runs the package has `code=CODE_VERSION` among its params, so an edit of the
+# package (not only of a rule's script) reruns the jobs that depend on it.
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from scnbvi import __version__ as scnbvi_version
+from scnbvi.design import contrast_name
+from scnbvi.outputs import source_hash
+
+CODE_VERSION = f"{scnbvi_version}+{source_hash()}"
 
 
 DATASETS = sorted(config["datasets"])
@@ -28,6 +52,7 @@ RESULTS = "results"
 # Names may hold regex characters (a "." in "v1.0" would match any character).
 wildcard_constraints:
     dataset="|".join(re.escape(name) for name in DATASETS) if DATASETS else "no-dataset",
+    contrast="[A-Za-z0-9_.-]+",
 
 
 def dataset_config(wildcards):
@@ -88,6 +113,19 @@ def fit_runtime(wildcards, input, attempt):
     return scaled_runtime(15 + iterations * 0.02 / 60, 30)(wildcards, input, attempt)
 
 
+def contrasts(dataset):
+    """The data set's contrasts by file name: name -> [column, numerator, denominator]."""
+    return {contrast_name(*parts): [str(part) for part in parts] for parts in config["datasets"][dataset]["contrasts"]}
+
+
+def contrast_of(wildcards):
+    return contrasts(wildcards.dataset)[wildcards.contrast]
+
+
 def all_outputs():
     names = ("trace.nc", "summary.csv", "genes.tsv", "elbo.tsv", "elbo.png")
-    return [f"{RESULTS}/{d}/{name}" for d in DATASETS for name in names]
+    outputs = [f"{RESULTS}/{d}/{name}" for d in DATASETS for name in names]
+    for d in DATASETS:
+        for name in contrasts(d):
+            outputs += [f"{RESULTS}/{d}/de/{name}{suffix}" for suffix in (".tsv", "_ma.png", "_volcano.png")]
+    return outputs

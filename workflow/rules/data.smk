@@ -2,6 +2,7 @@ rule simulate:
     output:
         f"{RESULTS}/{{dataset}}/simulated.h5ad",
     params:
+        code=CODE_VERSION,
         settings=section("simulate"),
     log:
         f"{RESULTS}/{{dataset}}/logs/simulate.log",
@@ -23,6 +24,7 @@ rule load:
         h5ad=f"{RESULTS}/{{dataset}}/validated.h5ad",
         qc=f"{RESULTS}/{{dataset}}/qc.json",
     params:
+        code=CODE_VERSION,
         settings=section("load"),
     log:
         f"{RESULTS}/{{dataset}}/logs/load.log",
@@ -43,6 +45,7 @@ rule slice:
     output:
         f"{RESULTS}/{{dataset}}/sliced.h5ad",
     params:
+        code=CODE_VERSION,
         settings=section("slice"),
     log:
         f"{RESULTS}/{{dataset}}/logs/slice.log",
@@ -61,11 +64,16 @@ rule covariates:
     input:
         h5ad=f"{RESULTS}/{{dataset}}/sliced.h5ad",
         annotation=covariate_files,
+        cell_cycle=cell_cycle_table,
     output:
         cells=f"{RESULTS}/{{dataset}}/covariates_cells.tsv",
         genes=f"{RESULTS}/{{dataset}}/covariates_genes.tsv",
+        design=f"{RESULTS}/{{dataset}}/design.json",
     params:
+        code=CODE_VERSION,
         settings=section("covariates"),
+        design=section("design"),
+        contrasts=section("contrasts"),
     log:
         f"{RESULTS}/{{dataset}}/logs/covariates.log",
     benchmark:

@@ -3,11 +3,13 @@ rule fit:
         h5ad=f"{RESULTS}/{{dataset}}/sliced.h5ad",
         cells=f"{RESULTS}/{{dataset}}/covariates_cells.tsv",
         genes=f"{RESULTS}/{{dataset}}/covariates_genes.tsv",
+        design=f"{RESULTS}/{{dataset}}/design.json",
     output:
         trace=f"{RESULTS}/{{dataset}}/trace.nc",
         elbo=f"{RESULTS}/{{dataset}}/elbo.tsv",
         stats=f"{RESULTS}/{{dataset}}/fit_stats.json",
     params:
+        code=CODE_VERSION,
         inference=section("inference"),
         model=section("model"),
         backend=config["backend"],
@@ -42,6 +44,8 @@ rule summary:
             category="Posterior",
             subcategory="{dataset}",
         ),
+    params:
+        code=CODE_VERSION,
     log:
         f"{RESULTS}/{{dataset}}/logs/summary.log",
     benchmark:
@@ -66,6 +70,8 @@ rule plot_elbo:
             category="Convergence",
             subcategory="{dataset}",
         ),
+    params:
+        code=CODE_VERSION,
     log:
         f"{RESULTS}/{{dataset}}/logs/plot_elbo.log",
     benchmark:
@@ -77,3 +83,46 @@ rule plot_elbo:
         runtime=scaled_runtime(10, 5),
     script:
         "../scripts/plot_elbo.py"
+
+
+rule de:
+    input:
+        trace=f"{RESULTS}/{{dataset}}/trace.nc",
+        h5ad=f"{RESULTS}/{{dataset}}/sliced.h5ad",
+        cells=f"{RESULTS}/{{dataset}}/covariates_cells.tsv",
+        genes=f"{RESULTS}/{{dataset}}/covariates_genes.tsv",
+        design=f"{RESULTS}/{{dataset}}/design.json",
+    output:
+        table=report(
+            f"{RESULTS}/{{dataset}}/de/{{contrast}}.tsv",
+            caption="../report/de.rst",
+            category="Differential expression",
+            subcategory="{dataset}",
+        ),
+        ma=report(
+            f"{RESULTS}/{{dataset}}/de/{{contrast}}_ma.png",
+            caption="../report/de_ma.rst",
+            category="Differential expression",
+            subcategory="{dataset}",
+        ),
+        volcano=report(
+            f"{RESULTS}/{{dataset}}/de/{{contrast}}_volcano.png",
+            caption="../report/de_volcano.rst",
+            category="Differential expression",
+            subcategory="{dataset}",
+        ),
+    params:
+        code=CODE_VERSION,
+        contrast=contrast_of,
+        settings=section("de"),
+    log:
+        f"{RESULTS}/{{dataset}}/logs/de/{{contrast}}.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/de/{{contrast}}.tsv"
+    conda:
+        "../../envs/fit.yaml"
+    resources:
+        mem_mb=scaled_mem_mb(2000, 4),
+        runtime=scaled_runtime(15, 20),
+    script:
+        "../scripts/de.py"

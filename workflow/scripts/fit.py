@@ -4,28 +4,31 @@ from _runner import run
 def main(snakemake):
     import anndata as ad
 
-    from scnbvi.covariates import read_offsets
+    from scnbvi.covariates import aligned_covariates
+    from scnbvi.design import read_design
     from scnbvi.inference import InferenceSettings, fit
-    from scnbvi.outputs import atomic_output, write_json, write_table
+    from scnbvi.outputs import atomic_output, code_version, write_json, write_table
     from scnbvi.posterior import draw_posterior
 
     adata = ad.read_h5ad(snakemake.input.h5ad)
-    cell_log_offset, gene_log_offset = read_offsets(snakemake.input.cells, snakemake.input.genes, adata)
+    cells, genes = aligned_covariates(snakemake.input.cells, snakemake.input.genes, adata)
+    design = read_design(snakemake.input.design, cells)
     settings = InferenceSettings.from_config(snakemake.params.inference)
     gene_dispersion = snakemake.params.model["gene_dispersion"]
     model, result = fit(
         adata.X,
-        cell_log_offset,
-        gene_log_offset,
+        cells["log_offset"].to_numpy(),
+        genes["log_offset"].to_numpy(),
         settings,
         backend=snakemake.params.backend,
         gene_dispersion=gene_dispersion,
         cell_names=adata.obs_names,
         gene_names=adata.var_names,
+        design=design if design.n_coefficients else None,
     )
     idata = draw_posterior(model, result, settings.draws, settings.seed, attrs={"gene_dispersion": int(gene_dispersion)})
     write_table(result.elbo_table(), snakemake.output.elbo, index=False)
-    write_json(result.statistics(), snakemake.output.stats)
+    write_json({**result.statistics(), **code_version()}, snakemake.output.stats)
     with atomic_output(snakemake.output.trace) as path:
         idata.to_netcdf(str(path))
 

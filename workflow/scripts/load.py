@@ -5,14 +5,16 @@ def main(snakemake):
     import json
     import logging
 
-    from scnbvi.data import apply_qc_actions, qc_report, read_counts, write_counts
-    from scnbvi.outputs import write_json
+    from scnbvi.data import apply_qc_actions, qc_report, read_counts_with_renames, write_counts
+    from scnbvi.outputs import code_version, write_json
 
-    settings = snakemake.params.settings
-    adata = read_counts(snakemake.input[0])
-    report = {"input": str(snakemake.input[0]), "before": qc_report(adata)}
+    settings = dict(snakemake.params.settings)
+    duplicate_names = settings.pop("duplicate_names")
+    adata, renamed = read_counts_with_renames(snakemake.input[0], duplicate_names=duplicate_names)
+    report = {"input": str(snakemake.input[0]), "code_version": code_version(), "renamed": renamed,
+              "before": qc_report(adata)}
     adata = apply_qc_actions(adata, **settings)
-    report["actions"] = settings
+    report["actions"] = snakemake.params.settings
     report["after"] = qc_report(adata)
     logging.getLogger("scnbvi").info("quality report: %s", json.dumps(report))
     write_counts(adata, snakemake.output.h5ad)

@@ -5,11 +5,14 @@ def main(snakemake):
     import logging
 
     import anndata as ad
+    import numpy as np
 
     from scnbvi.data import slice_counts, write_counts
 
     settings = snakemake.params.settings
     adata = ad.read_h5ad(snakemake.input[0])
+    # Each cell's library size over all genes, before genes are selected: its sequencing depth.
+    adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).ravel()
     sliced = slice_counts(
         adata,
         cells_method=settings["cells"]["method"],

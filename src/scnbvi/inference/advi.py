@@ -9,6 +9,7 @@ import pymc as pm
 import scipy.sparse as sp
 
 from scnbvi.batches import BatchSampler
+from scnbvi.design import Design
 from scnbvi.inference import jax_engine, pymc_engine
 from scnbvi.inference.backends import engine_for, require_backend
 from scnbvi.inference.initialization import data_driven_initvals
@@ -28,11 +29,16 @@ def fit(
     gene_log_offset: np.ndarray,
     settings: InferenceSettings,
     backend: str = "c",
-    gene_dispersion: bool = False,
+    gene_dispersion: bool = True,
     cell_names=None,
     gene_names=None,
+    design: Design | None = None,
 ) -> tuple[pm.Model, FitResult]:
-    """Fit the model to a sparse cells x genes count matrix; returns the model and the fit."""
+    """Fit the model to a sparse cells x genes count matrix; returns the model and the fit.
+
+    ``design``: per-cell covariates (:func:`scnbvi.design.build_design`), each with one
+    effect per gene.
+    """
     require_backend(backend)
     engine = engine_for(backend)
     counts = sp.csr_matrix(counts)
@@ -51,6 +57,8 @@ def fit(
         gene_names=gene_names,
         initvals=data_driven_initvals(counts, cell_log_offset, gene_log_offset) if settings.init == "data" else None,
         dense_float32=engine == "jax",
+        design=None if design is None else design.matrix,
+        coefficient_names=None if design is None else design.names,
     )
     result = ENGINES[engine](model, sampler, settings, backend)
     log.info(

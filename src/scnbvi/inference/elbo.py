@@ -61,7 +61,7 @@ def evaluation_cells(settings: InferenceSettings, n_genes: int) -> int:
 
 
 def full_data_elbo(counts: sp.csr_matrix, cell_log_offset, gene_log_offset, result: FitResult, *,
-                   gene_dispersion: bool = False, samples: int = 32, seed: int = 123) -> float:
+                   gene_dispersion: bool = True, samples: int = 32, seed: int = 123) -> float:
     """The ELBO of a fit on every cell, with fixed draws: the same yardstick for every fit,
     whichever engine, layout or minibatch produced it."""
     import jax

@@ -48,7 +48,7 @@ def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, bac
     with model:
         advi = pm.ADVI(
             random_seed=settings.seed,
-            start_sigma={name: np.full(shape, initial_std(settings)) for name, shape in zip(layout.names, layout.shapes)},
+            start_sigma={name: np.full(int(np.prod(shape)), initial_std(settings)) for name, shape in zip(layout.names, layout.shapes)},
         )
     group = advi.approx.groups[0]
     order = [group.ordering[name][1] for name in layout.names]
