@@ -180,3 +180,27 @@ def test_covariates_round_trip(tmp_path):
     assert sorted(path.name for path in cells_path.parent.iterdir()) == ["cells.tsv", "genes.tsv"]
     with pytest.raises(InputError, match="gene names differ"):
         aligned_covariates(cells_path, genes_path, adata[:, ::-1])
+
+
+def test_a_median_depth_of_zero_stops_with_the_cause_and_the_fix():
+    """The original "first cells x first genes" slice of the atlas leaves most cells without
+    counts: one scalar depth, their median, is 0 and every offset would be -inf."""
+    counts = np.zeros((5, 3), dtype=np.int32)
+    counts[:2] = [[1, 2, 0], [0, 3, 4]]
+    adata = ad.AnnData(X=sp.csr_matrix(counts), obs=pd.DataFrame(index=[f"c{i}" for i in range(5)]),
+                       var=pd.DataFrame(index=["G1", "G2", "G3"]))
+    settings = {
+        "gene_length": {"source": "none", "path": None, "attribute": "gene_id", "column": "length"},
+        "depth": {"source": "total_counts", "column": "Bases", "constant": 1e4, "per_cell": False},
+        "depth_ref": 1e5, "length_ref": 2000.0, "seed": 0,
+    }
+    with pytest.raises(InputError, match=r"5 of 5 cells get a depth of 0, .*fix: drop cells without counts") as error:
+        covariate_tables(adata, settings)
+    assert "\n" not in str(error.value)
+
+
+def test_table_rejects_infinite_lengths(tmp_path):
+    path = tmp_path / "lengths.tsv"
+    path.write_text("G1\t1000\nG2\tinf\n")
+    with pytest.raises(InputError, match=r"1 lengths are not positive, finite numbers \(first: gene 'G2'"):
+        gene_lengths_from_table(path, ["G1", "G2"])

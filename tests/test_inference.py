@@ -308,3 +308,16 @@ def test_full_data_elbo_equals_the_models_own_log_density_over_the_same_draws(si
     expected = np.mean([logp(layout.split(mean + std * eps)) for eps in draws]) + gaussian_entropy(std)
     elbo = full_data_elbo(adata.X, cell_offset, gene_offset, result, gene_dispersion=False, samples=8, seed=5)
     assert elbo == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("field", ["cell_log_offset", "gene_log_offset", "counts"])
+def test_inputs_that_make_the_density_non_finite_are_named_before_fitting(simulated, field):
+    """A zero depth (log offset -inf) must not reach the optimiser, whose divergence advice
+    (a smaller learning rate) could not help."""
+    from scnbvi.errors import InputError
+
+    adata, (cell_offset, gene_offset) = simulated
+    counts, cell_offset, gene_offset = adata.X.copy().astype(float), cell_offset.copy(), gene_offset.copy()
+    {"cell_log_offset": cell_offset, "gene_log_offset": gene_offset, "counts": counts.data}[field][3] = -np.inf
+    with pytest.raises(InputError, match=f"fit: {field}: .*not finite.*fix: check the covariates"):
+        fit(counts, cell_offset, gene_offset, QUICK, backend="c")

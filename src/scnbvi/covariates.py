@@ -17,6 +17,8 @@ log = logging.getLogger("scnbvi")
 GTF_COLUMNS = ["seqname", "source", "feature", "start", "end", "score", "strand", "frame", "attributes"]
 DEPTH_SOURCES = ("obs", "total_counts", "constant")
 IMPUTE_FIX = "add them to the table or set covariates.gene_length.source: impute"
+MATCH_FIX = ("set covariates.gene_length.var_column to the adata.var column holding the file's gene names "
+             "(for a GTF, or covariates.gene_length.attribute: gene_id or gene_name)")
 
 
 def gene_lengths_from_table(path, var_names) -> np.ndarray:
@@ -75,6 +77,19 @@ def gene_lengths_from_gtf(path, var_names, attribute="gene_id") -> np.ndarray:
                          f"(first: gene {first['gene']!r}, {first['start']}..{first['end']})",
                          "use 1-based inclusive coordinates with start <= end")
     return _aligned(_union_lengths(exons), var_names, path, attribute)
+
+
+def gene_identifiers(adata: ad.AnnData, var_column=None, source="covariates.gene_length") -> pd.Index:
+    """The names under which a length table or GTF lists the data's genes: var_names, or a var
+    column when they differ (CELLxGENE files have Ensembl ids as var_names and symbols in
+    var['feature_name']). A missing value matches no gene, so it is reported as missing."""
+    if var_column is None:
+        return pd.Index(adata.var_names)
+    if var_column not in adata.var.columns:
+        raise InputError(source, "var_column", f"adata.var has no column {var_column!r} "
+                         f"(available: {list(adata.var.columns)})",
+                         "set covariates.gene_length.var_column to one of them, or null to match var_names")
+    return pd.Index([str(name) if pd.notna(name) else None for name in adata.var[var_column]], dtype=object)
 
 
 def gene_lengths_from_var(adata: ad.AnnData, column: str, source) -> np.ndarray:
@@ -155,7 +170,7 @@ def require_finite_offsets(cells: pd.DataFrame, genes: pd.DataFrame, source="cov
         first = cells.index[zero_depth.argmax()]
         raise InputError(
             source, "depth",
-            f"{int(zero_depth.sum())} of {len(cells)} cells get a depth of {cells['depth'].iloc[zero_depth.argmax()]:g} "
+            f"{int(zero_depth.sum())} of {len(cells)} cells get a depth of 0, so no finite log offset "
             f"(first: {first!r}; with one scalar depth, the median is 0 when half the cells have no counts)",
             "drop cells without counts (load.zero_cells: drop or slice.drop_zero_cells: true), "
             "or use per-cell depth (covariates.depth.per_cell: true)",
@@ -176,9 +191,10 @@ def covariate_tables(adata: ad.AnnData, settings: dict) -> tuple[pd.DataFrame, p
     if lengths["source"] == "none":
         gene_length = np.full(adata.n_vars, np.nan)
     elif lengths["source"] == "table":
-        gene_length = gene_lengths_from_table(lengths["path"], adata.var_names)
+        gene_length = gene_lengths_from_table(lengths["path"], gene_identifiers(adata, lengths["var_column"]))
     elif lengths["source"] == "gtf":
-        gene_length = gene_lengths_from_gtf(lengths["path"], adata.var_names, lengths["attribute"])
+        gene_length = gene_lengths_from_gtf(lengths["path"], gene_identifiers(adata, lengths["var_column"]),
+                                            lengths["attribute"])
     elif lengths["source"] == "var":
         gene_length = gene_lengths_from_var(adata, lengths["column"], "covariates.gene_length")
     else:
@@ -260,6 +276,12 @@ def _aligned(lengths: pd.Series, var_names, source, field) -> np.ndarray:
     """Lengths in the order of `var_names`; every gene of the data must be present."""
     var_names = pd.Index(var_names)
     missing = var_names[~var_names.isin(lengths.index)]
+    if len(missing) == len(var_names):
+        raise InputError(
+            source, field,
+            f"none of the {len(var_names)} genes of the data is in it (data: {list(var_names[:3])}, "
+            f"file: {list(lengths.index[:3])})", MATCH_FIX,
+        )
     if len(missing):
         raise InputError(
             source, field,

@@ -7,6 +7,17 @@ import sys
 from pathlib import Path
 
 
+def quiet_libraries():
+    """Leave out what the user cannot act on: PyTensor's BLAS advice (the model has no large
+    matrix products), and libraries' informational lines (arviz's optional packages, JAX's
+    search for TPUs, matplotlib's font cache); their warnings and errors stay."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="PyTensor could not link to a BLAS installation")
+    logging.getLogger("pytensor.tensor.blas").setLevel(logging.ERROR)
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
+
+
 def run(snakemake, main):
     """Run ``main(snakemake)`` with stderr and logging sent to ``snakemake.log[0]``."""
     sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
@@ -17,7 +28,15 @@ def run(snakemake, main):
     terminal = sys.stderr
     log_file = open(snakemake.log[0], "w", buffering=1)
     sys.stderr = log_file
-    logging.basicConfig(stream=log_file, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    quiet_libraries()
+    logging.basicConfig(stream=log_file, level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s",
+                        force=True)
+    logging.getLogger("scnbvi").setLevel(logging.INFO)
+    # A fit's progress is shown on the terminal too, prefixed by its data set.
+    to_terminal = logging.StreamHandler(terminal)
+    dataset = getattr(getattr(snakemake, "wildcards", None), "dataset", "")
+    to_terminal.setFormatter(logging.Formatter(f"[{snakemake.rule} {dataset}] %(message)s"))
+    logging.getLogger("scnbvi.progress").addHandler(to_terminal)
     from scnbvi.errors import ScnbviError
 
     try:

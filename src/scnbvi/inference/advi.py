@@ -10,6 +10,7 @@ import scipy.sparse as sp
 
 from scnbvi.batches import BatchSampler
 from scnbvi.design import Design
+from scnbvi.errors import InputError
 from scnbvi.inference import jax_engine, pymc_engine
 from scnbvi.inference.backends import engine_for, require_backend
 from scnbvi.inference.initialization import data_driven_initvals
@@ -21,6 +22,22 @@ log = logging.getLogger("scnbvi")
 
 # Every engine is ``run(model, sampler, settings, backend) -> FitResult``.
 ENGINES = {"pymc": pymc_engine.run, "jax": jax_engine.run}
+
+
+def require_finite_inputs(counts: sp.csr_matrix, cell_log_offset, gene_log_offset, design: Design | None) -> None:
+    """Stop before fitting on inputs that make the log density non-finite, so a loss that is
+    not finite later can only come from the optimisation (and lowering the step size helps)."""
+    problems = {
+        "counts": not np.all(np.isfinite(counts.data)) or np.any(counts.data < 0),
+        "cell_log_offset": not np.all(np.isfinite(cell_log_offset)),
+        "gene_log_offset": not np.all(np.isfinite(gene_log_offset)),
+        "design": design is not None and not np.all(np.isfinite(design.matrix)),
+    }
+    for field, bad in problems.items():
+        if bad:
+            raise InputError("fit", field, "holds values that are not finite (or negative counts), so the model's "
+                             "log density is not finite wherever the fit starts",
+                             "check the covariates step's tables (depth 0 gives log offset -inf) or the counts")
 
 
 def fit(
@@ -42,6 +59,7 @@ def fit(
     require_backend(backend)
     engine = engine_for(backend)
     counts = sp.csr_matrix(counts)
+    require_finite_inputs(counts, cell_log_offset, gene_log_offset, design)
     sampler = BatchSampler(counts, settings.minibatch, settings.batch_size, settings.seed)
     settings = effective_settings(settings, sampler.batch_size, sampler.steps_per_epoch)
     log.info("fitting %d cells x %d genes with engine %s, backend %s, effective %s",

@@ -191,7 +191,7 @@ def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, bac
     chunk = chunk_length(sampler, settings)
     average = IterateAverage()
     rule = stopping_rule(settings)
-    progress = Progress(settings.max_iterations, sampler.steps_per_epoch, settings.log_every_seconds)
+    progress = Progress(settings, sampler.steps_per_epoch, sampler.n_cells * sampler.n_genes)
     chunks: list = []
     checks: list[tuple[int, float]] = []
     converged = False
@@ -222,7 +222,9 @@ def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, bac
                 converged = rule.update(checks[-1][1])
             else:
                 converged = rule.update(np.concatenate([np.asarray(v) for v in state.params.values()]))
-            progress.maybe_log(steps, last - constant, checks[-1][1] if checks else None, force=True)
+            progress.check(steps, last - constant, rule)
+        else:
+            progress.step(steps, lambda: float(losses[-1]) - constant)
     losses = np.concatenate([np.asarray(c) for c in chunks]) - constant
     fit_seconds = time.perf_counter() - t0
     if not np.all(np.isfinite(losses)):

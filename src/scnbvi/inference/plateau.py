@@ -54,7 +54,7 @@ class ParameterChangeStop:
     """Stop when the largest relative change of the variational parameters between two
     checks is below ``tolerance``; the learning rate never changes."""
 
-    decays = 0
+    decays = max_decays = 0
     learning_rate_scale = 1.0
 
     def __init__(self, tolerance: float):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 
 import numpy as np
@@ -36,12 +38,23 @@ def fixed_cells_elbo(model: pm.Model, sampler: BatchSampler, settings: Inference
     return evaluate
 
 
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger):
+    """Hide ``pm.fit``'s own summary ("Interrupted at ... [0%]" ends a converged fit)."""
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, backend: str) -> FitResult:
     mode = pytensor_mode(backend)
     layout = ParameterLayout.from_model(model)
     averaging = settings.convergence == "elbo"
     rule = stopping_rule(settings)
-    progress = Progress(settings.max_iterations, sampler.steps_per_epoch, settings.log_every_seconds)
+    progress = Progress(settings, sampler.steps_per_epoch, sampler.n_cells * sampler.n_genes)
 
     t0 = time.perf_counter()
     evaluate = fixed_cells_elbo(model, sampler, settings, layout, mode) if averaging else None
@@ -83,18 +96,18 @@ def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, bac
                 learning_rate.set_value(settings.learning_rate * rule.learning_rate_scale)
             else:
                 done = rule.update(raw_params())
-            progress.maybe_log(step, losses[-1], checks[-1][1] if checks else None, force=True)
+            progress.check(step, losses[-1], rule)
             if done:
                 state["converged"] = True
                 raise StopIteration
         else:
-            progress.maybe_log(step, losses[-1])
+            progress.step(step, losses[-1])
         # Last, after any check has loaded the evaluation cells: the next step trains on a drawn block.
         load_batch(model, sampler.next())
 
     load_batch(model, sampler.next())
     timing["start"] = time.perf_counter()
-    with model:
+    with model, _quiet(logging.getLogger("pymc.variational.inference")):
         try:
             pm.fit(
                 n=settings.max_iterations,
