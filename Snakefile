@@ -1,7 +1,15 @@
 # scnbvi: hierarchical Negative-Binomial model of single-cell counts, fitted by minibatch ADVI.
 # Usage: see README.md. Configuration: config/config.yaml, validated by workflow/schemas/.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
 
 configfile: "config/config.yaml"
+
+
+# The landing page of `snakemake --report`.
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
@@ -9,6 +17,7 @@ include: "workflow/rules/cell_cycle_inputs.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/cell_cycle.smk"
 include: "workflow/rules/fit.smk"
+include: "workflow/rules/previous.smk"
 
 
 localrules:

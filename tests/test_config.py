@@ -58,9 +58,9 @@ def test_slice_defaults_match_schema(dataset_defaults):
 
 def test_load_defaults_match_schema(dataset_defaults):
     section = dict(dataset_defaults["load"])
-    duplicate_names = {"duplicate_names": section.pop("duplicate_names")}
-    assert_defaults(read_counts, duplicate_names)
-    assert_defaults(read_counts_with_renames, duplicate_names)
+    read_options = {key: section.pop(key) for key in ("duplicate_names", "layer")}
+    assert_defaults(read_counts, read_options)
+    assert_defaults(read_counts_with_renames, read_options)
     assert_defaults(apply_qc_actions, section)
 
 

@@ -165,7 +165,7 @@ def test_covariates_round_trip(tmp_path):
         var=pd.DataFrame({"length": lengths}, index=["G1", "G2", "G3"]),
     )
     settings = {
-        "gene_length": {"source": "var", "column": "length", "path": None, "attribute": "gene_id"},
+        "gene_length": {"source": "var", "column": "length", "path": None, "attribute": "gene_id", "var_column": None},
         "depth": {"source": "obs", "column": "reads", "constant": 1e4, "per_cell": True},
         "depth_ref": 1e5, "length_ref": 2000.0, "seed": 0,
     }

@@ -1,5 +1,6 @@
 """Failures of the machine and of the workflow's bookkeeping: a full disk, repeated cell or gene
-names in the load rule, and package edits that must rerun the jobs using the package."""
+names in the load rule, package edits that must rerun the jobs using the package, one bad data
+set among good ones, and a failed rerun that must not lose the last finished results."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import anndata as ad
+import arviz as az
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import yaml
 
 import scnbvi
-from conftest import REPO, SMALL_SIMULATED, snakemake, write_config
+from conftest import REPO, SMALL_SIMULATED, preset, snakemake, write_config, write_h5ad
 from scnbvi import outputs
 from scnbvi.errors import DiskFullError, ScnbviError
 from scnbvi.outputs import atomic_output, code_version, git_commit, source_hash
@@ -273,3 +276,111 @@ def test_editing_the_package_reruns_every_job_that_runs_it(workflow_copy):
     engine.write_text(original)
     reverted = snakemake(workflow_copy, "--configfile", config, "-n")
     assert "Nothing to be done" in reverted.stdout + reverted.stderr, reverted.stdout
+
+
+FINISHED_RESULTS = ("trace.nc", "summary.csv", "genes.tsv", "elbo.tsv", "fit_stats.json", "elbo.png", "design.json")
+DE_RESULTS = tuple(f"de/condition_treated_vs_control{suffix}" for suffix in (".tsv", "_ma.png", "_volcano.png"))
+
+
+def _write_simulated_file(path: Path) -> tuple[str, ad.AnnData]:
+    from scnbvi.simulate import SimulationTruth, simulate_counts
+
+    truth = simulate_counts(300, 40, seed=5, truth=SimulationTruth(condition_effect_sd=0.7))
+    truth.write_h5ad(path)
+    return str(path), truth
+
+
+def _assert_recovers(out: Path, truth: ad.AnnData, design: tuple[tuple[str, str], ...] = ()):
+    """A converged fit whose gene effects follow the simulated ones: with a design, each gene's level at
+    the cells' average covariates (only differences between genes are identified, so correlations)."""
+    assert json.loads((out / "fit_stats.json").read_text())["converged"] == 1
+    assert az.from_netcdf(out / "trace.nc").posterior.attrs["converged"] == 1
+    genes = pd.read_csv(out / "genes.tsv", sep="\t", index_col=0)
+    assert list(genes.index) == list(truth.var_names)
+    level = truth.var["true_gene_effect"].copy()
+    for column, value in design:
+        level += truth.var[f"true_beta_{column}[{value}]"] * np.mean(truth.obs[column] == value)
+    assert np.corrcoef(genes["log_expression_mean"], level)[0, 1] > 0.95
+
+
+@pytest.mark.slow
+def test_keep_going_finishes_the_good_data_sets_when_one_is_bad(workflow_copy):
+    config = preset("small_simulated")
+    sim = config["datasets"]["sim"]
+    file_path, file_truth = _write_simulated_file(workflow_copy / "file.h5ad")
+    counts = sp.lil_matrix(np.random.default_rng(0).poisson(2.0, (30, 8)).astype(np.float32))
+    counts[1, 2] = -3
+    bad_path = write_h5ad(workflow_copy / "bad.h5ad", counts.tocsr())
+    config["datasets"]["file"] = {
+        "path": file_path, "covariates": sim["covariates"], "inference": sim["inference"],
+        "design": {"categorical": ["condition"]}, "contrasts": [["condition", "treated", "control"]],
+    }
+    config["datasets"]["bad"] = {"path": bad_path}
+
+    result = snakemake(workflow_copy, "--keep-going", "--configfile", write_config(workflow_copy, config))
+
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("scnbvi")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith(
+        f"scnbvi error in rule load: {bad_path}: X: 1 negative values (first: cell 'c1', gene 'g2' = -3); fix: ")
+    results = workflow_copy / "results"
+    _assert_recovers(results / "sim", ad.read_h5ad(results / "sim" / "simulated.h5ad"))
+    _assert_recovers(results / "file", file_truth, design=(("condition", "treated"),))
+    de = pd.read_csv(results / "file" / "de" / "condition_treated_vs_control.tsv", sep="\t", index_col=0)
+    true_log2fc = file_truth.var.loc[de.index, "true_beta_condition[treated]"] / np.log(2)
+    assert np.corrcoef(de["log2_fold_change"], true_log2fc)[0, 1] > 0.95
+    for name, kept in (("sim", FINISHED_RESULTS), ("file", FINISHED_RESULTS + DE_RESULTS)):
+        for result_file in kept:
+            assert (results / name / "previous" / result_file).stat().st_size > 0, (name, result_file)
+    bad_files = [path.relative_to(results / "bad") for path in (results / "bad").rglob("*") if path.is_file()]
+    assert bad_files == [Path("logs/load.log")]
+
+
+def _inode_and_bytes(path: Path) -> tuple[int, bytes]:
+    return path.stat().st_ino, path.read_bytes()
+
+
+@pytest.mark.slow
+def test_a_failed_rerun_leaves_the_last_finished_results_in_previous(workflow_copy):
+    out = workflow_copy / "results" / "sim"
+    first = preset("small_simulated")
+    assert snakemake(workflow_copy, "--configfile", write_config(workflow_copy, first)).returncode == 0
+    unchanged = snakemake(workflow_copy, "--configfile", write_config(workflow_copy, first), "-n")
+    assert "Nothing to be done" in unchanged.stdout + unchanged.stderr, unchanged.stdout
+    first_trace = _inode_and_bytes(out / "trace.nc")
+    # Hard links: the copy costs no space while it is the same as the results.
+    for name in FINISHED_RESULTS:
+        assert _inode_and_bytes(out / "previous" / name) == _inode_and_bytes(out / name), name
+    first_config = yaml.safe_load((out / "previous" / "config.yaml").read_text())
+    assert first_config["datasets"]["sim"]["de"]["lfc_threshold"] == 0.5
+
+    # A setting that changes no result still takes a new copy, so that its config stays the results' own.
+    second = preset("small_simulated")
+    second["datasets"]["sim"]["de"] = {"lfc_threshold": 1.0}
+    rerun = snakemake(workflow_copy, "--configfile", write_config(workflow_copy, second))
+    assert rerun.returncode == 0, rerun.stderr
+    assert "rule previous:" in rerun.stdout + rerun.stderr and "rule fit:" not in rerun.stdout + rerun.stderr
+    kept_config = yaml.safe_load((out / "previous" / "config.yaml").read_text())
+    assert kept_config["backend"] == "c" and list(kept_config["datasets"]) == ["sim"]
+    assert kept_config["datasets"]["sim"]["de"]["lfc_threshold"] == 1.0
+    assert _inode_and_bytes(out / "trace.nc") == first_trace
+    assert sorted(path.name for path in out.iterdir() if path.name.startswith((".", "previous"))) == [
+        "previous", "previous.json"]  # no half-made or old copy left beside it
+
+    # A learning rate this large diverges at once: the fit fails after Snakemake deleted its outputs.
+    diverging = preset("small_simulated")
+    diverging["datasets"]["sim"]["inference"].update(learning_rate=1e6, init="prior")
+    failed = snakemake(workflow_copy, "--configfile", write_config(workflow_copy, diverging))
+    assert failed.returncode != 0
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("scnbvi")]
+    assert len(errors) == 1 and errors[0].startswith("scnbvi error in rule fit: "), failed.stderr[-3000:]
+    assert "learning_rate" in errors[0]
+    assert not (out / "trace.nc").exists()
+
+    assert (out / "previous" / "trace.nc").read_bytes() == first_trace[1]
+    assert (out / "previous" / "trace.nc").stat().st_nlink == 1  # its own file now that trace.nc is gone
+    assert yaml.safe_load((out / "previous" / "config.yaml").read_text()) == kept_config
+    assert az.from_netcdf(out / "previous" / "trace.nc").posterior.attrs["learning_rate"] == 0.05
+    manifest = json.loads((out / "previous.json").read_text())
+    assert set(FINISHED_RESULTS) <= set(manifest["files"]) and set(manifest["files"].values()) == {"linked"}

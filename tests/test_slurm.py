@@ -1,9 +1,14 @@
 """The workflow on a SLURM cluster (snakemake-executor-plugin-slurm, profiles/slurm*).
 
-Runs against the single-node test cluster of ``.ci/slurm.sh`` (partition ``debug``, one
-fake GPU): install it first with ``bash .ci/slurm.sh install`` (root or password-less sudo).
-The module starts the cluster and stops it again. Without SLURM these tests fail rather
-than skip; deselect them with ``-m "not slurm"``.
+Every run is the README's command, ``snakemake --profile slurm`` (or ``slurm-gpu``), after
+its one setup step, ``make profiles``, into a config home of the test's own
+(``XDG_CONFIG_HOME``), plus the overrides the test cluster needs.
+
+The ``slurm`` tests run against the single-node test cluster of ``.ci/slurm.sh`` (partition
+``debug``, one fake GPU): install it first with ``bash .ci/slurm.sh install`` (root or
+password-less sudo). The module starts the cluster and stops it again. Without SLURM these
+tests fail rather than skip; deselect them with ``-m "not slurm"``. The dry run needs no
+cluster and is among the fast tests.
 
 Every job's comment is its rule (``rule_<name>_wildcards_<...>``) and its work directory is
 the workflow copy, and the cluster keeps finished jobs listed for 10 minutes (MinJobAge), so
@@ -28,14 +33,12 @@ import pytest
 
 from conftest import REPO, SMALL_SIMULATED, copy_workflow, preset, snakemake, write_config
 
-pytestmark = pytest.mark.slurm
-
 SLURM_SH = REPO / ".ci" / "slurm.sh"
 REMOTE_RULES = {"simulate", "load", "slice", "covariates", "fit", "summary", "plot_elbo"}
 UPSTREAM_RULES = ("simulate", "load", "slice", "covariates")
+# validated.h5ad is temporary: deleted once sliced.h5ad is written.
 UPSTREAM_OUTPUTS = (
     "simulated.h5ad",
-    "validated.h5ad",
     "qc.json",
     "sliced.h5ad",
     "covariates_cells.tsv",
@@ -52,24 +55,34 @@ CLUSTER_ARGS = (
 )
 RUN_TIMEOUT = 600
 # Attributes of trace.nc that record when and how fast, not what was fitted.
-TIMING_ATTRS = {"created_at", "fit_seconds", "compile_seconds"}
+TIMING_ATTRS = {"created_at", "fit_seconds", "compile_seconds", "ms_per_step"}
 
 
 def slurm_command(profile: str, configfile: str, *extra: str) -> list[str]:
     # No --config: it would replace the profile's `config:` entries (the backend).
-    return [sys.executable, "-m", "snakemake", "--cores", "2", "--profile", profile,
-            "--configfile", configfile, *extra, *CLUSTER_ARGS]
+    return ["snakemake", "--profile", profile, "--configfile", configfile, *extra, *CLUSTER_ARGS]
 
 
-def slurm_environment() -> dict:
-    """Jobs inherit PATH from the submitting process: the venv running the tests comes first."""
+def slurm_environment(workdir: Path) -> dict:
+    """The venv running the tests first on PATH (jobs inherit it from the submitting process),
+    and the workflow copy's own config home, where `make profiles` links the profiles."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return {**os.environ, "PATH": path, "PYTHONWARNINGS": "ignore"}
+    return {**os.environ, "PATH": path, "PYTHONWARNINGS": "ignore", "XDG_CONFIG_HOME": str(workdir / ".config")}
+
+
+def cluster_workflow(destination: Path) -> Path:
+    """A workflow copy set up as the README says: `make profiles` from its root."""
+    workdir = copy_workflow(destination)
+    shutil.copy2(REPO / "Makefile", workdir / "Makefile")
+    result = subprocess.run(["make", "profiles"], cwd=workdir, capture_output=True, text=True, timeout=60,
+                            env=slurm_environment(workdir))
+    check_ok(result, "make profiles")
+    return workdir
 
 
 def run_slurm(workdir: Path, profile: str, configfile: str, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(slurm_command(profile, configfile, *extra), cwd=workdir, capture_output=True,
-                          text=True, timeout=RUN_TIMEOUT, env=slurm_environment())
+                          text=True, timeout=RUN_TIMEOUT, env=slurm_environment(workdir))
 
 
 def tail(text: str, lines: int = 60) -> str:
@@ -133,6 +146,17 @@ def slurm_cluster():
         subprocess.run(["bash", str(SLURM_SH), "down"], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.parametrize("profile", ["slurm", "slurm-gpu"])
+def test_profiles_are_found_by_name_after_make_profiles(tmp_path, profile):
+    workdir = cluster_workflow(tmp_path / "scnbvi")
+    linked = workdir / ".config" / "snakemake" / profile
+    assert linked.is_symlink() and linked.resolve() == (workdir / "profiles" / profile).resolve()
+
+    result = run_slurm(workdir, profile, write_config(workdir, SMALL_SIMULATED), "--dry-run")
+    check_ok(result, f"snakemake --profile {profile} --dry-run")
+    assert f"Using profiles {profile} and workflow specific profile profiles/default" in result.stderr
+
+
 def assert_same_trace(left: Path, right: Path):
     a, b = az.from_netcdf(left).posterior, az.from_netcdf(right).posterior
     assert sorted(a.data_vars) == sorted(b.data_vars)
@@ -142,8 +166,9 @@ def assert_same_trace(left: Path, right: Path):
     assert strip(a.attrs) == strip(b.attrs)
 
 
+@pytest.mark.slurm
 def test_cpu_profile_runs_every_rule_as_a_job_with_local_results(slurm_cluster, tmp_path):
-    on_slurm = copy_workflow(tmp_path / "slurm")
+    on_slurm = cluster_workflow(tmp_path / "slurm")
     local = copy_workflow(tmp_path / "local")
     slurm_config = write_config(on_slurm, SMALL_SIMULATED)
     local_config = write_config(local, SMALL_SIMULATED)
@@ -151,9 +176,9 @@ def test_cpu_profile_runs_every_rule_as_a_job_with_local_results(slurm_cluster, 
     # The local run is mostly CPU and the SLURM run mostly waiting: side by side.
     with ThreadPoolExecutor(max_workers=1) as pool:
         local_run = pool.submit(snakemake, local, "--configfile", local_config, timeout=RUN_TIMEOUT)
-        result = run_slurm(on_slurm, "profiles/slurm", slurm_config)
+        result = run_slurm(on_slurm, "slurm", slurm_config)
         local_result = local_run.result()
-    check_ok(result, "snakemake --profile profiles/slurm")
+    check_ok(result, "snakemake --profile slurm")
     check_ok(local_result, "local snakemake")
 
     jobs = cluster_jobs(on_slurm)
@@ -168,13 +193,14 @@ def test_cpu_profile_runs_every_rule_as_a_job_with_local_results(slurm_cluster, 
     assert (stats["engine"], stats["backend"]) == ("pymc", "c")
 
 
+@pytest.mark.slurm
 def test_gpu_profile_requests_a_gpu_for_fit_only(slurm_cluster, tmp_path):
-    workdir = copy_workflow(tmp_path / "slurm-gpu")
+    workdir = cluster_workflow(tmp_path / "slurm-gpu")
     # No backend in the config file: the profile's `backend=jax` must win anyway.
     config = write_config(workdir, {k: v for k, v in SMALL_SIMULATED.items() if k != "backend"})
 
-    result = run_slurm(workdir, "profiles/slurm-gpu", config, "--verbose")
-    check_ok(result, "snakemake --profile profiles/slurm-gpu")
+    result = run_slurm(workdir, "slurm-gpu", config, "--verbose")
+    check_ok(result, "snakemake --profile slurm-gpu")
 
     # What snakemake asked for: the sbatch command lines it logs with --verbose.
     sbatch_lines = [line for line in (result.stdout + result.stderr).splitlines() if "sbatch call:" in line]
@@ -219,16 +245,17 @@ def wait_for(condition, timeout: float, what: str, process: subprocess.Popen, ou
     pytest.fail(f"timed out after {timeout} s waiting for {what}:\n{tail(output.read_text())}")
 
 
+@pytest.mark.slurm
 def test_cancelled_fit_is_resumed_without_rerunning_upstream_jobs(slurm_cluster, tmp_path):
-    workdir = copy_workflow(tmp_path / "slurm-cancel")
+    workdir = cluster_workflow(tmp_path / "slurm-cancel")
     config = write_config(workdir, SLOW_FIT)
-    command = slurm_command("profiles/slurm", config, "--retries", "0")
+    command = slurm_command("slurm", config, "--retries", "0")
     results = workdir / "results" / "sim"
     output = workdir / "first-run.txt"
 
     with output.open("w") as sink:
         first = subprocess.Popen(command, cwd=workdir, stdout=sink, stderr=subprocess.STDOUT, text=True,
-                                 env=slurm_environment())
+                                 env=slurm_environment(workdir))
     try:
         def running_fit():
             running = [i for i, job in cluster_jobs(workdir).items()
@@ -264,7 +291,7 @@ def test_cancelled_fit_is_resumed_without_rerunning_upstream_jobs(slurm_cluster,
 
     # The very same command again: only the cancelled job and what depends on it run.
     second = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=RUN_TIMEOUT,
-                            env=slurm_environment())
+                            env=slurm_environment(workdir))
     check_ok(second, "rerun after the cancelled fit")
 
     jobs_after = cluster_jobs(workdir)

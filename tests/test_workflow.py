@@ -16,7 +16,7 @@ from conftest import PRESETS, SMALL_SIMULATED, preset, shared_data, snakemake, w
 
 pytestmark = pytest.mark.slow
 
-OUTPUTS = ("trace.nc", "summary.csv", "genes.tsv", "elbo.tsv", "elbo.png", "design.json",
+OUTPUTS = ("trace.nc", "summary.csv", "genes.tsv", "cells.tsv", "scnbvi.h5ad", "elbo.tsv", "elbo.png", "design.json",
            "de/condition_treated_vs_control.tsv", "de/condition_treated_vs_control_ma.png",
            "de/condition_treated_vs_control_volcano.png")
 
@@ -75,7 +75,21 @@ def test_default_workflow_runs_and_recovers_simulated_truth(workflow_copy):
     summary = pd.read_csv(out / "summary.csv", index_col=0)
     assert {"mu_gene", "sigma_cond", "tau[condition[treated]]"} <= set(summary.index)
     assert summary.index.str.startswith("alpha").any()
-    assert summary.index.str.startswith("cell_effect[").sum() == truth.n_obs
+    assert not summary.index.str.startswith(("cell_effect[", "z_cell[")).any()
+    # Fewer cells than cell_draws_max_cells: the trace keeps every cell's draws, and cells.tsv
+    # holds their mean and sd.
+    cells = pd.read_csv(out / "cells.tsv", sep="\t", index_col=0)
+    assert list(cells.index) == list(truth.obs_names)
+    np.testing.assert_allclose(cells["cell_effect_mean"], idata.posterior["cell_effect"].mean(("chain", "draw")), atol=1e-6)
+    assert np.corrcoef(cells["cell_effect_mean"], truth.obs["true_cell_effect"])[0, 1] > 0.6
+    res = ad.read_h5ad(out / "scnbvi.h5ad")
+    assert res.X is None and list(res.obs_names) == list(truth.obs_names) and list(res.var_names) == list(truth.var_names)
+    np.testing.assert_allclose(res.obs["scnbvi_cell_effect_mean"], cells["cell_effect_mean"])
+    np.testing.assert_allclose(res.var["scnbvi_log_expression_mean"], genes["log_expression_mean"])
+    assert res.uns["scnbvi"]["convergence"]["converged"] == 1
+    assert res.uns["scnbvi"]["inference"]["cell_draws_max_cells"] == 10000
+    # The validated copy of the counts is temporary: the run keeps one copy, sliced.h5ad.
+    assert not (out / "validated.h5ad").exists()
     elbo = pd.read_csv(out / "elbo.tsv", sep="\t")
     assert list(elbo.columns[:2]) == ["iteration", "loss"] and len(elbo) == attrs["iterations"]
 
@@ -88,12 +102,22 @@ def test_changing_an_inference_setting_reruns_only_fit_and_downstream(workflow_c
     config = write_config(workflow_copy, SMALL_SIMULATED)
     assert snakemake(workflow_copy, "--configfile", config).returncode == 0
     out = workflow_copy / "results" / "sim"
-    upstream = ("simulated.h5ad", "validated.h5ad", "sliced.h5ad", "covariates_cells.tsv")
-    downstream = ("trace.nc", "summary.csv", "elbo.png")
+    upstream = ("simulated.h5ad", "qc.json", "sliced.h5ad", "covariates_cells.tsv")
+    downstream = ("trace.nc", "summary.csv", "cells.tsv", "scnbvi.h5ad", "elbo.png")
     before = _mtimes(out, upstream + downstream)
 
+    # validated.h5ad, a temporary file, is gone: that alone reruns nothing.
+    assert not (out / "validated.h5ad").exists()
     unchanged = snakemake(workflow_copy, "--configfile", config, "-n")
     assert "Nothing to be done" in unchanged.stdout + unchanged.stderr
+
+    # A slice setting reruns load too, to recreate the temporary input of slice.
+    sliced = preset("small_simulated")
+    sliced["datasets"]["sim"]["slice"] = {"genes": {"method": "first", "n": 30}}
+    planned = snakemake(workflow_copy, "--configfile", write_config(workflow_copy, sliced, "sliced.yaml"), "-n")
+    assert planned.returncode == 0, planned.stderr
+    assert all(f"rule {rule}:" in planned.stdout for rule in ("load", "slice", "covariates", "fit", "summary"))
+    assert "rule simulate:" not in planned.stdout
 
     changed = preset("small_simulated")
     changed["datasets"]["sim"]["inference"]["learning_rate"] = 0.02

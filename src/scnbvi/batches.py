@@ -61,6 +61,14 @@ class BatchSampler:
         cells, self._queue = self._queue[: self.batch_size], self._queue[self.batch_size :]
         return np.sort(cells)
 
+    def get_state(self) -> dict:
+        """Where the sampler is: its RNG and the rest of the current epoch (for checkpoints)."""
+        return {"rng": self._rng.bit_generator.state, "queue": self._queue.copy()}
+
+    def set_state(self, state: dict) -> None:
+        self._rng.bit_generator.state = state["rng"]
+        self._queue = state["queue"].copy()
+
     def next(self) -> dict[str, np.ndarray]:
         """The next minibatch, as arrays named after the model's data containers."""
         if self.mode == "cells":

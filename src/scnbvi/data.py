@@ -2,48 +2,64 @@
 
 import hashlib
 import numbers
+import re
 import warnings
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from anndata.io import read_elem, sparse_dataset
 from anndata.utils import make_index_unique
 
 from scnbvi.errors import InputError
 from scnbvi.outputs import atomic_output
 
-RAW_COUNTS_FIX = "pass raw counts (adata.raw or a counts layer), not normalised or scaled data"
+RAW_COUNTS_FIX = ("pass raw counts, not normalised or scaled data (counts kept in a layer or in adata.raw: "
+                  "set load.layer to it)")
 QC_ACTIONS = ("keep", "drop")
 CELL_METHODS = ("all", "first", "random")
 GENE_METHODS = ("all", "first", "random", "hvg")
 DUPLICATE_NAME_ACTIONS = ("make_unique", "error")
 RENAMED_RECORD_LIMIT = 1000  # renamed entries listed per axis in qc.json; the count covers them all
+RAW_LAYER = "raw"  # load.layer's name for adata.raw.X
+CANDIDATE_ENTRIES = 1_000_000  # entries read from each other matrix when looking for the counts
+SPARSE_ENCODINGS = ("csr_matrix", "csc_matrix")
+YAML_WORDS = {"null", "true", "false", "yes", "no", "on", "off", "y", "n"}  # read back as no string
 
 
-def read_counts(path, block_entries: int = 50_000_000, duplicate_names: str = "make_unique") -> ad.AnnData:
+def read_counts(path, block_entries: int = 50_000_000, duplicate_names: str = "make_unique",
+                layer: str | None = None) -> ad.AnnData:
     """Load an .h5ad as checked integer counts in CSR, with unique cell and gene names.
 
     See ``read_counts_with_renames``, which also says which names were changed.
     """
-    return read_counts_with_renames(path, block_entries, duplicate_names)[0]
+    return read_counts_with_renames(path, block_entries, duplicate_names, layer)[0]
 
 
-def read_counts_with_renames(path, block_entries: int = 50_000_000,
-                             duplicate_names: str = "make_unique") -> tuple[ad.AnnData, dict]:
+def read_counts_with_renames(path, block_entries: int = 50_000_000, duplicate_names: str = "make_unique",
+                             layer: str | None = None) -> tuple[ad.AnnData, dict]:
     """Load an .h5ad as checked integer counts in CSR, the layout every later step expects.
 
-    Repeated obs or var names (a gene symbol listed twice is common, and its counts are still
-    valid) break the posterior's coordinates much later, so they are handled here, before X is
-    read: ``make_unique`` suffixes repeats as anndata's ``var_names_make_unique`` does (-1, -2,
-    ...), ``error`` stops. The second value records the renames for qc.json: per axis, the count
-    and original -> new names of at most RENAMED_RECORD_LIMIT renamed entries.
+    ``layer`` names the matrix holding the counts: None for X, a key of ``adata.layers``, or
+    ``raw`` for ``adata.raw.X`` with ``adata.raw.var`` as genes (scanpy and CELLxGENE files keep
+    the counts there and normalised values in X). The result has the counts in X. When the
+    matrix holds no counts but another one of the file does, the error names the config line
+    that reads it.
 
-    X is read from disk one block of cells at a time (``block_entries`` dense entries or
-    stored values), and each block is checked and shrunk to int32 CSR before the next is
-    read. So a file whose X would not fit in memory as stored (dense, or float64 values with
-    int64 indices) loads as long as its non-zero counts fit.
+    Repeated obs or var names (a gene symbol listed twice is common, and its counts are still
+    valid) break the posterior's coordinates much later, so they are handled here, before the
+    counts are read: ``make_unique`` suffixes repeats as anndata's ``var_names_make_unique``
+    does (-1, -2, ...), ``error`` stops. The second value records the renames for qc.json: per
+    axis, the count and original -> new names of at most RENAMED_RECORD_LIMIT renamed entries.
+
+    The matrix is read from disk one block of cells at a time (``block_entries`` dense entries
+    or stored values), and each block is checked and shrunk to int32 CSR before the next is
+    read. So a file whose matrix would not fit in memory as stored (dense, or float64 values
+    with int64 indices) loads as long as its non-zero counts fit. The file is opened with h5py,
+    not anndata's backed mode, which would load every layer and obsm into memory.
     """
     if duplicate_names not in DUPLICATE_NAME_ACTIONS:
         raise InputError("config", "load.duplicate_names", f"unknown action {duplicate_names!r}",
@@ -52,32 +68,136 @@ def read_counts_with_renames(path, block_entries: int = 50_000_000,
     if not path.is_file():
         raise InputError(path, "file", "file not found", "check the path, or create the file before running")
     try:
-        with warnings.catch_warnings():
-            # Its advice (call var_names_make_unique) is what duplicate_names does next.
-            warnings.filterwarnings("ignore", message=".* names are not unique", category=UserWarning)
-            backed = ad.read_h5ad(path, backed="r")
-    except Exception as error:  # h5py and anndata raise many types for a bad file
-        raise InputError(
-            path, "file", f"not a readable .h5ad file ({type(error).__name__}: {error})",
-            "write the counts with anndata's AnnData.write_h5ad",
-        ) from error
-    try:
-        if backed.X is None:
-            raise InputError(path, "X", "the file has no X matrix", "store the raw counts in X")
-        obs, var, uns = backed.obs.copy(), backed.var.copy(), dict(backed.uns)
-        _require_cells_and_genes(*backed.shape, path)
+        file = h5py.File(path, "r")
+    except OSError as error:
+        raise InputError(path, "file", f"not a readable .h5ad file ({type(error).__name__}: {error})",
+                         "write the counts with anndata's AnnData.write_h5ad") from error
+    with file:
+        matrix, field = _stored_matrix(file, layer, path)
+        obs = _read_element(file, "obs", path)
+        var = _read_element(file, "raw/var" if layer == RAW_LAYER else "var", path)
+        uns = _read_element(file, "uns", path) if "uns" in file else {}
+        if matrix.shape != (len(obs), len(var)):
+            raise InputError(path, field, f"shape {matrix.shape} differs from obs x var ({len(obs)} x {len(var)})",
+                             "write the file again with anndata's AnnData.write_h5ad")
+        _require_cells_and_genes(*matrix.shape, path, field)
         renamed = {}
         for axis, frame in (("obs", obs), ("var", var)):
             frame.index, renamed[axis] = _unique_names(frame.index, axis, duplicate_names, path)
-        blocks = [
-            _checked_block(backed.X[start : start + size], obs.index[start : start + size], var.index, path)
-            for start, size in _cell_blocks(backed, block_entries)
-        ]
-    finally:
-        backed.file.close()
+        try:
+            blocks = [
+                _checked_block(matrix[start : start + size], obs.index[start : start + size], var.index, path, field)
+                for start, size in _cell_blocks(matrix, block_entries)
+            ]
+        except InputError as error:
+            fix = _counts_elsewhere(file, field, block_entries)
+            if fix is None:
+                raise
+            raise InputError(error.source, error.field, error.problem, fix) from None
     dtype = max((block.dtype for block in blocks), key=lambda d: d.itemsize)
     counts = sp.vstack([block.astype(dtype, copy=False) for block in blocks], format="csr")
     return ad.AnnData(X=counts, obs=obs, var=var, uns=uns), renamed
+
+
+def _matrix_key(layer) -> str:
+    """Where the matrix named by ``load.layer`` lies in the file."""
+    return "X" if layer is None else "raw/X" if layer == RAW_LAYER else f"layers/{layer}"
+
+
+def _matrix_field(layer) -> str:
+    """How errors name the matrix of ``load.layer``."""
+    return "X" if layer is None else "raw.X" if layer == RAW_LAYER else f"layers[{layer!r}]"
+
+
+def _stored_matrix(file: h5py.File, layer, source):
+    """The matrix ``load.layer`` names, as it lies on disk, and the field that names it in errors."""
+    field = _matrix_field(layer)
+    if layer is None and "X" not in file:
+        raise InputError(source, field, f"the file has no X matrix ({_available_matrices(file)})",
+                         "store the raw counts in X, or set load.layer to the layer holding them")
+    if layer == RAW_LAYER and "raw/X" not in file:
+        raise InputError(source, "raw", f"the file has no adata.raw ({_available_matrices(file)})",
+                         "set load.layer to one of the layers, or remove it to read X")
+    if layer not in (None, RAW_LAYER) and layer not in _layer_names(file):
+        raise InputError(source, field, f"no such layer ({_available_matrices(file)})",
+                         "set load.layer to one of the layers, raw for adata.raw, or remove it to read X")
+    return _on_disk(file[_matrix_key(layer)], field, source), field
+
+
+def _layer_names(file: h5py.File) -> list[str]:
+    return list(file["layers"].keys()) if isinstance(file.get("layers"), h5py.Group) else []
+
+
+def _available_matrices(file: h5py.File) -> str:
+    return f"layers: {_layer_names(file)}; adata.raw: {'present' if 'raw/X' in file else 'absent'}"
+
+
+def _on_disk(element, field, source):
+    """A sparse dataset or an h5py dataset: both read a block of rows without loading the rest."""
+    if isinstance(element, h5py.Dataset) and element.ndim == 2:
+        return element
+    encoding = element.attrs.get("encoding-type")
+    if isinstance(element, h5py.Group) and encoding in SPARSE_ENCODINGS:
+        return sparse_dataset(element)
+    raise InputError(source, field, f"not a matrix (stored as {encoding or type(element).__name__!r})",
+                     "store the counts as a sparse or dense matrix with anndata's AnnData.write_h5ad")
+
+
+def _read_element(file: h5py.File, key: str, source):
+    try:
+        return read_elem(file[key])
+    except Exception as error:  # h5py and anndata raise many types for a missing or outdated element
+        raise InputError(source, key, f"not readable ({type(error).__name__}: {error})",
+                         "write the file again with a current anndata's AnnData.write_h5ad") from error
+
+
+def _counts_elsewhere(file: h5py.File, chosen: str, block_entries: int) -> str | None:
+    """The fix naming the config line that reads another matrix of the file holding counts, if any.
+
+    Only the first cells of each matrix are read, so the error comes fast on big files. Layers
+    named like counts come first; a layer named ``raw`` cannot be chosen (that name reads adata.raw).
+    """
+    layers = [name for name in _layer_names(file) if name != RAW_LAYER]
+    named_counts = [name for name in layers if "count" in name.lower()]
+    found = []
+    for layer in [*named_counts, RAW_LAYER, None, *(name for name in layers if name not in named_counts)]:
+        field = _matrix_field(layer)
+        if field == chosen or _matrix_key(layer) not in file:
+            continue
+        try:
+            matrix = _on_disk(file[_matrix_key(layer)], field, file.filename)
+            _, size = _cell_blocks(matrix, min(block_entries, CANDIDATE_ENTRIES))[0]
+            if _holds_counts(matrix[:size]):
+                found.append((layer, field))
+        except Exception:  # an unreadable matrix is not where the counts are; the original error stands
+            continue
+    if not found:
+        return None
+    (layer, field), others = found[0], [other for _, other in found[1:]]
+    where = f"the raw counts are in {field}" + (f" (integers also in {', '.join(others)})" if others else "")
+    if layer is None:
+        return f"{where}: remove load.layer from this data set's config"
+    line = f'"load: {{layer: {_yaml_scalar(layer)}}}"'
+    if chosen == "X":
+        return f"{where}: add {line} to this data set's config"
+    return f"{where}: set {line} in this data set's config"
+
+
+def _holds_counts(block) -> bool:
+    """Whether a block holds some counts and nothing else: real, finite, non-negative integers."""
+    values = _as_csr(block).data
+    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
+        return False
+    if np.issubdtype(values.dtype, np.floating) and not np.all(np.isfinite(values) & (values == np.round(values))):
+        return False
+    return bool(np.count_nonzero(values)) and bool(np.all(values >= 0))
+
+
+def _yaml_scalar(name: str) -> str:
+    """The name as YAML reads it back as the same string: bare when safe, else single-quoted."""
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name) and name.lower() not in YAML_WORDS:
+        return name
+    return "'" + name.replace("'", "''") + "'"
 
 
 def _unique_names(names: pd.Index, axis: str, duplicate_names: str, source) -> tuple[pd.Index, dict]:
@@ -103,17 +223,17 @@ def _unique_names(names: pd.Index, axis: str, duplicate_names: str, source) -> t
     return unique, {"count": len(changed), "names": record}
 
 
-def _cell_blocks(backed: ad.AnnData, block_entries: int):
-    """(first cell, number of cells) of each block read from disk."""
-    n_cells, n_genes = backed.shape
+def _cell_blocks(matrix, block_entries: int):
+    """(first cell, number of cells) of each block of a matrix on disk."""
+    n_cells, n_genes = matrix.shape
     stored = n_genes * n_cells
-    if isinstance(backed.X, ad.abc.CSRDataset):
-        stored = backed.X.group["data"].shape[0]
+    if isinstance(matrix, ad.abc.CSRDataset):
+        stored = matrix.group["data"].shape[0]
     size = max(1, int(block_entries * n_cells / max(stored, 1)))
     return [(start, size) for start in range(0, n_cells, size)]
 
 
-def _checked_block(block, cell_names, gene_names, source) -> sp.csr_matrix:
+def _checked_block(block, cell_names, gene_names, source, field) -> sp.csr_matrix:
     """One block of cells from disk as validated, canonical counts in the smallest integer type.
 
     The stored values are checked before repeated (cell, gene) entries are summed: -1 and +3, or
@@ -121,25 +241,29 @@ def _checked_block(block, cell_names, gene_names, source) -> sp.csr_matrix:
     """
     counts = _as_csr(block)
     validate_counts(ad.AnnData(X=counts, obs=pd.DataFrame(index=cell_names), var=pd.DataFrame(index=gene_names)),
-                    source)
+                    source, field)
     counts.sum_duplicates()
     counts.eliminate_zeros()
-    return _as_smallest_integer(counts, source)
+    return _as_smallest_integer(counts, source, field)
 
 
-def validate_counts(adata: ad.AnnData, source) -> None:
-    """Reject anything that is not a matrix of raw counts, naming the first bad entry so it can be found."""
-    _require_cells_and_genes(adata.n_obs, adata.n_vars, source)
+def validate_counts(adata: ad.AnnData, source, field="X") -> None:
+    """Reject anything that is not a matrix of raw counts, naming the first bad entry so it can be found.
+
+    ``field`` names the matrix of the file that ``adata.X`` was read from.
+    """
+    _require_cells_and_genes(adata.n_obs, adata.n_vars, source, field)
     counts = _as_csr(adata.X)
     values = counts.data
     if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
-        raise InputError(source, "X", f"dtype {values.dtype} is not a real number type", RAW_COUNTS_FIX)
+        raise InputError(source, field, f"dtype {values.dtype} is not a real number type", RAW_COUNTS_FIX)
     if np.issubdtype(values.dtype, np.floating):
-        _reject_entries(adata, counts, ~np.isfinite(values), source, "non-finite values (NaN or inf)",
+        _reject_entries(adata, counts, ~np.isfinite(values), source, field, "non-finite values (NaN or inf)",
                         "replace missing counts by 0 or remove the affected cells; " + RAW_COUNTS_FIX)
-    _reject_entries(adata, counts, values < 0, source, "negative values", RAW_COUNTS_FIX)
+    _reject_entries(adata, counts, values < 0, source, field, "negative values", RAW_COUNTS_FIX)
     if np.issubdtype(values.dtype, np.floating):
-        _reject_entries(adata, counts, values != np.round(values), source, "non-integer values", RAW_COUNTS_FIX)
+        _reject_entries(adata, counts, values != np.round(values), source, field, "non-integer values",
+                        RAW_COUNTS_FIX)
 
 
 def qc_report(adata: ad.AnnData) -> dict:
@@ -244,10 +368,10 @@ def write_counts(adata: ad.AnnData, path) -> None:
         adata.write_h5ad(temporary_path)
 
 
-def _require_cells_and_genes(n_cells: int, n_genes: int, source) -> None:
+def _require_cells_and_genes(n_cells: int, n_genes: int, source, field) -> None:
     if n_cells == 0 or n_genes == 0:
         raise InputError(
-            source, "X", f"the matrix is empty ({n_cells} cells x {n_genes} genes)",
+            source, field, f"the matrix is empty ({n_cells} cells x {n_genes} genes)",
             "pass a file with at least one cell and one gene",
         )
 
@@ -285,7 +409,7 @@ def _duplicate_cell_mask(counts: sp.csr_matrix) -> np.ndarray:
     return duplicate
 
 
-def _reject_entries(adata, counts, bad, source, what, fix) -> None:
+def _reject_entries(adata, counts, bad, source, field, what, fix) -> None:
     """Raise for the stored entries flagged in `bad`, naming the first one by cell and gene."""
     n_bad = int(np.count_nonzero(bad))
     if n_bad == 0:
@@ -295,16 +419,16 @@ def _reject_entries(adata, counts, bad, source, what, fix) -> None:
     gene = adata.var_names[counts.indices[first]]
     value = counts.data[first]
     raise InputError(
-        source, "X",
-        f"{n_bad} {what} (first: cell {adata.obs_names[row]!r}, gene {gene!r} = {value:g})", fix,
+        source, field,
+        f"{n_bad:,} {what} (first: cell {adata.obs_names[row]!r}, gene {gene!r} = {value:g})", fix,
     )
 
 
-def _as_smallest_integer(counts: sp.csr_matrix, source) -> sp.csr_matrix:
+def _as_smallest_integer(counts: sp.csr_matrix, source, field) -> sp.csr_matrix:
     """Store checked counts as int32 when they fit (halves memory), else int64."""
     largest = counts.data.max() if counts.nnz else 0
     if largest > np.iinfo(np.int64).max:
-        raise InputError(source, "X", f"count {largest:g} is too large for a 64-bit integer", RAW_COUNTS_FIX)
+        raise InputError(source, field, f"count {largest:g} is too large for a 64-bit integer", RAW_COUNTS_FIX)
     dtype = np.int32 if largest <= np.iinfo(np.int32).max else np.int64
     return counts.astype(dtype, copy=False)
 

@@ -40,6 +40,8 @@ def atomic_output(path):
     temporary = Path(temporary_name)
     try:
         yield temporary
+        # mkstemp makes the file 0600; a result should be as readable as any file the user makes.
+        os.chmod(temporary, 0o666 & ~current_umask())
         os.replace(temporary, path)
     except BaseException as error:
         # Measured before the partial file goes: its size is the best estimate of what is needed.
@@ -48,6 +50,20 @@ def atomic_output(path):
         if disk_full:
             raise DiskFullError(disk_full) from error
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read from /proc where it is there: setting it to read it (the only
+    portable way) would briefly change it for every thread."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def write_json(data: dict, path) -> None:

@@ -8,9 +8,6 @@ rule cell_cycle:
         lists=cell_cycle_lists,
     output:
         f"{RESULTS}/{{dataset}}/cell_cycle.tsv",
-    params:
-        code=CODE_VERSION,
-        settings=section("cell_cycle"),
     log:
         f"{RESULTS}/{{dataset}}/logs/cell_cycle.log",
     benchmark:
@@ -20,5 +17,8 @@ rule cell_cycle:
     resources:
         mem_mb=scaled_mem_mb(1000, 6),
         runtime=scaled_runtime(10, 20),
+    params:
+        code=CODE_VERSION,
+        settings=section("cell_cycle"),
     script:
         "../scripts/cell_cycle.py"

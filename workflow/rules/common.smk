@@ -28,8 +28,10 @@ except WorkflowError as error:
     where = ".".join(str(part) for part in cause.absolute_path) or "(top level)"
     problem = cause.message
     if "propertyNames" in cause.schema_path:
-        problem = (f"{cause.instance!r} is not a valid data set name (it becomes results/{{name}}/: use only "
-                   "A-Z a-z 0-9 _ . - and not only dots)")
+        problem = (
+            f"{cause.instance!r} is not a valid data set name (it becomes results/{{name}}/: use only "
+            "A-Z a-z 0-9 _ . - and not only dots)"
+        )
     raise WorkflowError(
         f"config: {where}: {problem}; fix: see workflow/schemas/config.schema.yaml "
         "or the README's configuration reference"
@@ -123,7 +125,7 @@ def contrast_of(wildcards):
 
 
 def all_outputs():
-    names = ("trace.nc", "summary.csv", "genes.tsv", "elbo.tsv", "elbo.png")
+    names = ("trace.nc", "summary.csv", "genes.tsv", "cells.tsv", "scnbvi.h5ad", "elbo.tsv", "elbo.png")
     outputs = [f"{RESULTS}/{d}/{name}" for d in DATASETS for name in names]
     for d in DATASETS:
         for name in contrasts(d):

@@ -1,9 +1,6 @@
 rule simulate:
     output:
         f"{RESULTS}/{{dataset}}/simulated.h5ad",
-    params:
-        code=CODE_VERSION,
-        settings=section("simulate"),
     log:
         f"{RESULTS}/{{dataset}}/logs/simulate.log",
     benchmark:
@@ -13,6 +10,9 @@ rule simulate:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        code=CODE_VERSION,
+        settings=section("simulate"),
     script:
         "../scripts/simulate.py"
 
@@ -21,11 +21,9 @@ rule load:
     input:
         input_h5ad,
     output:
-        h5ad=f"{RESULTS}/{{dataset}}/validated.h5ad",
+        # Only slice reads it: deleted once sliced.h5ad is written, so that a run keeps one copy of the counts.
+        h5ad=temp(f"{RESULTS}/{{dataset}}/validated.h5ad"),
         qc=f"{RESULTS}/{{dataset}}/qc.json",
-    params:
-        code=CODE_VERSION,
-        settings=section("load"),
     log:
         f"{RESULTS}/{{dataset}}/logs/load.log",
     benchmark:
@@ -35,6 +33,9 @@ rule load:
     resources:
         mem_mb=scaled_mem_mb(1000, 6),
         runtime=scaled_runtime(10, 20),
+    params:
+        code=CODE_VERSION,
+        settings=section("load"),
     script:
         "../scripts/load.py"
 
@@ -44,9 +45,6 @@ rule slice:
         f"{RESULTS}/{{dataset}}/validated.h5ad",
     output:
         f"{RESULTS}/{{dataset}}/sliced.h5ad",
-    params:
-        code=CODE_VERSION,
-        settings=section("slice"),
     log:
         f"{RESULTS}/{{dataset}}/logs/slice.log",
     benchmark:
@@ -56,6 +54,9 @@ rule slice:
     resources:
         mem_mb=scaled_mem_mb(1000, 6),
         runtime=scaled_runtime(10, 20),
+    params:
+        code=CODE_VERSION,
+        settings=section("slice"),
     script:
         "../scripts/slice.py"
 
@@ -69,11 +70,6 @@ rule covariates:
         cells=f"{RESULTS}/{{dataset}}/covariates_cells.tsv",
         genes=f"{RESULTS}/{{dataset}}/covariates_genes.tsv",
         design=f"{RESULTS}/{{dataset}}/design.json",
-    params:
-        code=CODE_VERSION,
-        settings=section("covariates"),
-        design=section("design"),
-        contrasts=section("contrasts"),
     log:
         f"{RESULTS}/{{dataset}}/logs/covariates.log",
     benchmark:
@@ -83,5 +79,10 @@ rule covariates:
     resources:
         mem_mb=scaled_mem_mb(1000, 4),
         runtime=scaled_runtime(10, 10),
+    params:
+        code=CODE_VERSION,
+        settings=section("covariates"),
+        design=section("design"),
+        contrasts=section("contrasts"),
     script:
         "../scripts/covariates.py"

@@ -8,21 +8,24 @@ rule fit:
         trace=f"{RESULTS}/{{dataset}}/trace.nc",
         elbo=f"{RESULTS}/{{dataset}}/elbo.tsv",
         stats=f"{RESULTS}/{{dataset}}/fit_stats.json",
-    params:
-        code=CODE_VERSION,
-        inference=section("inference"),
-        model=section("model"),
-        backend=config["backend"],
-    threads: config["threads"]
+        cells=f"{RESULTS}/{{dataset}}/cells.tsv",
     log:
         f"{RESULTS}/{{dataset}}/logs/fit.log",
     benchmark:
         f"{RESULTS}/{{dataset}}/benchmarks/fit.tsv"
     conda:
         "../../envs/fit.yaml"
+    threads: config["threads"]
     resources:
         mem_mb=scaled_mem_mb(2000, 8),
         runtime=fit_runtime,
+    params:
+        code=CODE_VERSION,
+        inference=section("inference"),
+        model=section("model"),
+        backend=config["backend"],
+        # Not an output: Snakemake would delete it before a rerun, which must resume from it.
+        checkpoint=lambda wildcards: f"{RESULTS}/{wildcards.dataset}/fit.checkpoint",
     script:
         "../scripts/fit.py"
 
@@ -31,6 +34,10 @@ rule summary:
     input:
         trace=f"{RESULTS}/{{dataset}}/trace.nc",
         h5ad=f"{RESULTS}/{{dataset}}/sliced.h5ad",
+        cells=f"{RESULTS}/{{dataset}}/cells.tsv",
+        stats=f"{RESULTS}/{{dataset}}/fit_stats.json",
+        design=f"{RESULTS}/{{dataset}}/design.json",
+        qc=f"{RESULTS}/{{dataset}}/qc.json",
     output:
         summary=report(
             f"{RESULTS}/{{dataset}}/summary.csv",
@@ -44,8 +51,7 @@ rule summary:
             category="Posterior",
             subcategory="{dataset}",
         ),
-    params:
-        code=CODE_VERSION,
+        h5ad=f"{RESULTS}/{{dataset}}/scnbvi.h5ad",
     log:
         f"{RESULTS}/{{dataset}}/logs/summary.log",
     benchmark:
@@ -55,6 +61,10 @@ rule summary:
     resources:
         mem_mb=scaled_mem_mb(2000, 4),
         runtime=scaled_runtime(30, 20),
+    params:
+        code=CODE_VERSION,
+        inference=section("inference"),
+        model=section("model"),
     script:
         "../scripts/summary.py"
 
@@ -63,15 +73,28 @@ rule plot_elbo:
     input:
         elbo=f"{RESULTS}/{{dataset}}/elbo.tsv",
         stats=f"{RESULTS}/{{dataset}}/fit_stats.json",
+        qc=f"{RESULTS}/{{dataset}}/qc.json",
+        cells=f"{RESULTS}/{{dataset}}/covariates_cells.tsv",
+        genes=f"{RESULTS}/{{dataset}}/covariates_genes.tsv",
     output:
-        report(
+        plot=report(
             f"{RESULTS}/{{dataset}}/elbo.png",
             caption="../report/elbo.rst",
             category="Convergence",
             subcategory="{dataset}",
         ),
-    params:
-        code=CODE_VERSION,
+        qc=report(
+            f"{RESULTS}/{{dataset}}/qc.html",
+            caption="../report/qc.rst",
+            category="Quality control",
+            subcategory="{dataset}",
+        ),
+        fit=report(
+            f"{RESULTS}/{{dataset}}/fit_stats.html",
+            caption="../report/fit_stats.rst",
+            category="Convergence",
+            subcategory="{dataset}",
+        ),
     log:
         f"{RESULTS}/{{dataset}}/logs/plot_elbo.log",
     benchmark:
@@ -81,6 +104,8 @@ rule plot_elbo:
     resources:
         mem_mb=scaled_mem_mb(1000, 20),
         runtime=scaled_runtime(10, 5),
+    params:
+        code=CODE_VERSION,
     script:
         "../scripts/plot_elbo.py"
 
@@ -111,10 +136,6 @@ rule de:
             category="Differential expression",
             subcategory="{dataset}",
         ),
-    params:
-        code=CODE_VERSION,
-        contrast=contrast_of,
-        settings=section("de"),
     log:
         f"{RESULTS}/{{dataset}}/logs/de/{{contrast}}.log",
     benchmark:
@@ -124,5 +145,9 @@ rule de:
     resources:
         mem_mb=scaled_mem_mb(2000, 4),
         runtime=scaled_runtime(15, 20),
+    params:
+        code=CODE_VERSION,
+        contrast=contrast_of,
+        settings=section("de"),
     script:
         "../scripts/de.py"

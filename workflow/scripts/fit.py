@@ -8,7 +8,7 @@ def main(snakemake):
     from scnbvi.design import read_design
     from scnbvi.inference import InferenceSettings, fit
     from scnbvi.outputs import atomic_output, code_version, write_json, write_table
-    from scnbvi.posterior import draw_posterior
+    from scnbvi.posterior import sample_posterior, write_trace
 
     adata = ad.read_h5ad(snakemake.input.h5ad)
     cells, genes = aligned_covariates(snakemake.input.cells, snakemake.input.genes, adata)
@@ -25,12 +25,18 @@ def main(snakemake):
         cell_names=adata.obs_names,
         gene_names=adata.var_names,
         design=design if design.n_coefficients else None,
+        checkpoint_path=snakemake.params.checkpoint,
     )
-    idata = draw_posterior(model, result, settings.draws, settings.seed, attrs={"gene_dispersion": int(gene_dispersion)})
+    max_cells = snakemake.params.inference["cell_draws_max_cells"]
+    idata, cell_moments = sample_posterior(
+        model, result, settings.draws, settings.seed, max_cells=max_cells,
+        attrs={"gene_dispersion": int(gene_dispersion), "cell_draws_max_cells": max_cells},
+    )
     write_table(result.elbo_table(), snakemake.output.elbo, index=False)
     write_json({**result.statistics(), **code_version()}, snakemake.output.stats)
+    write_table(cell_moments.join(cells), snakemake.output.cells)
     with atomic_output(snakemake.output.trace) as path:
-        idata.to_netcdf(str(path))
+        write_trace(idata, path)
 
 
 run(snakemake, main)

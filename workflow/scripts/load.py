@@ -9,8 +9,8 @@ def main(snakemake):
     from scnbvi.outputs import code_version, write_json
 
     settings = dict(snakemake.params.settings)
-    duplicate_names = settings.pop("duplicate_names")
-    adata, renamed = read_counts_with_renames(snakemake.input[0], duplicate_names=duplicate_names)
+    duplicate_names, layer = settings.pop("duplicate_names"), settings.pop("layer")
+    adata, renamed = read_counts_with_renames(snakemake.input[0], duplicate_names=duplicate_names, layer=layer)
     report = {"input": str(snakemake.input[0]), "code_version": code_version(), "renamed": renamed,
               "before": qc_report(adata)}
     adata = apply_qc_actions(adata, **settings)

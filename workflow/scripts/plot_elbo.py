@@ -1,5 +1,50 @@
 from _runner import run
 
+# Load-time QC quantity -> the `load` setting that acts on it.
+QC_ACTIONS = {"all_zero_cells": "zero_cells", "all_zero_genes": "zero_genes", "duplicate_cells": "duplicate_cells"}
+
+
+def qc_rows(qc: dict) -> list[dict]:
+    """qc.json as rows a person reads: each quantity before and after load, and what load did."""
+    rows = [
+        {"quantity": name, "before load": qc["before"].get(name, ""), "after load": qc["after"].get(name, ""),
+         "load action": qc["actions"].get(QC_ACTIONS.get(name), "")}
+        for name in dict.fromkeys([*qc["before"], *qc["after"]])
+    ]
+    rows += [
+        {"quantity": f"{axis} names made unique", "before load": "", "after load": renamed["count"],
+         "load action": qc["actions"].get("duplicate_names", "")}
+        for axis, renamed in qc.get("renamed", {}).items()
+    ]
+    return rows
+
+
+def fit_rows(stats: dict, n_cells: int, n_genes: int) -> list[dict]:
+    """fit_stats.json's plain values, after the size of the data and the ELBO per observation."""
+    per_observation = stats.get("final_eval_elbo")
+    if per_observation is not None:
+        per_observation /= n_cells * n_genes
+    first = {"cells": n_cells, "genes": n_genes, "final fixed-cells ELBO per observation": per_observation}
+    values = {**first, **{key: value for key, value in stats.items() if not isinstance(value, (dict, list))}}
+    return [{"statistic": key, "value": "" if value is None else f"{value:.6g}" if isinstance(value, float) else value}
+            for key, value in values.items()]
+
+
+def write_html_table(rows: list[dict], title: str, path):
+    """A standalone HTML table: the one kind of table the Snakemake report shows inline."""
+    from html import escape
+
+    import pandas as pd
+
+    from scnbvi.outputs import atomic_output
+
+    table = pd.DataFrame(rows).to_html(index=False, border=0, na_rep="")
+    style = ("body{font-family:sans-serif;font-size:13px} table{border-collapse:collapse}"
+             "th,td{padding:2px 10px;text-align:left;border-bottom:1px solid #ddd}")
+    with atomic_output(path) as temporary:
+        temporary.write_text(f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{escape(title)}</title>"
+                             f"<style>{style}</style></head>\n<body><h3>{escape(title)}</h3>\n{table}\n</body></html>\n")
+
 
 def main(snakemake):
     import json
@@ -9,16 +54,19 @@ def main(snakemake):
     from scnbvi.outputs import atomic_output
     from scnbvi.plotting import plot_elbo
 
+    dataset = snakemake.wildcards.dataset
     elbo = pd.read_csv(snakemake.input.elbo, sep="\t")
     stats = json.loads(open(snakemake.input.stats).read())
-    with atomic_output(snakemake.output[0]) as path:
-        plot_elbo(
-            elbo,
-            path,
-            converged=stats["converged"],
-            stop_reason=stats["stop_reason"],
-            title=f"{snakemake.wildcards.dataset}: {stats['stop_reason']}",
-        )
+    qc = json.loads(open(snakemake.input.qc).read())
+    # The fitted cells and genes: one row each in the covariate tables.
+    n_cells = len(pd.read_csv(snakemake.input.cells, sep="\t", usecols=[0]))
+    n_genes = len(pd.read_csv(snakemake.input.genes, sep="\t", usecols=[0]))
+    with atomic_output(snakemake.output.plot) as path:
+        plot_elbo(elbo, path, stats=stats, n_observations=n_cells * n_genes,
+                  title=f"{dataset} ({n_cells:,} cells x {n_genes:,} genes): {stats['stop_reason']}")
+    write_html_table(qc_rows(qc), f"{dataset}: quality report of the input (qc.json)", snakemake.output.qc)
+    write_html_table(fit_rows(stats, n_cells, n_genes), f"{dataset}: how the fit went (fit_stats.json)",
+                     snakemake.output.fit)
 
 
 run(snakemake, main)

@@ -15,8 +15,9 @@ engine-agnostic. One concept per module:
 - ``progress``: log lines
 - ``elbo``: parameter layout, entropies, fixed draws, the full-data ELBO
 - ``divergence``: the error of a non-finite loss
+- ``checkpoint``: saving and resuming a running fit
 - ``jax_graph``: the PyTensor graph as JAX functions
-- ``pymc_engine``, ``jax_engine``: the engines, ``run(model, sampler, settings, backend)``
+- ``pymc_engine``, ``jax_engine``: the engines, ``run(model, sampler, settings, backend, checkpoint)``
 - ``advi``: ``fit``
 """
 

@@ -13,6 +13,7 @@ from scnbvi.design import Design
 from scnbvi.errors import InputError
 from scnbvi.inference import jax_engine, pymc_engine
 from scnbvi.inference.backends import engine_for, require_backend
+from scnbvi.inference.checkpoint import Checkpoint, fingerprint
 from scnbvi.inference.initialization import data_driven_initvals
 from scnbvi.inference.memory import check_memory
 from scnbvi.inference.settings import FitResult, InferenceSettings, effective_settings
@@ -20,7 +21,7 @@ from scnbvi.model import build_model
 
 log = logging.getLogger("scnbvi")
 
-# Every engine is ``run(model, sampler, settings, backend) -> FitResult``.
+# Every engine is ``run(model, sampler, settings, backend, checkpoint) -> FitResult``.
 ENGINES = {"pymc": pymc_engine.run, "jax": jax_engine.run}
 
 
@@ -50,11 +51,13 @@ def fit(
     cell_names=None,
     gene_names=None,
     design: Design | None = None,
+    checkpoint_path=None,
 ) -> tuple[pm.Model, FitResult]:
     """Fit the model to a sparse cells x genes count matrix; returns the model and the fit.
 
     ``design``: per-cell covariates (:func:`scnbvi.design.build_design`), each with one
-    effect per gene.
+    effect per gene. ``checkpoint_path``: where the fit saves its progress every
+    ``settings.checkpoint_minutes`` and when asked to stop, and resumes from (jax engine).
     """
     require_backend(backend)
     engine = engine_for(backend)
@@ -78,7 +81,16 @@ def fit(
         design=None if design is None else design.matrix,
         coefficient_names=None if design is None else design.names,
     )
-    result = ENGINES[engine](model, sampler, settings, backend)
+    checkpoint = None
+    if checkpoint_path is not None:
+        arrays = {"cell_log_offset": cell_log_offset, "gene_log_offset": gene_log_offset,
+                  "design": np.zeros((0, 0)) if design is None else design.matrix}
+        options = {"backend": backend, "gene_dispersion": gene_dispersion}
+        checkpoint = Checkpoint(checkpoint_path, fingerprint(counts, arrays, settings, options),
+                                60 * settings.checkpoint_minutes)
+    result = ENGINES[engine](model, sampler, settings, backend, checkpoint)
+    if checkpoint is not None:
+        checkpoint.remove()
     log.info(
         "stopped after %d steps (%.2f epochs, %.1f s, compile %.1f s, %d learning-rate decays, final %g): %s",
         result.steps, result.epochs, result.fit_seconds, result.compile_seconds, result.decays,

@@ -13,6 +13,8 @@ in one jitted program and ``run`` drives chunks, checks and the stopping rule.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import time
 from functools import partial
@@ -23,6 +25,7 @@ import pymc as pm
 
 from scnbvi.batches import BATCH_LAYOUT, BatchSampler, nonzero_capacity, pad_nonzeros
 from scnbvi.inference.averaging import IterateAverage
+from scnbvi.inference.checkpoint import Checkpoint
 from scnbvi.inference.divergence import divergence_error
 from scnbvi.inference.elbo import ParameterLayout, evaluation_cells, fixed_normal_draws
 from scnbvi.inference.initialization import initial_std
@@ -161,7 +164,8 @@ def chunk_length(sampler: BatchSampler, settings: InferenceSettings, budget_byte
     return max(1, settings.check_every // pieces)
 
 
-def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, backend: str) -> FitResult:
+def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, backend: str,
+        checkpoint: Checkpoint | None = None) -> FitResult:
     import jax
     import jax.numpy as jnp
     import optax
@@ -196,35 +200,59 @@ def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, bac
     checks: list[tuple[int, float]] = []
     converged = False
     steps = 0
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        steps, checks, converged = saved["steps"], list(saved["checks"]), saved["converged"]
+        state = jax.tree.map(jnp.asarray, saved["state"])
+        chunks = [jnp.asarray(saved["losses"])]
+        rule.__dict__.update(copy.deepcopy(saved["rule"]))
+        average.__dict__.update(copy.deepcopy(saved["average"]))
+        sampler.set_state(saved["sampler"])
+
+    def progress_so_far() -> dict:
+        """Everything the next steps depend on, as host arrays."""
+        return {
+            "steps": steps, "checks": list(checks), "converged": converged,
+            "state": jax.tree.map(np.asarray, state),
+            "losses": np.concatenate([np.asarray(c) for c in chunks]),
+            "rule": copy.deepcopy(vars(rule)),
+            "average": {k: jax.tree.map(np.asarray, v) for k, v in vars(average).items()},
+            "sampler": sampler.get_state(),
+        }
+
+    first_step = steps
     t0 = time.perf_counter()
-    while steps < settings.max_iterations and not converged:
-        length = min(chunk, settings.max_iterations - steps, settings.check_every - steps % settings.check_every)
-        batches = stack_batches([sampler.next() for _ in range(length)], sampler.mode)
-        learning_rate = settings.learning_rate * rule.learning_rate_scale
-        if steps == 0:
-            compiling = time.perf_counter()
-            jax.block_until_ready(chunk_program.lower(state, 0, batches, learning_rate).compile())
-            compile_seconds += time.perf_counter() - compiling
-            t0 += time.perf_counter() - compiling
-        state, total, losses = chunk_program(state, steps, batches, learning_rate)
-        if chunks:  # let one chunk run while the next is staged, but never queue more
-            chunks[-1].block_until_ready()
-        if averaging:
-            average.add_sum(total, length)
-        chunks.append(losses)
-        steps += length
-        if steps % settings.check_every == 0:
-            last = float(losses[-1])
-            if not np.isfinite(last):
-                raise divergence_error(steps, settings)
+    with checkpoint.stop_on_signals() if checkpoint is not None else contextlib.nullcontext():
+        while steps < settings.max_iterations and not converged:
+            length = min(chunk, settings.max_iterations - steps, settings.check_every - steps % settings.check_every)
+            batches = stack_batches([sampler.next() for _ in range(length)], sampler.mode)
+            learning_rate = settings.learning_rate * rule.learning_rate_scale
+            if steps == first_step:
+                compiling = time.perf_counter()
+                jax.block_until_ready(chunk_program.lower(state, steps, batches, learning_rate).compile())
+                compile_seconds += time.perf_counter() - compiling
+                t0 += time.perf_counter() - compiling
+            state, total, losses = chunk_program(state, steps, batches, learning_rate)
+            if chunks:  # let one chunk run while the next is staged, but never queue more
+                chunks[-1].block_until_ready()
             if averaging:
-                checks.append((steps, float(evaluate(average.close_window())) + constant))
-                converged = rule.update(checks[-1][1])
+                average.add_sum(total, length)
+            chunks.append(losses)
+            steps += length
+            if steps % settings.check_every == 0:
+                last = float(losses[-1])
+                if not np.isfinite(last):
+                    raise divergence_error(steps, settings)
+                if averaging:
+                    checks.append((steps, float(evaluate(average.close_window())) + constant))
+                    converged = rule.update(checks[-1][1])
+                else:
+                    converged = rule.update(np.concatenate([np.asarray(v) for v in state.params.values()]))
+                progress.check(steps, last - constant, rule)
             else:
-                converged = rule.update(np.concatenate([np.asarray(v) for v in state.params.values()]))
-            progress.check(steps, last - constant, rule)
-        else:
-            progress.step(steps, lambda: float(losses[-1]) - constant)
+                progress.step(steps, lambda: float(losses[-1]) - constant)
+            if checkpoint is not None and not converged and checkpoint.due():
+                checkpoint.save(progress_so_far())
     losses = np.concatenate([np.asarray(c) for c in chunks]) - constant
     fit_seconds = time.perf_counter() - t0
     if not np.all(np.isfinite(losses)):

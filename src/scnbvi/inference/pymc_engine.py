@@ -13,6 +13,7 @@ import pytensor
 from scnbvi.batches import BatchSampler
 from scnbvi.inference.averaging import IterateAverage
 from scnbvi.inference.backends import pytensor_mode
+from scnbvi.inference.checkpoint import Checkpoint
 from scnbvi.inference.divergence import divergence_error
 from scnbvi.inference.elbo import ParameterLayout, evaluation_cells, fixed_normal_draws, gaussian_entropy
 from scnbvi.inference.initialization import initial_std
@@ -20,6 +21,8 @@ from scnbvi.inference.plateau import stopping_rule
 from scnbvi.inference.progress import Progress
 from scnbvi.inference.settings import FitResult, InferenceSettings
 from scnbvi.model import load_batch
+
+log = logging.getLogger("scnbvi")
 
 
 def fixed_cells_elbo(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, layout: ParameterLayout, mode):
@@ -49,7 +52,11 @@ def _quiet(logger: logging.Logger):
         logger.setLevel(level)
 
 
-def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, backend: str) -> FitResult:
+def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, backend: str,
+        checkpoint: Checkpoint | None = None) -> FitResult:
+    if checkpoint is not None:
+        # pm.fit keeps its optimiser state inside its compiled step; only the jax engine resumes.
+        log.info("the pymc engine writes no checkpoints: a killed fit starts over (backend jax resumes)")
     mode = pytensor_mode(backend)
     layout = ParameterLayout.from_model(model)
     averaging = settings.convergence == "elbo"

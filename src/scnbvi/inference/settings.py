@@ -31,6 +31,7 @@ class InferenceSettings:
     eval_samples: int = 4
     memory_limit_gb: float | None = None
     log_every_seconds: float = 10.0
+    checkpoint_minutes: float = 5.0
 
     @classmethod
     def from_config(cls, section: dict) -> InferenceSettings:
@@ -94,7 +95,7 @@ class FitResult:
     def statistics(self) -> dict:
         """How the fit went and the settings it ran with, as plain values (JSON and netCDF safe)."""
         ran_with = {key: value for key, value in asdict(self.settings).items()
-                    if value is not None and key != "log_every_seconds"}
+                    if value is not None and key not in ("log_every_seconds", "checkpoint_minutes")}
         return {
             "engine": self.engine,
             "backend": self.backend,

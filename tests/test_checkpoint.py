@@ -1,0 +1,76 @@
+"""Checkpoints: a fit stopped by a signal resumes with the numbers of a fit never stopped."""
+
+from __future__ import annotations
+
+import signal
+
+import numpy as np
+import pytest
+
+from scnbvi.inference import InferenceSettings, fit
+from scnbvi.inference.checkpoint import FitInterrupted
+from scnbvi.inference.progress import Progress
+from scnbvi.simulate import simulate_counts
+
+pytestmark = pytest.mark.fit
+
+# Checks every 4 steps (400 cells in blocks of 128), a checkpoint whenever one is due.
+SETTINGS = InferenceSettings(max_iterations=200, check_every=1, tolerance=1e-6, draws=10, checkpoint_minutes=0.0,
+                             log_every_seconds=1e9)
+
+
+@pytest.fixture(scope="module")
+def data():
+    adata = simulate_counts(400, 25, seed=5)
+    return adata.X, np.log(adata.obs["depth"].to_numpy() / 1e5), np.zeros(25)
+
+
+def _fit(data, **kwargs):
+    counts, cell_offset, gene_offset = data
+    return fit(counts, cell_offset, gene_offset, SETTINGS, backend="jax", **kwargs)[1]
+
+
+def test_a_fit_stopped_by_sigterm_resumes_to_the_same_numbers(data, tmp_path, monkeypatch):
+    clean = _fit(data)
+    path = tmp_path / "fit.checkpoint"
+    checks_seen = []
+    original_check = Progress.check
+
+    def terminate_at_the_fifth_check(self, step, loss, rule):
+        original_check(self, step, loss, rule)
+        checks_seen.append(step)
+        if len(checks_seen) == 5:
+            signal.raise_signal(signal.SIGTERM)  # as SLURM does before its time limit
+
+    monkeypatch.setattr(Progress, "check", terminate_at_the_fifth_check)
+    with pytest.raises(FitInterrupted, match=r"stopped by SIGTERM at step 20; .*fix: rerun the same command"):
+        _fit(data, checkpoint_path=path)
+    assert path.is_file()
+    monkeypatch.setattr(Progress, "check", original_check)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+    resumed = _fit(data, checkpoint_path=path)
+    assert not path.exists()  # removed once the fit finished
+    assert resumed.steps == clean.steps and resumed.checks == clean.checks
+    np.testing.assert_array_equal(resumed.losses, clean.losses)
+    for name in clean.means:
+        np.testing.assert_array_equal(resumed.means[name], clean.means[name])
+        np.testing.assert_array_equal(resumed.stds[name], clean.stds[name])
+
+
+def test_a_checkpoint_of_other_data_or_settings_is_never_used(data, tmp_path, monkeypatch):
+    path = tmp_path / "fit.checkpoint"
+    original_check = Progress.check
+
+    def terminate(self, step, loss, rule):
+        original_check(self, step, loss, rule)
+        signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(Progress, "check", terminate)
+    with pytest.raises(FitInterrupted):
+        _fit(data, checkpoint_path=path)
+    monkeypatch.setattr(Progress, "check", original_check)
+    counts, cell_offset, gene_offset = data
+    other = fit(counts, cell_offset + 0.1, gene_offset, SETTINGS, backend="jax", checkpoint_path=path)[1]
+    fresh = fit(counts, cell_offset + 0.1, gene_offset, SETTINGS, backend="jax")[1]
+    np.testing.assert_array_equal(other.losses, fresh.losses)

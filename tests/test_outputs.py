@@ -1,0 +1,222 @@
+"""What a user opens: the posterior's per-cell draws and moments, the summary, the AnnData of
+results and its merge into the user's object, and the permissions of result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import anndata as ad
+import arviz as az
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from conftest import REPO, make_adata
+from scnbvi.inference import FitResult, InferenceSettings
+from scnbvi.model import build_model
+from scnbvi.outputs import atomic_output, current_umask, write_json, write_table
+from scnbvi.posterior import draw_posterior, sample_posterior, write_trace
+from scnbvi.summary import fit_record, gene_table, hdf5_safe, posterior_summary, result_anndata
+
+N_CELLS, N_GENES = 40, 6
+README = REPO / "README.md"
+COEFFICIENTS = ["condition[treated]", "batch[b2]"]
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """A model with a design and per-gene dispersion, and a made-up q (no fit needed)."""
+    rng = np.random.default_rng(0)
+    design = np.column_stack([rng.integers(0, 2, N_CELLS), rng.integers(0, 2, N_CELLS)]).astype(float)
+    model = build_model(
+        cell_log_offset=rng.normal(size=N_CELLS), gene_log_offset=np.zeros(N_GENES),
+        cell_names=[f"c{i}" for i in range(N_CELLS)], gene_names=[f"g{g}" for g in range(N_GENES)],
+        design=design, coefficient_names=COEFFICIENTS,
+    )
+    point = model.initial_point()
+    means = {name: rng.normal(size=np.shape(value)) for name, value in point.items()}
+    stds = {name: rng.uniform(0.05, 0.5, size=np.shape(value)) for name, value in point.items()}
+    result = FitResult(means, stds, losses=np.ones(10), checks=[(10, -1.0)], epochs=2.0, converged=True,
+                       fit_seconds=1.0, compile_seconds=0.5, engine="pymc", backend="py",
+                       settings=InferenceSettings(), decays=1, final_learning_rate=0.025)
+    return model, result
+
+
+def test_per_cell_draws_are_kept_for_a_seeded_subset_with_moments_of_every_cell(fitted):
+    model, result = fitted
+    full = draw_posterior(model, result, 300, seed=4)
+    idata, cells = sample_posterior(model, result, 300, seed=4, max_cells=15)  # three chunks of draws
+
+    kept = list(idata.posterior["cell"].values)
+    assert len(kept) == 15 and kept == [name for name in full.posterior["cell"].values if name in kept]
+    assert kept != [f"c{i}" for i in range(15)]  # a seeded choice, not the first cells
+    again, _ = sample_posterior(model, result, 300, seed=4, max_cells=15)
+    assert list(again.posterior["cell"].values) == kept
+    for name in ("z_cell", "cell_effect"):
+        # A kept cell's draws are those it has in a trace of every cell.
+        np.testing.assert_array_equal(idata.posterior[name].values, full.posterior[name].sel(cell=kept).values)
+        draws = full.posterior[name].values[0].astype(np.float64)
+        np.testing.assert_allclose(cells[f"{name}_mean"], draws.mean(axis=0), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(cells[f"{name}_sd"], draws.std(axis=0), rtol=1e-5)
+    for name in ("mu_gene", "z_gene", "alpha", "beta", "tau"):
+        np.testing.assert_array_equal(idata.posterior[name].values, full.posterior[name].values)
+    assert list(cells.index) == [f"c{i}" for i in range(N_CELLS)] and cells.index.name == "cell"
+    assert list(cells.columns) == ["z_cell_mean", "z_cell_sd", "cell_effect_mean", "cell_effect_sd"]
+
+
+def test_cell_effect_moments_match_q_in_closed_form(fitted):
+    """cell_effect = mu_cond + sigma_cond * z_cell, with independent Gaussian mu_cond, z_cell and
+    log sigma_cond under q: its mean and sd are known exactly."""
+    model, result = fitted
+    _, cells = sample_posterior(model, result, 4000, seed=1, max_cells=0)
+    m, s = result.means, result.stds
+    sigma_mean = np.exp(m["sigma_cond_log__"] + s["sigma_cond_log__"] ** 2 / 2)
+    sigma_square = np.exp(2 * m["sigma_cond_log__"] + 2 * s["sigma_cond_log__"] ** 2)
+    mean = m["mu_cond"] + sigma_mean * m["z_cell"]
+    variance = s["mu_cond"] ** 2 + sigma_square * (m["z_cell"] ** 2 + s["z_cell"] ** 2) - (sigma_mean * m["z_cell"]) ** 2
+    sd = np.sqrt(variance)
+    assert np.max(np.abs(cells["cell_effect_mean"] - mean) / sd) < 0.1
+    np.testing.assert_allclose(cells["cell_effect_sd"], sd, rtol=0.06)
+
+
+def test_trace_round_trips_compressed_with_no_per_cell_draws_or_all_of_them(fitted, tmp_path):
+    model, result = fitted
+    for max_cells, n_kept in ((0, 0), (None, N_CELLS), (10**6, N_CELLS)):
+        idata, _ = sample_posterior(model, result, 50, seed=0, max_cells=max_cells, attrs={"cell_draws_max_cells": -1})
+        path = tmp_path / f"trace{n_kept}_{max_cells}.nc"
+        write_trace(idata, path)
+        back = az.from_netcdf(path)
+        assert back.posterior.sizes["cell"] == n_kept and back.posterior.sizes["draw"] == 50
+        assert back.posterior.attrs["cell_draws_max_cells"] == -1
+        np.testing.assert_array_equal(back.posterior["beta"].values, idata.posterior["beta"].values)
+        assert back.posterior["beta"].dtype == np.float32
+    with h5py.File(path) as trace:
+        assert trace["posterior/beta"].compression == "gzip" and trace["posterior/beta"].shuffle
+
+
+def test_summary_leaves_out_per_cell_variables(fitted):
+    model, result = fitted
+    summary = posterior_summary(draw_posterior(model, result, 100, seed=0))
+    assert not summary.index.str.contains(r"^(?:z_cell|cell_effect)\[").any()
+    assert {"mu_gene", "sigma_cond", "tau[batch[b2]]", "beta[g0, condition[treated]]", "z_gene[g5]"} <= set(summary.index)
+    assert list(summary.columns) == ["mean", "sd", "hdi_3%", "hdi_97%"]
+
+
+FIT_STATS = {"engine": "pymc", "backend": "c", "steps": 2000, "epochs": 12.5, "converged": 1,
+             "stop_reason": "converged (elbo rule, tolerance 0.0001)", "fit_seconds": 9.4, "final_eval_elbo": -5.0,
+             "batch_size": 40, "learning_rate": 0.05, "check_every": 300, "eval_samples": 4,
+             "scnbvi_version": "0.1.0", "scnbvi_source_hash": "abc", "git_commit": "deadbeef"}
+
+
+def _record():
+    inference = {"batch_size": 128, "learning_rate": 0.05, "check_every": 250, "memory_limit_gb": None,
+                 "cell_draws_max_cells": 10000}
+    design = {"names": COEFFICIENTS, "factors": {"condition": ["control", ["treated"]], "batch": ["b1", ["b2"]]},
+              "scales": {}}
+    qc = {"input": "in.h5ad", "before": {"n_cells": 3}, "renamed": {"var": {"count": 1, "names": {"A/B": ["A/B-1"]}}}}
+    attrs = {"version_pymc": "5", "version_arviz": "0.23", "draws": 100}
+    return fit_record(FIT_STATS, inference, {"gene_dispersion": True}, design, qc, attrs)
+
+
+def test_fit_record_sections():
+    record = _record()
+    assert record["inference"] == {"batch_size": 40, "learning_rate": 0.05, "check_every": 300,
+                                   "memory_limit_gb": None, "cell_draws_max_cells": 10000, "eval_samples": 4}
+    assert record["convergence"] == {key: FIT_STATS[key] for key in (
+        "engine", "backend", "steps", "epochs", "converged", "stop_reason", "fit_seconds", "final_eval_elbo")}
+    assert record["code_version"] == {"scnbvi_version": "0.1.0", "scnbvi_source_hash": "abc", "git_commit": "deadbeef"}
+    assert record["versions"] == {"version_pymc": "5", "version_arviz": "0.23"}
+    assert record["model"] == {"gene_dispersion": True}
+
+
+def test_hdf5_safe_keeps_what_hdf5_holds_and_writes_the_rest_as_json():
+    assert hdf5_safe({"a": [1, 2.5], "b": ["x"], "c": [], "d": None}) == {
+        "a": pytest.approx(np.array([1, 2.5])), "b": np.array(["x"]), "c": pytest.approx(np.array([], dtype=str)),
+        "d": None}
+    assert hdf5_safe(["control", ["treated"]]) == '["control", ["treated"]]'
+    assert hdf5_safe({"A/B": 1}) == '{"A/B": 1}'
+
+
+def _results(tmp_path):
+    cells = pd.DataFrame({"cell_effect_mean": np.linspace(-1, 1, 4), "cell_effect_sd": 0.1, "depth": [10.0, 20, 30, 40],
+                          "log_offset": 0.0, "condition[treated]": [0.0, 1, 0, 1]},
+                         index=pd.Index(["c0", "c1", "c3", "c4"], name="cell"))
+    counts = np.arange(12).reshape(4, 3) % 4
+    idata = az.from_dict(posterior={"gene_effect": np.ones((1, 5, 3)), "alpha": np.ones((1, 5))},
+                         coords={"gene": ["g0", "g1", "g2"]}, dims={"gene_effect": ["gene"]})
+    genes = gene_table(idata, sp.csr_matrix(counts), ["g0", "g1", "g2"])
+    path = tmp_path / "scnbvi.h5ad"
+    with atomic_output(path) as temporary:
+        result_anndata(cells, genes, _record()).write_h5ad(temporary)
+    return cells, genes, path
+
+
+def test_result_anndata_has_no_counts_and_prefixed_results(tmp_path):
+    cells, genes, path = _results(tmp_path)
+    res = ad.read_h5ad(path)
+    assert res.X is None and res.shape == (4, 3)
+    assert list(res.obs.columns) == [f"scnbvi_{c}" for c in cells.columns]
+    assert list(res.var.columns) == [f"scnbvi_{c}" for c in genes.columns]
+    np.testing.assert_array_equal(res.obs["scnbvi_cell_effect_mean"], cells["cell_effect_mean"])
+    np.testing.assert_array_equal(res.var["scnbvi_total_counts"], genes["total_counts"])
+    uns = res.uns["scnbvi"]
+    assert set(uns) == {"inference", "model", "design", "convergence", "versions", "code_version", "qc"}
+    assert uns["convergence"]["steps"] == 2000 and uns["convergence"]["converged"] == 1
+    assert uns["inference"]["batch_size"] == 40 and uns["model"]["gene_dispersion"]
+    assert list(uns["design"]["names"]) == COEFFICIENTS
+    assert json.loads(uns["design"]["factors"]["condition"]) == ["control", ["treated"]]
+    assert json.loads(uns["qc"]["renamed"]["var"]["names"]) == {"A/B": ["A/B-1"]}
+
+
+# The line the README gives scanpy users, run here as written there.
+MERGE_LINE = 'adata.obs = adata.obs.join(res.obs, rsuffix="_scnbvi"); adata.var = adata.var.join(res.var, rsuffix="_scnbvi")'
+
+
+def test_the_readme_merge_line_joins_results_onto_the_users_object(tmp_path):
+    cells, genes, path = _results(tmp_path)
+    # The user's object: more cells than were fitted (c2 was sliced away), columns of the same
+    # names as the results', and counts.
+    adata = make_adata(np.ones((5, 3)), obs={"depth": [1.0, 2, 3, 4, 5], "condition": list("ababa")},
+                       var={"total_counts": [7, 8, 9]})
+    res = ad.read_h5ad(path)
+    assert MERGE_LINE in README.read_text().splitlines()
+    exec(MERGE_LINE)
+
+    assert list(adata.obs.columns) == ["depth", "condition", *res.obs.columns]
+    assert list(adata.var.columns) == ["total_counts", *res.var.columns]
+    np.testing.assert_array_equal(adata.obs["depth"], [1, 2, 3, 4, 5])
+    np.testing.assert_array_equal(adata.obs["scnbvi_depth"], [10, 20, np.nan, 30, 40])
+    np.testing.assert_array_equal(adata.var["scnbvi_n_cells_expressed"], genes["n_cells_expressed"])
+    assert adata.X.shape == (5, 3)
+    # Merged twice, the second copy is told apart by the suffix rather than failing.
+    again = adata.obs.join(res.obs, rsuffix="_scnbvi")
+    assert "scnbvi_cell_effect_mean_scnbvi" in again.columns
+
+
+@pytest.mark.parametrize("umask, mode", [(0o002, 0o664), (0o077, 0o600), (0o022, 0o644)])
+def test_result_files_follow_the_umask(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        write_json({"a": 1}, tmp_path / "x.json")
+        write_table(pd.DataFrame({"a": [1]}), tmp_path / "x.tsv")
+        with atomic_output(tmp_path / "x.nc") as temporary:
+            temporary.write_bytes(b"draws")
+    finally:
+        os.umask(previous)
+    for name in ("x.json", "x.tsv", "x.nc"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+
+
+def test_current_umask_without_proc(monkeypatch):
+    previous = os.umask(0o027)
+    try:
+        monkeypatch.setattr("scnbvi.outputs.Path.read_text", lambda self: (_ for _ in ()).throw(OSError()))
+        assert current_umask() == 0o027
+        assert os.umask(0o027) == 0o027  # left as it was
+    finally:
+        os.umask(previous)
