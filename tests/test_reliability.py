@@ -271,6 +271,7 @@ def test_editing_the_package_reruns_every_job_that_runs_it(workflow_copy):
     # runs the package, so a rule added without `code=CODE_VERSION` shows up here as "ok".
     status = _status_by_rule(snakemake(workflow_copy, "--configfile", config, "--summary"))
     assert set(PACKAGE_RULES) <= set(status)
+    status["load"].discard("removed temp file")  # validated.h5ad is a temporary output
     assert {rule: {"params changed"} for rule in status} == status
 
     engine.write_text(original)
