@@ -245,7 +245,9 @@ def aligned_covariates(cells_path, genes_path, adata: ad.AnnData) -> tuple[pd.Da
 
 def _read_covariate_table(path, index_name, columns) -> pd.DataFrame:
     path = _existing_file(path)
-    table = pd.read_csv(path, sep="\t", dtype={index_name: str}, float_precision="round_trip")
+    header = pd.read_csv(path, sep="\t", nrows=0).columns
+    table = pd.read_csv(path, sep="\t", dtype={index_name: str}, float_precision="round_trip", keep_default_na=False,
+                        na_values={name: [""] for name in header if name != index_name})
     missing = [name for name in [index_name, *columns] if name not in table.columns]
     if missing:
         raise InputError(path, "columns", f"missing columns {missing} (found {list(table.columns)})",

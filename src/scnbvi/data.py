@@ -242,6 +242,12 @@ def _checked_block(block, cell_names, gene_names, source, field) -> sp.csr_matri
     counts = _as_csr(block)
     validate_counts(ad.AnnData(X=counts, obs=pd.DataFrame(index=cell_names), var=pd.DataFrame(index=gene_names)),
                     source, field)
+    if not counts.has_canonical_format:
+        sums = counts.astype(np.float64)
+        sums.sum_duplicates()
+        if sums.nnz and sums.data.max() >= 2.0**63:
+            raise InputError(source, field, "a sum of repeated entries is too large for a 64-bit integer", RAW_COUNTS_FIX)
+        counts = _as_smallest_integer(counts, source, field).astype(np.int64)
     counts.sum_duplicates()
     counts.eliminate_zeros()
     return _as_smallest_integer(counts, source, field)
@@ -427,7 +433,7 @@ def _reject_entries(adata, counts, bad, source, field, what, fix) -> None:
 def _as_smallest_integer(counts: sp.csr_matrix, source, field) -> sp.csr_matrix:
     """Store checked counts as int32 when they fit (halves memory), else int64."""
     largest = counts.data.max() if counts.nnz else 0
-    if largest > np.iinfo(np.int64).max:
+    if int(largest) > np.iinfo(np.int64).max:
         raise InputError(source, field, f"count {largest:g} is too large for a 64-bit integer", RAW_COUNTS_FIX)
     dtype = np.int32 if largest <= np.iinfo(np.int32).max else np.int64
     return counts.astype(dtype, copy=False)
