@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -236,6 +237,18 @@ def table(header, rows) -> str:
     return "\n".join(lines)
 
 
+def run_parts(selected: str, parts: dict, out: Path | None, sections: list[str], label: str = "{}") -> None:
+    """Run the comma-separated ``selected`` parts in order, printing each table as it is done
+    and writing them all to ``out`` after the ``sections`` already there."""
+    for name in selected.split(","):
+        started = time.perf_counter()
+        text = parts[name]()
+        sections.append(f"{label.format(name)} ({time.perf_counter() - started:.0f} s)\n\n{text}")
+        print(sections[-1], flush=True)
+    if out:
+        out.write_text("\n\n".join(sections) + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", help=argparse.SUPPRESS)
@@ -252,13 +265,8 @@ def main():
 
     sections = [f"Machine: {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
                 f"{platform.processor() or platform.machine()}; command: `python benchmarks/benchmark.py --parts {args.parts}`"]
-    for part in args.parts.split(","):
-        started = time.perf_counter()
-        text = {"1": part1, "2": part2, "3": part3, "4": part4}[part](args.timeout)
-        sections.append(f"Part {part} ({time.perf_counter() - started:.0f} s)\n\n{text}")
-        print(sections[-1], flush=True)
-    if args.out:
-        args.out.write_text("\n\n".join(sections) + "\n")
+    parts = {name: partial(part, args.timeout) for name, part in {"1": part1, "2": part2, "3": part3, "4": part4}.items()}
+    run_parts(args.parts, parts, args.out, sections, label="Part {}")
 
 
 if __name__ == "__main__":

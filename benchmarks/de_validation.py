@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from benchmark import table  # the sibling script's Markdown table
+from benchmark import run_parts, table  # the sibling script's helpers
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -113,14 +113,7 @@ def main():
     parser.add_argument("--parts", default="recovery,null,scale")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    sections = []
-    for part in args.parts.split(","):
-        started = time.perf_counter()
-        text = {"recovery": recovery, "null": null, "scale": scale}[part]()
-        sections.append(f"{part} ({time.perf_counter() - started:.0f} s)\n\n{text}")
-        print(sections[-1], flush=True)
-    if args.out:
-        args.out.write_text("\n\n".join(sections) + "\n")
+    run_parts(args.parts, {"recovery": recovery, "null": null, "scale": scale}, args.out, [])
 
 
 if __name__ == "__main__":

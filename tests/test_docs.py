@@ -20,18 +20,9 @@ SCHEMA = yaml.safe_load(config_readme.SCHEMA.read_text())
 REGENERATE = "regenerate it: python .ci/config_readme.py > config/README.md"
 
 
-def settings(properties: dict, prefix: str = ""):
-    """(dotted key, spec) of every setting, nested keys included; sections are their settings."""
-    for name, spec in properties.items():
-        if "properties" in spec:
-            yield from settings(spec["properties"], f"{prefix}{name}.")
-        else:
-            yield f"{prefix}{name}", spec
-
-
 def test_config_readme_lists_every_setting_with_its_default():
     text = CONFIG_README.read_text()
-    every = [*settings(SCHEMA["properties"]), *settings(SCHEMA["$defs"]["dataset"]["properties"])]
+    every = [*config_readme.rows(SCHEMA["properties"]), *config_readme.rows(SCHEMA["$defs"]["dataset"]["properties"])]
     assert len(every) > 50
     missing = [key for key, spec in every if f"| `{key}` | {config_readme.default_cell(spec)} |" not in text]
     assert not missing, f"config/README.md lacks {missing}; {REGENERATE}"
