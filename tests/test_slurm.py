@@ -81,8 +81,25 @@ def cluster_workflow(destination: Path) -> Path:
 
 
 def run_slurm(workdir: Path, profile: str, configfile: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(slurm_command(profile, configfile, *extra), cwd=workdir, capture_output=True,
-                          text=True, timeout=RUN_TIMEOUT, env=slurm_environment(workdir))
+    """The command to its end; on a timeout, fail with what the cluster was doing, and cancel
+    the run's jobs so that they hold no CPUs for the next test."""
+    try:
+        return subprocess.run(slurm_command(profile, configfile, *extra), cwd=workdir, capture_output=True,
+                              text=True, timeout=RUN_TIMEOUT, env=slurm_environment(workdir))
+    except subprocess.TimeoutExpired as timeout:
+        stderr = timeout.stderr.decode(errors="replace") if isinstance(timeout.stderr, bytes) else timeout.stderr
+        report = cluster_report(workdir)
+        cancel_jobs_of(workdir)
+        pytest.fail(f"snakemake --profile {profile} ran past {RUN_TIMEOUT} s:\n{tail(stderr or '')}\n{report}")
+
+
+def cluster_report(workdir: Path) -> str:
+    """The jobs of ``workdir`` with their states, the node's state and the tails of the job logs."""
+    node = subprocess.run(["scontrol", "-o", "show", "node"], capture_output=True, text=True, timeout=60).stdout
+    logs = sorted((workdir / ".snakemake" / "slurm_logs").rglob("*.log"))
+    parts = [f"jobs: {cluster_jobs(workdir)}", f"node: {node.strip()}"]
+    parts += [f"--- {log.relative_to(workdir)}\n{tail(log.read_text(errors='replace'), 25)}" for log in logs]
+    return "\n".join(parts)
 
 
 def tail(text: str, lines: int = 60) -> str:
@@ -176,8 +193,10 @@ def test_cpu_profile_runs_every_rule_as_a_job_with_local_results(slurm_cluster, 
     # The local run is mostly CPU and the SLURM run mostly waiting: side by side.
     with ThreadPoolExecutor(max_workers=1) as pool:
         local_run = pool.submit(snakemake, local, "--configfile", local_config, timeout=RUN_TIMEOUT)
-        result = run_slurm(on_slurm, "slurm", slurm_config)
-        local_result = local_run.result()
+        try:
+            result = run_slurm(on_slurm, "slurm", slurm_config)
+        finally:
+            local_result = local_run.result()
     check_ok(result, "snakemake --profile slurm")
     check_ok(local_result, "local snakemake")
 
@@ -242,7 +261,8 @@ def wait_for(condition, timeout: float, what: str, process: subprocess.Popen, ou
         if process.poll() is not None:
             pytest.fail(f"snakemake exited ({process.returncode}) before {what}:\n{tail(output.read_text())}")
         time.sleep(0.25)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}:\n{tail(output.read_text())}")
+    pytest.fail(f"timed out after {timeout} s waiting for {what}:\n{tail(output.read_text())}\n"
+                f"{cluster_report(output.parent)}")
 
 
 @pytest.mark.slurm
