@@ -78,7 +78,8 @@ cmd_install() {
 
 write_config() {
     local cpus mem_mb
-    cpus=$(nproc)
+    # nproc honours OMP_NUM_THREADS; the node has every CPU the machine gives us.
+    cpus=$(env -u OMP_NUM_THREADS nproc)
     # RealMemory a bit below the machine's, otherwise slurmd drains the node.
     mem_mb=$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
 

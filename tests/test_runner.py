@@ -22,10 +22,11 @@ def runner(monkeypatch):
     monkeypatch.setattr(sys, "stderr", sys.stderr)
     monkeypatch.setattr(sys, "path", list(sys.path))
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "XLA_FLAGS"):
-        if variable in os.environ:
-            monkeypatch.setenv(variable, os.environ[variable])
-        else:
-            monkeypatch.delenv(variable, raising=False)
+        # setenv records the variable's state (even its absence), so the runner's settings never
+        # outlive the test (a leaked OMP_NUM_THREADS=1 makes `nproc` report one CPU).
+        monkeypatch.setenv(variable, os.environ.get(variable, ""))
+        if not os.environ[variable]:
+            monkeypatch.delenv(variable)
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     spec = importlib.util.spec_from_file_location("_runner", SCRIPTS / "_runner.py")
