@@ -17,6 +17,8 @@ include: "workflow/rules/cell_cycle_inputs.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/cell_cycle.smk"
 include: "workflow/rules/fit.smk"
+include: "workflow/rules/check_nuts.smk"
+include: "workflow/rules/ppc.smk"
 include: "workflow/rules/previous.smk"
 
 

@@ -25,13 +25,14 @@ def data():
     return adata.X, np.log(adata.obs["depth"].to_numpy() / 1e5), np.zeros(25)
 
 
-def _fit(data, **kwargs):
+def _fit(data, backend="jax", **kwargs):
     counts, cell_offset, gene_offset = data
-    return fit(counts, cell_offset, gene_offset, SETTINGS, backend="jax", **kwargs)[1]
+    return fit(counts, cell_offset, gene_offset, SETTINGS, backend=backend, **kwargs)[1]
 
 
-def test_a_fit_stopped_by_sigterm_resumes_to_the_same_numbers(data, tmp_path, monkeypatch):
-    clean = _fit(data)
+@pytest.mark.parametrize("backend", ["jax", "c"])  # the jax engine, and the pymc engine
+def test_a_fit_stopped_by_sigterm_resumes_to_the_same_numbers(data, tmp_path, monkeypatch, backend):
+    clean = _fit(data, backend)
     path = tmp_path / "fit.checkpoint"
     checks_seen = []
     original_check = Progress.check
@@ -44,12 +45,12 @@ def test_a_fit_stopped_by_sigterm_resumes_to_the_same_numbers(data, tmp_path, mo
 
     monkeypatch.setattr(Progress, "check", terminate_at_the_fifth_check)
     with pytest.raises(FitInterrupted, match=r"stopped by SIGTERM at step 20; .*fix: rerun the same command"):
-        _fit(data, checkpoint_path=path)
+        _fit(data, backend, checkpoint_path=path)
     assert path.is_file()
     monkeypatch.setattr(Progress, "check", original_check)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
 
-    resumed = _fit(data, checkpoint_path=path)
+    resumed = _fit(data, backend, checkpoint_path=path)
     assert not path.exists()  # removed once the fit finished
     assert resumed.steps == clean.steps and resumed.checks == clean.checks
     np.testing.assert_array_equal(resumed.losses, clean.losses)

@@ -60,9 +60,9 @@ def test_recovers_gene_effects_cell_effects_and_dispersion(c_fit):
     cell_error = np.abs(_centred(cell_mean) - _centred(adata.obs["true_cell_effect"].to_numpy()))
     assert np.mean(cell_error < 3 * cell_sd + 0.02) > 0.95
     assert np.corrcoef(cell_mean, adata.obs["true_cell_effect"])[0, 1] > 0.6
-    # The level shared by genes and cells is identified only as a sum.
-    shared = (post["mu_gene"] + post["mu_cond"]).mean().item()
-    assert abs(shared + np.mean(_centred(true_gene)) - (np.mean(true_gene) + np.mean(adata.obs["true_cell_effect"]))) < 0.1
+    # The cell effects' prior mean is 0: the level shared by genes and cells sits in the genes.
+    shared = np.mean(true_gene) + np.mean(adata.obs["true_cell_effect"])
+    assert abs(gene_mean.mean() - shared) < 0.1 and abs(cell_mean.mean()) < 0.1
     alpha = post["alpha"].values.ravel()
     # Without total_size scaling the likelihood counts 1/10 of the data: alpha's interval
     # would be about three times wider and far less centred.
@@ -204,29 +204,35 @@ def test_pymc_engine_trains_on_drawn_blocks_after_every_check(simulated, monkeyp
     """The fixed evaluation cells are loaded for each check; the step after it must still
     train on the next block the sampler drew."""
     import pymc as pm
+    from pymc.variational.opvi import ObjectiveFunction
 
     from scnbvi.batches import BatchSampler
 
     drawn, trained = [], []
-    original_next, original_fit = BatchSampler.next, pm.fit
+    original_next, original_step_function = BatchSampler.next, ObjectiveFunction.step_function
 
     def recording_next(self):
         batch = original_next(self)
         drawn.append(batch["cell_index"].copy())
         return batch
 
-    def fit_recording_containers(*args, callbacks, **kwargs):
-        model = pm.modelcontext(None)
-        record = lambda *_: trained.append(model["cell_index"].get_value().copy())  # noqa: E731
-        return original_fit(*args, callbacks=[*callbacks, record], **kwargs)
+    def recording_step_function(self, *args, **kwargs):
+        step, model = original_step_function(self, *args, **kwargs), pm.modelcontext(None)
+
+        def recorded():
+            trained.append(model["cell_index"].get_value().copy())
+            return step()
+
+        recorded.get_shared = step.get_shared
+        return recorded
 
     monkeypatch.setattr(BatchSampler, "next", recording_next)
-    monkeypatch.setattr(pm, "fit", fit_recording_containers)
+    monkeypatch.setattr(ObjectiveFunction, "step_function", recording_step_function)
     _, result, _ = _fit(simulated, "c", **SHORT)
     assert result.settings.check_every == 4 and len(result.checks) == 3
-    assert len(trained) == result.steps == 13
-    for step, cells in enumerate(trained, start=1):  # after step k the containers hold draw k + 1
-        np.testing.assert_array_equal(cells, drawn[step], err_msg=f"after step {step}")
+    assert len(trained) == len(drawn) == result.steps == 13
+    for step, (cells, draw) in enumerate(zip(trained, drawn), start=1):  # step k trains on draw k
+        np.testing.assert_array_equal(cells, draw, err_msg=f"step {step}")
 
 
 @pytest.mark.fit
@@ -281,7 +287,7 @@ def test_parameter_layout_round_trips_the_models_free_variables(simulated):
     model = build_model(cell_log_offset=cell_offset, gene_log_offset=gene_offset, gene_dispersion=False)
     layout = ParameterLayout.from_model(model)
     assert layout.names == tuple(v.name for v in model.value_vars)
-    assert layout.size == 400 + 30 + 5  # z_cell, z_gene, two mu, two sigma and alpha, one each
+    assert layout.size == 400 + 30 + 4  # cell and gene effects; mu_gene, two sigma and alpha
     point = model.initial_point()
     flat = layout.flatten(point)
     assert flat.shape == (layout.size,)

@@ -22,11 +22,11 @@ def _counts(n_cells=12, n_genes=7, seed=0):
 def _point(n_cells, n_genes, gene_dispersion, n_coefficients=0, seed=1):
     rng = np.random.default_rng(seed)
     point = {
-        "mu_gene": 0.3, "sigma_gene": 0.8, "z_gene": rng.normal(size=n_genes),
-        "mu_cond": -0.2, "sigma_cond": 0.5, "z_cell": rng.normal(size=n_cells),
+        "mu_gene": 0.3, "sigma_gene": 0.8, "gene_effect": rng.normal(0.3, 0.8, size=n_genes),
+        "sigma_cond": 0.5, "cell_effect": rng.normal(0.0, 0.5, size=n_cells),
     }
     if gene_dispersion:
-        point.update(log_alpha_mean=0.2, log_alpha_sd=0.6, z_alpha=rng.normal(size=n_genes))
+        point.update(log_alpha_mean=0.2, log_alpha_sd=0.6, log_alpha=rng.normal(0.2, 0.6, size=n_genes))
     else:
         point["alpha"] = 1.7
     if n_coefficients:
@@ -36,13 +36,13 @@ def _point(n_cells, n_genes, gene_dispersion, n_coefficients=0, seed=1):
 
 def _reference_loglik(counts, point, cell_offset, gene_offset, covariate_log_rate=0.0):
     """log NB summed over a dense block, straight from scipy's parametrisation."""
-    gene = point["mu_gene"] + point["sigma_gene"] * point["z_gene"] + gene_offset
-    cell = point["mu_cond"] + point["sigma_cond"] * point["z_cell"] + cell_offset
+    gene = point["gene_effect"] + gene_offset
+    cell = point["cell_effect"] + cell_offset
     mu = np.exp(cell[:, None] + gene[None, :] + covariate_log_rate)
     if "alpha" in point:
         alpha = np.full(gene.shape, point["alpha"])
     else:
-        alpha = np.exp(point["log_alpha_mean"] + point["log_alpha_sd"] * point["z_alpha"])
+        alpha = np.exp(point["log_alpha"])
     return stats.nbinom.logpmf(counts, alpha[None, :], alpha[None, :] / (alpha[None, :] + mu)).sum()
 
 
@@ -106,12 +106,12 @@ def test_minibatch_likelihood_is_scaled_to_the_data_set(mode):
                         gene_dispersion=False)
     if mode == "cells":
         dense = counts[batch["cell_index"]].toarray()
-        subset = {**point, "z_cell": point["z_cell"][batch["cell_index"]]}
+        subset = {**point, "cell_effect": point["cell_effect"][batch["cell_index"]]}
         batch_loglik = _reference_loglik(dense, subset, 0.0, 0.0)
         scale = n_cells / 8
     else:
-        gene = point["mu_gene"] + point["sigma_gene"] * point["z_gene"][batch["gene_index"]]
-        cell = point["mu_cond"] + point["sigma_cond"] * point["z_cell"][batch["cell_index"]]
+        gene = point["gene_effect"][batch["gene_index"]]
+        cell = point["cell_effect"][batch["cell_index"]]
         mu = np.exp(gene + cell)
         batch_loglik = stats.nbinom.logpmf(batch["counts"], 1.7, 1.7 / (1.7 + mu)).sum()
         scale = n_cells * n_genes / len(batch["counts"])
@@ -167,8 +167,9 @@ def test_padding_adds_only_zero_counts():
 
 
 def test_jax_minibatch_log_density_and_closed_form_cell_prior_make_up_the_model_log_density():
-    """The graph surgery behind the jax engine: the likelihood with ``z_cell`` read per block,
-    plus the N(0, 1) log density of every cell, is the model's own log density."""
+    """The graph surgery behind the jax engine: the likelihood with ``cell_effect`` read per
+    block, plus the Normal log density of every cell at the prior's location and scale, is the
+    model's own log density."""
     from scnbvi.inference.jax_graph import minibatch_logp
 
     counts = _counts(n_cells=12, n_genes=7)
@@ -178,11 +179,16 @@ def test_jax_minibatch_log_density_and_closed_form_cell_prior_make_up_the_model_
     load_batch(model, batch)
     rng = np.random.default_rng(3)
     point = {name: rng.normal(size=np.shape(value)) for name, value in model.initial_point().items()}
-    logp, global_values, cell_value = minibatch_logp(model, tuple(BATCH_LAYOUT["cells"]))
-    minibatch = logp(*[point[v.name] for v in global_values], point[cell_value.name][batch["cell_index"]],
+    logp, prior, global_values, cell_value = minibatch_logp(model, tuple(BATCH_LAYOUT["cells"]))
+    globals_ = [point[v.name] for v in global_values]
+    minibatch = logp(*globals_, point[cell_value.name][batch["cell_index"]],
                      *[batch[name] for name in BATCH_LAYOUT["cells"]])[0]
+    location, scale = prior(*globals_)
+    np.testing.assert_allclose(location, 0.0)
+    np.testing.assert_allclose(scale, np.exp(point["sigma_cond_log__"]), rtol=1e-12)
     expected = model.compile_logp()(point)
-    np.testing.assert_allclose(float(minibatch) + stats.norm.logpdf(point["z_cell"]).sum(), expected, rtol=1e-7)
+    cell_prior = stats.norm.logpdf(point["cell_effect"], location, scale).sum()
+    np.testing.assert_allclose(float(minibatch) + cell_prior, expected, rtol=1e-7)
 
 
 def test_covariate_effects_have_their_hierarchical_prior():

@@ -56,29 +56,24 @@ def test_per_cell_draws_are_kept_for_a_seeded_subset_with_moments_of_every_cell(
     assert kept != [f"c{i}" for i in range(15)]  # a seeded choice, not the first cells
     again, _ = sample_posterior(model, result, 300, seed=4, max_cells=15)
     assert list(again.posterior["cell"].values) == kept
-    for name in ("z_cell", "cell_effect"):
+    for name in ("cell_effect",):
         # A kept cell's draws are those it has in a trace of every cell.
         np.testing.assert_array_equal(idata.posterior[name].values, full.posterior[name].sel(cell=kept).values)
         draws = full.posterior[name].values[0].astype(np.float64)
         np.testing.assert_allclose(cells[f"{name}_mean"], draws.mean(axis=0), rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(cells[f"{name}_sd"], draws.std(axis=0), rtol=1e-5)
-    for name in ("mu_gene", "z_gene", "alpha", "beta", "tau"):
+    for name in ("mu_gene", "gene_effect", "alpha", "beta", "tau"):
         np.testing.assert_array_equal(idata.posterior[name].values, full.posterior[name].values)
     assert list(cells.index) == [f"c{i}" for i in range(N_CELLS)] and cells.index.name == "cell"
-    assert list(cells.columns) == ["z_cell_mean", "z_cell_sd", "cell_effect_mean", "cell_effect_sd"]
+    assert list(cells.columns) == ["cell_effect_mean", "cell_effect_sd"]
 
 
 def test_cell_effect_moments_match_q_in_closed_form(fitted):
-    """cell_effect = mu_cond + sigma_cond * z_cell, with independent Gaussian mu_cond, z_cell and
-    log sigma_cond under q: its mean and sd are known exactly."""
+    """Each cell effect is a Gaussian factor of q: the moments in cells.tsv, taken over the
+    draws in chunks, are its mean and sd."""
     model, result = fitted
     _, cells = sample_posterior(model, result, 4000, seed=1, max_cells=0)
-    m, s = result.means, result.stds
-    sigma_mean = np.exp(m["sigma_cond_log__"] + s["sigma_cond_log__"] ** 2 / 2)
-    sigma_square = np.exp(2 * m["sigma_cond_log__"] + 2 * s["sigma_cond_log__"] ** 2)
-    mean = m["mu_cond"] + sigma_mean * m["z_cell"]
-    variance = s["mu_cond"] ** 2 + sigma_square * (m["z_cell"] ** 2 + s["z_cell"] ** 2) - (sigma_mean * m["z_cell"]) ** 2
-    sd = np.sqrt(variance)
+    mean, sd = result.means["cell_effect"], result.stds["cell_effect"]
     assert np.max(np.abs(cells["cell_effect_mean"] - mean) / sd) < 0.1
     np.testing.assert_allclose(cells["cell_effect_sd"], sd, rtol=0.06)
 
@@ -101,8 +96,8 @@ def test_trace_round_trips_compressed_with_no_per_cell_draws_or_all_of_them(fitt
 def test_summary_leaves_out_per_cell_variables(fitted):
     model, result = fitted
     summary = posterior_summary(draw_posterior(model, result, 100, seed=0))
-    assert not summary.index.str.contains(r"^(?:z_cell|cell_effect)\[").any()
-    assert {"mu_gene", "sigma_cond", "tau[batch[b2]]", "beta[g0, condition[treated]]", "z_gene[g5]"} <= set(summary.index)
+    assert not summary.index.str.contains(r"^cell_effect\[").any()
+    assert {"mu_gene", "sigma_cond", "tau[batch[b2]]", "beta[g0, condition[treated]]", "gene_effect[g5]"} <= set(summary.index)
     assert list(summary.columns) == ["mean", "sd", "hdi_3%", "hdi_97%"]
 
 

@@ -237,7 +237,7 @@ def test_load_rule_with_duplicate_names_error_stops_with_one_line(workflow_copy)
     assert not (workflow_copy / "results" / "dup" / "qc.json").exists()
 
 
-PACKAGE_RULES = ("simulate", "load", "slice", "covariates", "fit", "summary", "plot_elbo")
+PACKAGE_RULES = ("simulate", "load", "slice", "covariates", "fit", "summary", "plot_elbo", "ppc")
 
 
 def _status_by_rule(result) -> dict[str, set[str]]:

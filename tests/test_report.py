@@ -24,6 +24,7 @@ CONTRAST = "condition_treated_vs_control"
 EXPECTED_ITEMS = {
     "qc.html", "fit_stats.html", "elbo.png", "summary.csv", "genes.tsv",
     f"{CONTRAST}.tsv", f"{CONTRAST}_ma.png", f"{CONTRAST}_volcano.png",
+    "ppc_genes.tsv", "ppc_zero_fraction.png", "ppc_mean_variance.png", "ppc_library_size.png",
 }
 
 
@@ -70,6 +71,7 @@ def test_report_opens_on_the_workflow_description_and_holds_every_result(workflo
 
     assert "scnbvi fits a hierarchical Negative-Binomial model" in page
     assert "Quality control" in page and "Convergence" in page and "Differential expression" in page
+    assert "Posterior predictive checks" in page
     assert EXPECTED_ITEMS <= set(items), sorted(items)
     assert "<td>n_cells</td>" in qc and "<td>drop</td>" in qc
     assert "final fixed-cells ELBO per observation" in fit and "converged (elbo rule" in fit

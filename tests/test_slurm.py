@@ -34,7 +34,7 @@ import pytest
 from conftest import REPO, SMALL_SIMULATED, copy_workflow, preset, snakemake, write_config
 
 SLURM_SH = REPO / ".ci" / "slurm.sh"
-REMOTE_RULES = {"simulate", "load", "slice", "covariates", "fit", "summary", "plot_elbo"}
+REMOTE_RULES = {"simulate", "load", "slice", "covariates", "fit", "summary", "plot_elbo", "ppc"}
 UPSTREAM_RULES = ("simulate", "load", "slice", "covariates")
 # validated.h5ad is temporary: deleted once sliced.h5ad is written.
 UPSTREAM_OUTPUTS = (
@@ -158,6 +158,10 @@ def slurm_cluster():
         info = subprocess.run(["sinfo", "--noheader", "-o", "%P %a %t %G"], capture_output=True, text=True, timeout=60)
         if info.returncode != 0 or "debug" not in info.stdout:
             pytest.fail(f"no partition `debug` after `.ci/slurm.sh up`: {info.stdout} {info.stderr}")
+        # A node with fewer CPUs than a fit's threads would leave that job pending for ever.
+        cpus = subprocess.run(["sinfo", "--noheader", "-o", "%c"], capture_output=True, text=True, timeout=60)
+        if int(cpus.stdout.split()[0]) != len(os.sched_getaffinity(0)):
+            pytest.fail(f"the test node has {cpus.stdout.strip()} CPUs, this machine {len(os.sched_getaffinity(0))}")
         yield
     finally:
         subprocess.run(["bash", str(SLURM_SH), "down"], capture_output=True, text=True, timeout=300)
@@ -316,7 +320,7 @@ def test_cancelled_fit_is_resumed_without_rerunning_upstream_jobs(slurm_cluster,
 
     jobs_after = cluster_jobs(workdir)
     new_jobs = {i: job for i, job in jobs_after.items() if i not in jobs_before}
-    assert rules_submitted(new_jobs) == ["fit", "plot_elbo", "summary"], new_jobs
+    assert rules_submitted(new_jobs) == ["fit", "plot_elbo", "ppc", "summary"], new_jobs
     assert {job["state"] for job in new_jobs.values()} == {"COMPLETED"}, new_jobs
     assert {name: (results / name).stat().st_mtime_ns for name in UPSTREAM_OUTPUTS} == mtimes
     for name in ("trace.nc", "elbo.tsv", "fit_stats.json", "summary.csv", "genes.tsv", "elbo.png"):

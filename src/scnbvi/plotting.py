@@ -109,3 +109,98 @@ def plot_contrast(table: pd.DataFrame, out_ma, out_volcano, *, title: str, lfsr_
         ax.legend(loc="best", fontsize=8, frameon=False)
         fig.savefig(path, dpi=120)
         plt.close(fig)
+
+
+def plot_ppc_zero_fraction(genes: pd.DataFrame, out_path, *, title: str, band: float = 0.9):
+    """Each gene's observed zero fraction against the one its replicates predict, with the
+    replicates' central band; genes outside it are highlighted. Points along the diagonal fit."""
+    outside = genes["zero_fraction_outside"].to_numpy(dtype=bool)
+    predicted, observed = genes["zero_fraction_predicted"].to_numpy(), genes["zero_fraction_observed"].to_numpy()
+    fig, ax = plt.subplots(figsize=(6, 5), layout="constrained")
+    ax.vlines(predicted, genes["zero_fraction_low"], genes["zero_fraction_high"], color="0.75", lw=1,
+              label=f"{round(100 * band)} % band of the replicates")
+    ax.plot([0, 1], [0, 1], color="0.3", lw=0.8, ls="--")
+    ax.scatter(predicted[~outside], observed[~outside], s=6, color="C0", lw=0, label="observed, inside the band")
+    ax.scatter(predicted[outside], observed[outside], s=8, color="C3", lw=0,
+               label=f"observed, outside the band ({int(outside.sum())} of {len(genes)} genes)")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("predicted zero fraction (mean of the replicates)")
+    ax.set_ylabel("observed zero fraction")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+
+
+def plot_ppc_mean_variance(genes: pd.DataFrame, out_path, *, alpha: float, title: str):
+    """Each gene's variance against its mean over cells, observed and replicated (with the
+    replicates' band), and the model's curve var = mu + mu^2 / alpha at the median dispersion
+    (and Poisson's var = mu): the differences between cells lift both sets of points above the
+    curve, so misfit is where the observed points leave the replicated ones."""
+    mean, variance = genes["mean_observed"].to_numpy(), genes["variance_observed"].to_numpy()
+    predicted_mean, predicted_variance = genes["mean_predicted"].to_numpy(), genes["variance_predicted"].to_numpy()
+    positive = (mean > 0) & (variance > 0)
+    fig, ax = plt.subplots(figsize=(6, 5), layout="constrained")
+    ax.vlines(predicted_mean, np.maximum(genes["variance_low"], 1e-12), np.maximum(genes["variance_high"], 1e-12),
+              color="0.75", lw=1, label="replicated variance, band")
+    ax.scatter(predicted_mean, predicted_variance, s=5, color="0.45", lw=0, label="replicated (mean of the draws)")
+    outside = genes["variance_outside"].to_numpy(dtype=bool) & positive
+    ax.scatter(mean[positive & ~outside], variance[positive & ~outside], s=6, color="C0", lw=0, label="observed")
+    ax.scatter(mean[outside], variance[outside], s=8, color="C3", lw=0,
+               label=f"observed, variance outside the band ({int(outside.sum())} of {len(genes)} genes)")
+    values = np.concatenate([mean[positive], predicted_mean[predicted_mean > 0]])
+    if len(values):
+        mu = np.geomspace(values.min(), values.max(), 200)
+        ax.plot(mu, mu + mu**2 / alpha, color="C1", lw=1.2, label=f"NB: var = mu + mu^2 / alpha, alpha = {alpha:.3g}")
+        ax.plot(mu, mu, color="0.3", lw=0.8, ls="--", label="Poisson: var = mu")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("mean count per cell")
+    ax.set_ylabel("variance over cells")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+
+
+def plot_ppc_library_size(histogram: pd.DataFrame, out_path, *, title: str, band: float = 0.9):
+    """Histogram of the checked cells' library sizes (log10 scale), observed against the
+    replicates' mean and central band per bin."""
+    centres = (histogram["log10_low"] + histogram["log10_high"]).to_numpy() / 2
+    width = (histogram["log10_high"] - histogram["log10_low"]).to_numpy()
+    fig, ax = plt.subplots(figsize=(6, 4.5), layout="constrained")
+    ax.bar(centres, histogram["observed"], width=width, color="C0", alpha=0.5, label="observed")
+    ax.fill_between(centres, histogram["low"], histogram["high"], step="mid", color="C1", alpha=0.3,
+                    label=f"replicated, {round(100 * band)} % band")
+    ax.step(centres, histogram["predicted"], where="mid", color="C1", lw=1.2, label="replicated, mean")
+    ax.set_xlabel("log10(library size + 1)")
+    ax.set_ylabel("cells")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+
+
+def plot_nuts_check(table: pd.DataFrame, out_path, *, title: str, mass: float = 0.9):
+    """Per quantity group, ADVI's sd over NUTS's (1 = same width) and the NUTS posterior mass
+    inside ADVI's central interval (``mass`` = calibrated); flagged groups in red."""
+    groups = table.index.to_list()
+    y = np.arange(len(groups))[::-1]
+    colours = np.where(table["flagged"].to_numpy(dtype=bool), "C3", "C0")
+    fig, axes = plt.subplots(1, 2, figsize=(9, 1.2 + 0.28 * len(groups)), sharey=True, layout="constrained")
+    panels = (
+        (axes[0], table["sd_ratio"].to_numpy(), 1.0, "sd ratio (ADVI / NUTS, median)"),
+        (axes[1], table["nuts_mass_in_advi_interval"].to_numpy(), mass,
+         f"NUTS mass inside ADVI's {round(100 * mass)} % interval"),
+    )
+    for ax, values, target, label in panels:
+        ax.axvline(target, color="0.3", ls="--", lw=0.8)
+        ax.scatter(values, y, s=18, c=colours, lw=0)
+        ax.set_xlabel(label)
+    axes[0].set_xscale("log")
+    axes[1].set_xlim(-0.02, 1.02)
+    axes[0].set_yticks(y, groups, fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)

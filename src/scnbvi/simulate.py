@@ -19,6 +19,7 @@ class SimulationTruth:
     mu_cond: float = 0.0
     sigma_cond: float = 0.3
     alpha: float = 2.0
+    log_alpha_sd: float = 0.0
     depth_ref: float = 1e5
     length_ref: float = 2000.0
     condition_effect_sd: float = 0.0
@@ -34,6 +35,8 @@ def simulate_counts(n_cells: int, n_genes: int, seed: int, truth: SimulationTrut
 
     Depth goes to ``obs['depth']`` and gene length to ``var['length']``; the true effects go
     to ``obs['true_cell_effect']``, ``var['true_gene_effect']`` and the truth to ``uns``.
+    Each gene's dispersion is ``alpha`` times a log-normal factor with sd ``log_alpha_sd``
+    (none by default), stored as ``var['true_alpha']``.
     Every cell gets a ``condition`` and a ``batch`` (uniformly at random); each non-reference
     level has a per-gene effect drawn from N(0, sd) with the truth's ``*_effect_sd`` (zero by
     default), stored as ``var['true_beta_<column>[<level>]']``.
@@ -57,8 +60,9 @@ def simulate_counts(n_cells: int, n_genes: int, seed: int, truth: SimulationTrut
             log_mu += (factors[column] == code)[:, None] * beta[None, :]
             true_beta[f"true_beta_{column}[{level}]"] = beta
     mu = np.exp(log_mu)
+    alpha = truth.alpha * np.exp(truth.log_alpha_sd * np.random.default_rng([seed, 3]).standard_normal(n_genes))
     # NB(mu, alpha) as a Gamma-Poisson mixture: rate ~ Gamma(alpha, mu/alpha).
-    counts = rng.poisson(rng.gamma(truth.alpha, mu / truth.alpha))
+    counts = rng.poisson(rng.gamma(alpha, mu / alpha))
     adata = ad.AnnData(
         X=sp.csr_matrix(counts.astype(np.int32)),
         obs=pd.DataFrame(
@@ -71,7 +75,7 @@ def simulate_counts(n_cells: int, n_genes: int, seed: int, truth: SimulationTrut
             index=[f"cell{i:06d}" for i in range(n_cells)],
         ),
         var=pd.DataFrame(
-            {"length": length, "true_gene_effect": gene_effect, **true_beta},
+            {"length": length, "true_gene_effect": gene_effect, "true_alpha": alpha, **true_beta},
             index=[f"gene{g:05d}" for g in range(n_genes)],
         ),
     )

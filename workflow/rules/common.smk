@@ -124,10 +124,39 @@ def contrast_of(wildcards):
     return contrasts(wildcards.dataset)[wildcards.contrast]
 
 
+def nuts_section(wildcards):
+    """The data set's check.nuts section; the check_nuts rule runs only for data sets that have one."""
+    check = dataset_config(wildcards)["check"]
+    if "nuts" not in check:
+        raise WorkflowError(
+            f"config: datasets.{wildcards.dataset}.check.nuts: missing; "
+            "fix: add check: {nuts: {}} to the data set to compare ADVI with NUTS"
+        )
+    return copy.deepcopy(check["nuts"])
+
+
+def nuts_runtime(wildcards, input, attempt):
+    """Minutes: the ADVI fit's bound plus a generous 1 ms per NUTS iteration and 1,000 entries."""
+    nuts = nuts_section(wildcards)
+    iterations = nuts["chains"] * (nuts["tune"] + nuts["draws"])
+    return fit_runtime(wildcards, input, attempt) + int(iterations * nuts["cells"] * nuts["genes"] / 6e7 * attempt)
+
+
 def all_outputs():
-    names = ("trace.nc", "summary.csv", "genes.tsv", "cells.tsv", "scnbvi.h5ad", "elbo.tsv", "elbo.png")
+    fit = ("trace.nc", "summary.csv", "genes.tsv", "cells.tsv", "scnbvi.h5ad", "elbo.tsv", "elbo.png")
+    ppc = (
+        "ppc_genes.tsv",
+        "ppc_cells.tsv",
+        "ppc.json",
+        "ppc_zero_fraction.png",
+        "ppc_mean_variance.png",
+        "ppc_library_size.png",
+    )
+    names = fit + ppc
     outputs = [f"{RESULTS}/{d}/{name}" for d in DATASETS for name in names]
     for d in DATASETS:
+        if "nuts" in config["datasets"][d]["check"]:
+            outputs += [f"{RESULTS}/{d}/check_nuts.{suffix}" for suffix in ("tsv", "json", "png")]
         for name in contrasts(d):
             outputs += [f"{RESULTS}/{d}/de/{name}{suffix}" for suffix in (".tsv", "_ma.png", "_volcano.png")]
     return outputs

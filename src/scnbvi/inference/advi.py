@@ -57,7 +57,7 @@ def fit(
 
     ``design``: per-cell covariates (:func:`scnbvi.design.build_design`), each with one
     effect per gene. ``checkpoint_path``: where the fit saves its progress every
-    ``settings.checkpoint_minutes`` and when asked to stop, and resumes from (jax engine).
+    ``settings.checkpoint_minutes`` and when asked to stop, and resumes from.
     """
     require_backend(backend)
     engine = engine_for(backend)

@@ -13,8 +13,8 @@ from scnbvi.inference.settings import InferenceSettings
 def data_driven_initvals(counts: sp.csr_matrix, cell_log_offset, gene_log_offset) -> dict:
     """Start gene effects at log mean expression and cell effects at log library size.
 
-    Both are centred so that the population means start at zero; this places the fit near
-    the optimum's ridge and cuts the number of steps ADVI needs.
+    The cell effects are centred (their prior mean is 0), so the shared level starts in the
+    gene effects; this places the fit near the optimum and cuts the number of steps ADVI needs.
     """
     counts = sp.csr_matrix(counts)
     cell_totals = np.asarray(counts.sum(axis=1)).ravel()
@@ -23,16 +23,12 @@ def data_driven_initvals(counts: sp.csr_matrix, cell_log_offset, gene_log_offset
     cell_effect -= cell_effect.mean()
     log_cell_exposure = np.logaddexp.reduce(cell_effect + cell_log_offset)
     gene_effect = np.log(gene_totals + 0.5) - log_cell_exposure - gene_log_offset
-    sigma_cell = max(cell_effect.std(), 0.05)
-    sigma_gene = max(gene_effect.std(), 0.05)
-    mu_gene = gene_effect.mean()
     return {
-        "mu_gene": np.array(mu_gene),
-        "sigma_gene": np.array(sigma_gene),
-        "z_gene": (gene_effect - mu_gene) / sigma_gene,
-        "mu_cond": np.array(0.0),
-        "sigma_cond": np.array(sigma_cell),
-        "z_cell": cell_effect / sigma_cell,
+        "mu_gene": np.array(gene_effect.mean()),
+        "sigma_gene": np.array(max(gene_effect.std(), 0.05)),
+        "gene_effect": gene_effect,
+        "sigma_cond": np.array(max(cell_effect.std(), 0.05)),
+        "cell_effect": cell_effect,
     }
 
 

@@ -1,7 +1,7 @@
 """ADVI in jitted optax loops over the model's JAX log density, local in the cells.
 
-The Gaussian factors are parameterised by mean and log sd. The per-cell N(0, 1) prior and the
-entropy are taken in closed form, so Monte-Carlo noise is drawn only for the global parameters
+The Gaussian factors are parameterised by mean and log sd. The per-cell Normal prior (its
+location and scale drawn with the global parameters) and the entropy are taken in closed form, so Monte-Carlo noise is drawn only for the global parameters
 and the minibatch's cells: the same ELBO as ``pm.fit`` optimises, with less gradient noise,
 and no per-step random numbers or transcendental functions for the cells outside the
 minibatch. In the ``entries`` layout each triple draws its cell's value on its own; as the
@@ -57,7 +57,7 @@ class Objective(NamedTuple):
     @property
     def constant(self) -> float:
         """The constants left out of ``elbo``: those of the Gaussian entropies and of the
-        expected N(0, 1) log prior of the cells."""
+        expected Normal log prior of the cells."""
         dimension = self.layout.size + self.n_cells
         return 0.5 * dimension * (1.0 + math.log(2 * math.pi)) - 0.5 * self.n_cells * math.log(2 * math.pi)
 
@@ -66,22 +66,24 @@ def objective(model: pm.Model, mode: str) -> Objective:
     import jax.numpy as jnp
 
     names = tuple(BATCH_LAYOUT[mode])
-    logp_function, global_values, cell_value = minibatch_logp(model, names)
+    logp_function, prior_function, global_values, cell_value = minibatch_logp(model, names)
     layout = ParameterLayout.from_model(model, global_values)
 
-    def logp(theta, cells_read, batch):
-        values = layout.split(theta)
+    def logp(values, cells_read, batch):
         return logp_function(*(values[name] for name in layout.names), cells_read, *(batch[n] for n in names))[0]
 
-    def cell_prior_and_entropy(p):
-        """E_q[log N(z | 0, 1)] + H[q] over every cell, up to constants."""
-        return jnp.sum(p["cell_log_sd"]) - 0.5 * jnp.sum(p["cell_mean"] ** 2 + jnp.exp(2 * p["cell_log_sd"]))
+    def cell_prior_and_entropy(p, values):
+        """E_q[log N(c | location, scale)] + H[q] over every cell, given the global draw,
+        up to constants."""
+        location, scale = prior_function(*(values[name] for name in layout.names))
+        squares = (p["cell_mean"] - location) ** 2 + jnp.exp(2 * p["cell_log_sd"])
+        return jnp.sum(p["cell_log_sd"] - jnp.log(scale) - 0.5 * squares / scale**2)
 
     def elbo(p, global_noise, cell_noise, batch):
-        theta = p["mean"] + jnp.exp(p["log_sd"]) * global_noise
+        values = layout.split(p["mean"] + jnp.exp(p["log_sd"]) * global_noise)
         cells = batch["cell_index"]
         cells_read = p["cell_mean"][cells] + jnp.exp(p["cell_log_sd"][cells]) * cell_noise
-        return logp(theta, cells_read, batch) + jnp.sum(p["log_sd"]) + cell_prior_and_entropy(p)
+        return logp(values, cells_read, batch) + jnp.sum(p["log_sd"]) + cell_prior_and_entropy(p, values)
 
     return Objective(elbo, layout, cell_value.name, model.initial_point()[cell_value.name].size)
 

@@ -1,7 +1,7 @@
 """The model's PyTensor log density turned into JAX functions the JAX engine can drive.
 
 The data containers become inputs (so each step passes its own minibatch instead of the
-constants that jaxification would bake in), and the per-cell variable's read ``z[cell_index]``
+constants that jaxification would bake in), and the per-cell variable's read ``c[cell_index]``
 becomes an input too, so a step touches only the minibatch's cells.
 """
 
@@ -48,24 +48,23 @@ def jax_logp(model: pm.Model, container_names):
 
 
 def cell_variable(model: pm.Model):
-    """The per-cell latent variable (dims ``cell``), which must be N(0, 1) a priori."""
-    from pytensor.tensor.basic import get_underlying_scalar_constant_value
+    """The per-cell latent variable (dims ``cell``), which must be Normal a priori."""
     from pytensor.tensor.random.basic import NormalRV
 
     rv = next(rv for rv in model.free_RVs if model.named_vars_to_dims.get(rv.name) == ("cell",))
-    loc, scale = (float(get_underlying_scalar_constant_value(v)) for v in rv.owner.inputs[-2:])
-    if not isinstance(rv.owner.op, NormalRV) or (loc, scale) != (0.0, 1.0):
-        raise ValueError(f"the per-cell variable {rv.name} must be Normal(0, 1) a priori")
+    if not isinstance(rv.owner.op, NormalRV):
+        raise ValueError(f"the per-cell variable {rv.name} must be Normal a priori")
     return rv
 
 
 def minibatch_logp(model: pm.Model, container_names):
     """The model's log density without the per-cell prior, as a JAX function of
-    (global values..., cells' values as read by the minibatch, batch...).
+    (global values..., cells' values as read by the minibatch, batch...), and the location
+    and scale of that Normal prior as a JAX function of the global values.
 
-    The likelihood must read the per-cell variable only as ``z[cell_index]``; that read
+    The likelihood must read the per-cell variable only as ``c[cell_index]``; that read
     becomes an input, so a step draws and differentiates only the minibatch's cells. Their
-    N(0, 1) prior has a closed-form expectation under q and is added by the engine.
+    Normal prior has a closed-form expectation under q and is added by the engine.
     """
     from pytensor.graph.replace import graph_replace
     from pytensor.graph.traversal import ancestors
@@ -83,4 +82,6 @@ def minibatch_logp(model: pm.Model, container_names):
     logp = graph_replace(logp, inputs, strict=False)
     global_values = [model.rvs_to_values[rv] for rv in global_rvs]
     function = jaxify(global_values + [cells_read] + list(inputs.values()), [logp])
-    return function, global_values, cell_value
+    location, scale = model.replace_rvs_by_values(cell_rv.owner.inputs[-2:])
+    prior = jaxify(global_values, [pt.as_tensor(location), pt.as_tensor(scale)])
+    return function, prior, global_values, cell_value

@@ -1,16 +1,17 @@
-"""ADVI through ``pm.fit`` on a PyTensor backend (``c``, ``numba`` or the pure-Python ``py``)."""
+"""ADVI with PyMC's own step function on a PyTensor backend (``c``, ``numba`` or the pure-Python
+``py``), in a loop of ours so that a checkpoint can save and restore the whole optimiser state."""
 
 from __future__ import annotations
 
 import contextlib
-import logging
+import copy
 import time
 
 import numpy as np
 import pymc as pm
 import pytensor
 
-from scnbvi.batches import BatchSampler
+from scnbvi.batches import BATCH_LAYOUT, BatchSampler
 from scnbvi.inference.averaging import IterateAverage
 from scnbvi.inference.backends import pytensor_mode
 from scnbvi.inference.checkpoint import Checkpoint
@@ -22,13 +23,11 @@ from scnbvi.inference.progress import Progress
 from scnbvi.inference.settings import FitResult, InferenceSettings
 from scnbvi.model import load_batch
 
-log = logging.getLogger("scnbvi")
-
 
 def fixed_cells_elbo(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, layout: ParameterLayout, mode):
     """The ELBO on a fixed block of cells with fixed draws, as a function of (means, sds).
 
-    It loads its block into the model's data containers: the caller reloads a training block.
+    It loads its block into the model's data containers: every step loads its own block first.
     """
     eval_batch = sampler.evaluation_batch(evaluation_cells(settings, sampler.n_genes), settings.seed)
     draws = fixed_normal_draws(settings.eval_samples, layout.size, settings.seed)
@@ -41,22 +40,8 @@ def fixed_cells_elbo(model: pm.Model, sampler: BatchSampler, settings: Inference
     return evaluate
 
 
-@contextlib.contextmanager
-def _quiet(logger: logging.Logger):
-    """Hide ``pm.fit``'s own summary ("Interrupted at ... [0%]" ends a converged fit)."""
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, backend: str,
         checkpoint: Checkpoint | None = None) -> FitResult:
-    if checkpoint is not None:
-        # pm.fit keeps its optimiser state inside its compiled step; only the jax engine resumes.
-        log.info("the pymc engine writes no checkpoints: a killed fit starts over (backend jax resumes)")
     mode = pytensor_mode(backend)
     layout = ParameterLayout.from_model(model)
     averaging = settings.convergence == "elbo"
@@ -65,13 +50,20 @@ def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, bac
 
     t0 = time.perf_counter()
     evaluate = fixed_cells_elbo(model, sampler, settings, layout, mode) if averaging else None
+    learning_rate = pytensor.shared(settings.learning_rate, name="learning_rate")
     with model:
         advi = pm.ADVI(
             random_seed=settings.seed,
             start_sigma={name: np.full(int(np.prod(shape)), initial_std(settings)) for name, shape in zip(layout.names, layout.shapes)},
         )
+        # PyMC's own step (the one pm.fit loops over), driven here so that its state can be saved.
+        step_function = advi.objective.step_function(
+            score=True, obj_optimizer=pm.adam(learning_rate=learning_rate), compile_kwargs={"mode": mode})
     group = advi.approx.groups[0]
     order = [group.ordering[name][1] for name in layout.names]
+    containers = {model[name] for name in BATCH_LAYOUT[sampler.mode]} | {learning_rate}
+    # Variational parameters, Adam's moments and step count, and the Monte-Carlo generator.
+    fit_state = [v for v in step_function.get_shared() if v not in containers]
     compile_seconds = time.perf_counter() - t0
 
     def raw_params() -> np.ndarray:
@@ -84,50 +76,54 @@ def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, bac
         return mean, std
 
     average = IterateAverage()
-    learning_rate = pytensor.shared(settings.learning_rate, name="learning_rate")
-    losses: list[float] = []  # pm.fit drops the converging step's loss from its own history
+    losses: list[float] = []
     checks: list[tuple[int, float]] = []
-    timing = {"start": time.perf_counter()}
-    state = {"converged": False}
+    converged = False
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        losses, checks, converged = list(saved["losses"]), list(saved["checks"]), saved["converged"]
+        for variable, value in zip(fit_state, saved["state"]):
+            variable.set_value(copy.deepcopy(value))
+        rule.__dict__.update(copy.deepcopy(saved["rule"]))
+        average.__dict__.update(copy.deepcopy(saved["average"]))
+        sampler.set_state(saved["sampler"])
+        learning_rate.set_value(settings.learning_rate * rule.learning_rate_scale)
 
-    def after_step(approx, step_losses, step):
-        if step == 1:
-            timing["first_step"] = time.perf_counter()
-        losses.append(float(step_losses[-1]))
-        if averaging:
-            average.add(raw_params())
-        if step % settings.check_every == 0:
+    def progress_so_far() -> dict:
+        return {
+            "steps": len(losses), "losses": np.asarray(losses), "checks": list(checks), "converged": converged,
+            "state": [copy.deepcopy(v.get_value()) for v in fit_state],
+            "rule": copy.deepcopy(vars(rule)), "average": copy.deepcopy(vars(average)),
+            "sampler": sampler.get_state(),
+        }
+
+    first_step = len(losses)
+    start = time.perf_counter()
+    with checkpoint.stop_on_signals() if checkpoint is not None else contextlib.nullcontext():
+        while len(losses) < settings.max_iterations and not converged:
+            load_batch(model, sampler.next())
+            loss = float(step_function())
+            if len(losses) == first_step:
+                compile_seconds += time.perf_counter() - start  # the first call compiles
+                start = time.perf_counter()
+            if not np.isfinite(loss):
+                raise divergence_error(len(losses) + 1, settings)
+            losses.append(loss)
+            step = len(losses)
             if averaging:
-                checks.append((step, evaluate(*means_and_stds(average.close_window()))))
-                done = rule.update(checks[-1][1])
-                learning_rate.set_value(settings.learning_rate * rule.learning_rate_scale)
+                average.add(raw_params())
+            if step % settings.check_every == 0:
+                if averaging:
+                    checks.append((step, evaluate(*means_and_stds(average.close_window()))))
+                    converged = rule.update(checks[-1][1])
+                    learning_rate.set_value(settings.learning_rate * rule.learning_rate_scale)
+                else:
+                    converged = rule.update(raw_params())
+                progress.check(step, loss, rule)
             else:
-                done = rule.update(raw_params())
-            progress.check(step, losses[-1], rule)
-            if done:
-                state["converged"] = True
-                raise StopIteration
-        else:
-            progress.step(step, losses[-1])
-        # Last, after any check has loaded the evaluation cells: the next step trains on a drawn block.
-        load_batch(model, sampler.next())
-
-    load_batch(model, sampler.next())
-    timing["start"] = time.perf_counter()
-    with model, _quiet(logging.getLogger("pymc.variational.inference")):
-        try:
-            pm.fit(
-                n=settings.max_iterations,
-                method=advi,
-                obj_optimizer=pm.adam(learning_rate=learning_rate),
-                callbacks=[after_step],
-                progressbar=False,
-                compile_kwargs={"mode": mode},
-            )
-        except FloatingPointError as err:
-            raise divergence_error(len(losses) + 1, settings) from err
-    first_step = timing.get("first_step", timing["start"])
-    compile_seconds += first_step - timing["start"]
+                progress.step(step, loss)
+            if checkpoint is not None and not converged and checkpoint.due():
+                checkpoint.save(progress_so_far())
     mean, std = means_and_stds(average.result(raw_params()) if averaging else raw_params())
     return FitResult(
         means=layout.split(mean),
@@ -135,8 +131,8 @@ def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, bac
         losses=np.asarray(losses),
         checks=checks,
         epochs=len(losses) / sampler.steps_per_epoch,
-        converged=state["converged"],
-        fit_seconds=time.perf_counter() - first_step,
+        converged=converged,
+        fit_seconds=time.perf_counter() - start,
         compile_seconds=compile_seconds,
         engine="pymc",
         backend=backend,

@@ -1,0 +1,58 @@
+from _runner import run
+
+
+def main(snakemake):
+    import logging
+
+    import anndata as ad
+    import arviz as az
+
+    from scnbvi.covariates import aligned_covariates
+    from scnbvi.design import read_design
+    from scnbvi.outputs import atomic_output, write_json, write_table
+    from scnbvi.plotting import plot_ppc_library_size, plot_ppc_mean_variance, plot_ppc_zero_fraction
+    from scnbvi.ppc import (
+        BAND,
+        cell_positions,
+        centred_covariates,
+        check,
+        library_size_histogram,
+        posterior_draws,
+        select_cells,
+        typical_dispersion,
+    )
+
+    settings = snakemake.params.settings
+    adata = ad.read_h5ad(snakemake.input.h5ad)
+    cells, genes = aligned_covariates(snakemake.input.cells, snakemake.input.genes, adata)
+    design = read_design(snakemake.input.design, cells)
+    idata = az.from_netcdf(snakemake.input.trace)
+    checked = select_cells(idata.posterior["cell"].values, settings["cells"], settings["seed"])
+    rows = cell_positions(checked, adata.obs_names, snakemake.input.trace)
+    draws = posterior_draws(idata, checked, settings["draws"], settings["seed"])
+    covariates = centred_covariates(design, draws.coefficients)[rows] if draws.beta is not None else None
+    result = check(
+        adata.X[rows],
+        draws,
+        cells["log_offset"].to_numpy()[rows],
+        genes["log_offset"].to_numpy(),
+        covariates,
+        cell_names=checked,
+        gene_names=adata.var_names,
+        seed=settings["seed"],
+    )
+    write_table(result.genes, snakemake.output.genes)
+    write_table(result.cells, snakemake.output.cells)
+    write_json(result.verdict, snakemake.output.verdict)
+    title = f"{snakemake.wildcards.dataset}: {len(result.cells)} cells, {draws.n_draws} draws"
+    with atomic_output(snakemake.output.zero_fraction) as path:
+        plot_ppc_zero_fraction(result.genes, path, title=title, band=BAND)
+    with atomic_output(snakemake.output.mean_variance) as path:
+        plot_ppc_mean_variance(result.genes, path, alpha=typical_dispersion(draws), title=title)
+    histogram = library_size_histogram(result.cells["library_size_observed"].to_numpy(), result.library_sizes)
+    with atomic_output(snakemake.output.library_size) as path:
+        plot_ppc_library_size(histogram, path, title=title, band=BAND)
+    logging.getLogger("scnbvi").info("posterior predictive check: %s", result.verdict["verdict"])
+
+
+run(snakemake, main)
