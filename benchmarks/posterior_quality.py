@@ -100,7 +100,8 @@ def nuts() -> str:
     comparison, record = check_nuts(droplet.X, np.log(droplet.obs["depth"].to_numpy() / 1e5), np.zeros(droplet.n_vars),
                                list(droplet.obs_names), list(droplet.var_names), None, nuts=NutsSettings(),
                                inference=InferenceSettings(log_every_seconds=1e9), backend="jax")
-    columns = ["elements", "correlation", "mean_difference_in_sd", "sd_ratio", "nuts_mass_in_advi_interval", "missed"]
+    columns = ["elements", "correlation", "mean_difference_in_sd", "sd_ratio", "nuts_mass_in_advi_interval", "missed",
+               "rhat_max", "ess_bulk_min"]
     rows = [[name, *(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in columns)]
             for name, row in comparison.iterrows()]
     facts = {k: v for k, v in record.items() if not isinstance(v, (dict, list))}

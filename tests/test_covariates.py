@@ -199,6 +199,18 @@ def test_a_median_depth_of_zero_stops_with_the_cause_and_the_fix():
     assert "\n" not in str(error.value)
 
 
+def test_an_absurd_depth_stops_with_the_cause_and_the_fix():
+    adata = ad.AnnData(X=sp.csr_matrix(np.ones((3, 2), dtype=np.int32)), obs=pd.DataFrame(
+        {"depth": [1e4, 1e308, 2e4]}, index=["c0", "c1", "c2"]), var=pd.DataFrame(index=["G1", "G2"]))
+    settings = {
+        "gene_length": {"source": "none", "path": None, "attribute": "gene_id", "column": "length"},
+        "depth": {"source": "obs", "column": "depth", "constant": 1e4, "per_cell": True},
+        "depth_ref": 1e5, "length_ref": 2000.0, "seed": 0,
+    }
+    with pytest.raises(InputError, match=r"covariates: depth: 1 of 3 rows .*first: 'c1'.*fix: fix the depth values"):
+        covariate_tables(adata, settings)
+
+
 def test_table_rejects_infinite_lengths(tmp_path):
     path = tmp_path / "lengths.tsv"
     path.write_text("G1\t1000\nG2\tinf\n")

@@ -316,14 +316,15 @@ def test_full_data_elbo_equals_the_models_own_log_density_over_the_same_draws(si
     assert elbo == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("field", ["cell_log_offset", "gene_log_offset", "counts"])
-def test_inputs_that_make_the_density_non_finite_are_named_before_fitting(simulated, field):
-    """A zero depth (log offset -inf) must not reach the optimiser, whose divergence advice
-    (a smaller learning rate) could not help."""
+@pytest.mark.parametrize(("field", "value"), [("cell_log_offset", -np.inf), ("gene_log_offset", -np.inf),
+                                              ("counts", -np.inf), ("cell_log_offset", np.log(1e308 / 1e5))])
+def test_inputs_that_make_the_density_non_finite_are_named_before_fitting(simulated, field, value):
+    """A zero depth (log offset -inf), or an absurd one (1e308), must not reach the optimiser,
+    whose divergence advice (a smaller learning rate) could not help."""
     from scnbvi.errors import InputError
 
     adata, (cell_offset, gene_offset) = simulated
     counts, cell_offset, gene_offset = adata.X.copy().astype(float), cell_offset.copy(), gene_offset.copy()
-    {"cell_log_offset": cell_offset, "gene_log_offset": gene_offset, "counts": counts.data}[field][3] = -np.inf
+    {"cell_log_offset": cell_offset, "gene_log_offset": gene_offset, "counts": counts.data}[field][3] = value
     with pytest.raises(InputError, match=f"fit: {field}: .*not finite.*fix: check the covariates"):
         fit(counts, cell_offset, gene_offset, QUICK, backend="c")

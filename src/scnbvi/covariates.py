@@ -162,9 +162,22 @@ def log_offsets(depth, lengths, *, per_cell=True, depth_ref=1e5, length_ref=2000
         return np.log(cell_depth / depth_ref), gene_log_offset
 
 
+# exp(30) ~ 1e13: no depth or length is that many times its reference, while exp of an offset
+# near 88 already overflows in float32.
+MAX_ABS_LOG_OFFSET = 30.0
+
+
 def require_finite_offsets(cells: pd.DataFrame, genes: pd.DataFrame, source="covariates") -> None:
-    """Stop before fitting when an offset is not finite: the fit would diverge at its first step
-    with advice (a smaller learning rate) that cannot help."""
+    """Stop before fitting when an offset is not finite or absurdly large: the fit would diverge
+    at its first step with advice (a smaller learning rate) that cannot help."""
+    for table, field in ((cells, "depth"), (genes, "gene_length")):
+        offsets = table["log_offset"].to_numpy()
+        huge = np.isfinite(offsets) & (np.abs(offsets) > MAX_ABS_LOG_OFFSET)
+        if huge.any():
+            value = table.iloc[huge.argmax()]
+            raise InputError(source, field, f"{int(huge.sum())} of {len(table)} rows are more than "
+                             f"exp({MAX_ABS_LOG_OFFSET:g}) ~ 1e13 times their reference (first: {table.index[huge.argmax()]!r}, "
+                             f"log offset {value['log_offset']:.4g})", f"fix the {field} values in their source")
     zero_depth = ~np.isfinite(cells["log_offset"].to_numpy())
     if zero_depth.any():
         first = cells.index[zero_depth.argmax()]

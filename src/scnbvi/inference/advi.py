@@ -9,6 +9,7 @@ import pymc as pm
 import scipy.sparse as sp
 
 from scnbvi.batches import BatchSampler
+from scnbvi.covariates import MAX_ABS_LOG_OFFSET
 from scnbvi.design import Design
 from scnbvi.errors import InputError
 from scnbvi.inference import jax_engine, pymc_engine
@@ -28,16 +29,20 @@ ENGINES = {"pymc": pymc_engine.run, "jax": jax_engine.run}
 def require_finite_inputs(counts: sp.csr_matrix, cell_log_offset, gene_log_offset, design: Design | None) -> None:
     """Stop before fitting on inputs that make the log density non-finite, so a loss that is
     not finite later can only come from the optimisation (and lowering the step size helps)."""
+    def usable(offsets) -> bool:
+        return bool(np.all(np.abs(offsets) <= MAX_ABS_LOG_OFFSET))  # False for NaN and inf too
+
     problems = {
         "counts": not np.all(np.isfinite(counts.data)) or np.any(counts.data < 0),
-        "cell_log_offset": not np.all(np.isfinite(cell_log_offset)),
-        "gene_log_offset": not np.all(np.isfinite(gene_log_offset)),
+        "cell_log_offset": not usable(cell_log_offset),
+        "gene_log_offset": not usable(gene_log_offset),
         "design": design is not None and not np.all(np.isfinite(design.matrix)),
     }
     for field, bad in problems.items():
         if bad:
-            raise InputError("fit", field, "holds values that are not finite (or negative counts), so the model's "
-                             "log density is not finite wherever the fit starts",
+            raise InputError("fit", field, "holds values that are not finite (or negative counts, or log offsets "
+                             f"beyond +-{MAX_ABS_LOG_OFFSET:g}), so the model's log density is not finite wherever "
+                             "the fit starts",
                              "check the covariates step's tables (depth 0 gives log offset -inf) or the counts")
 
 
