@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import arviz as az
 import numpy as np
@@ -26,6 +26,7 @@ from scnbvi.batches import cell_block
 from scnbvi.design import Design
 from scnbvi.errors import InputError
 from scnbvi.inference import InferenceSettings, fit
+from scnbvi.inference.settings import settings_from_section
 from scnbvi.model import build_model, load_batch
 from scnbvi.posterior import draw_posterior, posterior_variables
 
@@ -54,8 +55,7 @@ class NutsSettings:
 
     @classmethod
     def from_config(cls, section: dict) -> NutsSettings:
-        known = {field.name for field in fields(cls)}
-        return cls(**{key: value for key, value in section.items() if key in known})
+        return settings_from_section(cls, section)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """ADVI in jitted optax loops over the model's JAX log density, local in the cells.
 
 The Gaussian factors are parameterised by mean and log sd. The per-cell Normal prior (its
-location and scale drawn with the global parameters) and the entropy are taken in closed form, so Monte-Carlo noise is drawn only for the global parameters
-and the minibatch's cells: the same ELBO as ``pm.fit`` optimises, with less gradient noise,
+location and scale drawn with the global parameters) and the entropy are taken in closed form,
+so Monte-Carlo noise is drawn only for the global parameters and the minibatch's cells: the same ELBO as ``pm.fit`` optimises, with less gradient noise,
 and no per-step random numbers or transcendental functions for the cells outside the
 minibatch. In the ``entries`` layout each triple draws its cell's value on its own; as the
 likelihood is a sum over triples, the estimate stays unbiased.
@@ -25,7 +25,7 @@ import pymc as pm
 
 from scnbvi.batches import BATCH_LAYOUT, BatchSampler, nonzero_capacity, pad_nonzeros
 from scnbvi.inference.averaging import IterateAverage
-from scnbvi.inference.checkpoint import Checkpoint
+from scnbvi.inference.checkpoint import Checkpoint, restore_schedule
 from scnbvi.inference.divergence import divergence_error
 from scnbvi.inference.elbo import ParameterLayout, evaluation_cells, fixed_normal_draws
 from scnbvi.inference.initialization import initial_std
@@ -207,9 +207,7 @@ def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, bac
         steps, checks, converged = saved["steps"], list(saved["checks"]), saved["converged"]
         state = jax.tree.map(jnp.asarray, saved["state"])
         chunks = [jnp.asarray(saved["losses"])]
-        rule.__dict__.update(copy.deepcopy(saved["rule"]))
-        average.__dict__.update(copy.deepcopy(saved["average"]))
-        sampler.set_state(saved["sampler"])
+        restore_schedule(saved, rule, average, sampler)
 
     def progress_so_far() -> dict:
         """Everything the next steps depend on, as host arrays."""

@@ -14,7 +14,7 @@ import pytensor
 from scnbvi.batches import BATCH_LAYOUT, BatchSampler
 from scnbvi.inference.averaging import IterateAverage
 from scnbvi.inference.backends import pytensor_mode
-from scnbvi.inference.checkpoint import Checkpoint
+from scnbvi.inference.checkpoint import Checkpoint, restore_schedule
 from scnbvi.inference.divergence import divergence_error
 from scnbvi.inference.elbo import ParameterLayout, evaluation_cells, fixed_normal_draws, gaussian_entropy
 from scnbvi.inference.initialization import initial_std
@@ -84,9 +84,7 @@ def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, bac
         losses, checks, converged = list(saved["losses"]), list(saved["checks"]), saved["converged"]
         for variable, value in zip(fit_state, saved["state"]):
             variable.set_value(copy.deepcopy(value))
-        rule.__dict__.update(copy.deepcopy(saved["rule"]))
-        average.__dict__.update(copy.deepcopy(saved["average"]))
-        sampler.set_state(saved["sampler"])
+        restore_schedule(saved, rule, average, sampler)
         learning_rate.set_value(settings.learning_rate * rule.learning_rate_scale)
 
     def progress_so_far() -> dict:

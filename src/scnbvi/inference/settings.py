@@ -9,6 +9,12 @@ import numpy as np
 import pandas as pd
 
 
+def settings_from_section(cls, section: dict):
+    """A settings dataclass from its config section, ignoring keys the dataclass does not know
+    (the schema's section may hold more than one step uses)."""
+    return cls(**{key: value for key, value in section.items() if key in cls.__dataclass_fields__})
+
+
 @dataclass(frozen=True)
 class InferenceSettings:
     """How to fit; mirrors the ``inference`` section of the workflow config (same defaults)."""
@@ -36,8 +42,7 @@ class InferenceSettings:
     @classmethod
     def from_config(cls, section: dict) -> InferenceSettings:
         """Settings from the config's ``inference`` section; keys the fit does not use are ignored."""
-        known = cls.__dataclass_fields__
-        return cls(**{key: value for key, value in section.items() if key in known})
+        return settings_from_section(cls, section)
 
 
 def effective_settings(settings: InferenceSettings, batch_size: int, steps_per_epoch: float) -> InferenceSettings:
