@@ -248,7 +248,8 @@ def test_a_converged_fit_reports_its_converging_step(simulated, backend):
 @pytest.mark.parametrize("backend", ["c", pytest.param("jax", marks=pytest.mark.fit)])
 def test_effective_settings_are_recorded(simulated, backend):
     """What the fit ran with, not what was asked: the batch clamped to the cells, the check
-    interval stretched to an epoch, the decays taken and the learning rate they left."""
+    interval stretched to an epoch where the engine does not refit the cells at each check
+    (pymc), the decays taken and the learning rate they left."""
     _, result, idata = _fit(simulated, backend, batch_size=1000, check_every=1, tolerance=1.0,
                             learning_rate_decay=0.5, max_decays=2, max_iterations=12, draws=20)
     stats = result.statistics()
@@ -259,7 +260,8 @@ def test_effective_settings_are_recorded(simulated, backend):
     for key in ("batch_size", "check_every", "decays", "final_learning_rate", "learning_rate"):
         assert attrs[key] == stats[key], key
     _, stretched, _ = _fit(simulated, backend, **SHORT)
-    assert stretched.statistics()["check_every"] == 4 and stretched.statistics()["batch_size"] == 128
+    check_every = {"c": 4, "jax": SHORT["check_every"]}[backend]
+    assert stretched.statistics()["check_every"] == check_every and stretched.statistics()["batch_size"] == 128
 
 
 @pytest.mark.parametrize("backend", ["c", pytest.param("jax", marks=pytest.mark.fit)])
@@ -300,12 +302,12 @@ def test_full_data_elbo_equals_the_models_own_log_density_over_the_same_draws(si
     from scnbvi.batches import cell_block
     from scnbvi.inference import ParameterLayout, full_data_elbo
     from scnbvi.inference.elbo import fixed_normal_draws, gaussian_entropy
-    from scnbvi.model import build_model, load_batch
+    from scnbvi.model import build_model, cell_centring_weights, load_batch
 
     adata, (cell_offset, gene_offset) = simulated
     _, result, _ = _fit(simulated, "c", **SHORT)
     model = build_model(cell_log_offset=cell_offset, gene_log_offset=gene_offset, batch_size=adata.n_obs,
-                        gene_dispersion=False)
+                        gene_dispersion=False, cell_centring=cell_centring_weights(adata.X, cell_offset))
     load_batch(model, cell_block(adata.X.tocsr(), np.arange(adata.n_obs)))
     layout = ParameterLayout.from_model(model)
     mean, std = layout.flatten(result.means), layout.flatten(result.stds)
@@ -328,3 +330,47 @@ def test_inputs_that_make_the_density_non_finite_are_named_before_fitting(simula
     {"cell_log_offset": cell_offset, "gene_log_offset": gene_offset, "counts": counts.data}[field][3] = value
     with pytest.raises(InputError, match=f"fit: {field}: .*not finite.*fix: check the covariates"):
         fit(counts, cell_offset, gene_offset, QUICK, backend="c")
+
+
+def test_jax_refit_of_a_block_puts_each_cell_at_its_laplace_approximation(simulated):
+    """Repeated refits converge to each cell's posterior mode given the global means (found
+    here by a 1-D optimiser on the model's own log density) with sd 1/sqrt(-curvature)."""
+    import jax
+    from scipy import optimize
+
+    from scnbvi.batches import cell_block
+    from scnbvi.inference import jax_engine
+    from scnbvi.model import build_model, cell_centring_weights, load_batch
+
+    adata, (cell_offset, gene_offset) = simulated
+    counts = adata.X.tocsr()
+    model = build_model(cell_log_offset=cell_offset, gene_log_offset=gene_offset, batch_size=16,
+                        dense_float32=True, cell_centring=cell_centring_weights(counts, cell_offset))
+    target = jax_engine.objective(model, "cells")
+    state = jax_engine.init(model, target, 0.05, __import__("optax").adam(1.0))
+    block = np.arange(40, 56)
+    batch = {name: jax.numpy.asarray(value) for name, value in cell_block(counts, block).items()}
+    params = state.params
+    for _ in range(12):
+        params = target.refit_cells(params, batch)
+    # The model's own log density in one cell's value, everything else at the means of q.
+    point = target.layout.split(np.asarray(params["mean"]))
+    point[target.cell_name] = np.asarray(params["cell_mean"], dtype=float)
+    full = build_model(cell_log_offset=cell_offset, gene_log_offset=gene_offset, batch_size=adata.n_obs,
+                       cell_centring=cell_centring_weights(counts, cell_offset))
+    load_batch(full, cell_block(counts, np.arange(adata.n_obs)))
+    logp = full.compile_logp()
+    for cell in block[:4]:
+        def negative(value, cell=cell):
+            values = dict(point)
+            values[target.cell_name] = point[target.cell_name].copy()
+            values[target.cell_name][cell] = value
+            return -logp(values)
+        mode = optimize.minimize_scalar(negative, bracket=(point[target.cell_name][cell] - 0.5,
+                                                           point[target.cell_name][cell] + 0.5)).x
+        assert params["cell_mean"][cell] == pytest.approx(mode, abs=1e-3)
+        step = 1e-3
+        curvature = (negative(mode + step) - 2 * negative(mode) + negative(mode - step)) / step**2
+        assert np.exp(params["cell_log_sd"][cell]) == pytest.approx(1 / np.sqrt(curvature), rel=1e-2)
+    untouched = np.setdiff1d(np.arange(adata.n_obs), block)
+    np.testing.assert_array_equal(params["cell_mean"][untouched], state.params["cell_mean"][untouched])

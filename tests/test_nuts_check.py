@@ -16,7 +16,7 @@ from scnbvi.batches import make_batch
 from scnbvi.covariates import log_offsets
 from scnbvi.design import design_from_config
 from scnbvi.inference import InferenceSettings
-from scnbvi.model import build_model, load_batch
+from scnbvi.model import build_model, cell_centring_weights, load_batch
 from scnbvi.nuts_check import (
     MIN_DETECTED_FRACTION,
     NutsSettings,
@@ -131,7 +131,8 @@ def test_nuts_model_logp_is_the_full_data_logp(gene_dispersion):
     n_cells, n_genes = subset.counts.shape
     entries = build_model(cell_log_offset=subset.cell_log_offset, gene_log_offset=subset.gene_log_offset,
                           mode="entries", batch_size=n_cells * n_genes, gene_dispersion=gene_dispersion,
-                          design=subset.design.matrix, coefficient_names=subset.design.names)
+                          design=subset.design.matrix, coefficient_names=subset.design.names,
+                          cell_centring=cell_centring_weights(subset.counts, subset.cell_log_offset))
     load_batch(entries, make_batch("entries", counts=subset.counts.toarray(),
                                    cell_index=np.repeat(np.arange(n_cells), n_genes),
                                    gene_index=np.tile(np.arange(n_genes), n_cells)))

@@ -52,7 +52,7 @@ def test_default_workflow_runs_and_recovers_simulated_truth(workflow_copy):
     truth = ad.read_h5ad(out / "simulated.h5ad")
     idata = az.from_netcdf(out / "trace.nc")
     attrs = idata.posterior.attrs
-    assert attrs["backend"] == "c" and attrs["engine"] == "pymc" and attrs["converged"] == 1
+    assert attrs["backend"] == "jax" and attrs["engine"] == "jax" and attrs["converged"] == 1
     assert idata.posterior.sizes["draw"] == 1000
     genes = pd.read_csv(out / "genes.tsv", sep="\t", index_col=0)
     assert list(genes.index) == list(truth.var_names)

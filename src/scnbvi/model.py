@@ -10,7 +10,9 @@ of genes, so the data pin each effect and the posterior of a scale (``sigma_gene
 correlates with the effects it governs. A mean-field q then keeps the scales' uncertainty;
 in the non-centred form (effect = mu + sigma * z) each scale is tied to all its z's along a
 flat direction, which q cannot represent: the fitted scales drifted with the optimiser and
-their intervals came out about 10x too narrow. The cell effects' prior mean is pinned at 0,
+their intervals came out about 10x too narrow. Only a cell with few counts in the fitted
+genes is weakly informed; each cell effect is partially non-centred by how much its data
+inform it (:func:`cell_effects`). The cell effects' prior mean is pinned at 0,
 so the shared level is ``mu_gene`` alone (a second, free mean would only trade off with it).
 
 The observed counts enter through data containers that hold one minibatch at a time, so the
@@ -24,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 import pymc as pm
 import pytensor.tensor as pt
+import scipy.sparse as sp
 
 from scnbvi.batches import MINIBATCH_MODES, empty_batch
 
@@ -34,6 +37,8 @@ PRIOR_ALPHA_BETA = 2.0
 PRIOR_TAU_SD = 1.0
 PRIOR_LOG_ALPHA_MEAN_SD = 2.5
 PRIOR_LOG_ALPHA_SD_SD = 1.0
+# The smallest spread of the cell effects assumed when weighting their parameterisation.
+MIN_CELL_SPREAD = 0.05
 
 
 def load_batch(model: pm.Model, batch: dict[str, np.ndarray]) -> None:
@@ -56,13 +61,15 @@ def build_model(
     dense_float32: bool = False,
     design: np.ndarray | None = None,
     coefficient_names=None,
+    cell_centring: np.ndarray | None = None,
 ) -> pm.Model:
     """Build the model for a data set of ``len(cell_log_offset)`` cells x ``len(gene_log_offset)`` genes.
 
     The likelihood is scaled by ``total_size`` so that a minibatch stands for the whole data set.
     ``dense_float32``: see :func:`sparse_block_nb_logp` (the ``jax`` engine sets it).
     ``design``: cells x coefficients covariates (see :mod:`scnbvi.design`), each with one
-    effect per gene.
+    effect per gene. ``cell_centring``: per cell, how centred its effect is parameterised
+    (:func:`cell_centring_weights`; None: fully centred).
     """
     if mode not in MINIBATCH_MODES:
         raise ValueError(f"minibatch mode must be one of {MINIBATCH_MODES}, got {mode!r}")
@@ -82,15 +89,14 @@ def build_model(
         mu_gene = pm.Normal("mu_gene", 0.0, PRIOR_MU_SD)
         sigma_gene = pm.HalfNormal("sigma_gene", PRIOR_SIGMA_SD)
         gene_effect = pm.Normal("gene_effect", mu_gene, sigma_gene, dims="gene")
-        sigma_cond = pm.HalfNormal("sigma_cond", PRIOR_SIGMA_SD)
-        cell_effect = pm.Normal("cell_effect", 0.0, sigma_cond, dims="cell")
+        cells = data["cell_index"]
+        # The likelihood reads the per-cell variable only at ``cells``, so a step costs
+        # O(batch), not O(n_cells), and an engine can treat it as a local parameter.
+        cell_read = cell_effects(cells, cell_centring)
         alpha = gene_alpha() if gene_dispersion else pm.HalfCauchy("alpha", PRIOR_ALPHA_BETA)
 
         gene_log_rate = gene_effect + pt.as_tensor(np.asarray(gene_log_offset, dtype=float))
-        cells = data["cell_index"]
-        # The likelihood reads the cell effects only as ``cell_effect[cells]``, so a step
-        # costs O(batch), not O(n_cells), and an engine can treat them as local parameters.
-        cell_log_rate = cell_effect[cells] + pt.as_tensor(np.asarray(cell_log_offset, dtype=float))[cells]
+        cell_log_rate = cell_read + pt.as_tensor(np.asarray(cell_log_offset, dtype=float))[cells]
         # Centred covariates make each gene effect the gene's level at the data's average
         # covariates, nearly uncorrelated a posteriori with its covariate effects: a mean-field
         # q then keeps the effects' uncertainty instead of losing it to that correlation.
@@ -118,9 +124,56 @@ def build_model(
                 total_size=n_cells * n_genes,
             )
     if initvals:
+        initvals = dict(initvals)
+        if cell_centring is not None and "cell_effect" in initvals:
+            sigma = initvals.get("sigma_cond", 1.0)
+            initvals[RAW_CELL_EFFECT] = initvals.pop("cell_effect") / sigma ** (1.0 - cell_centring)
         for name, value in initvals.items():
             model.set_initval(model[name], value)
     return model
+
+
+RAW_CELL_EFFECT = "cell_effect_raw"
+
+
+def cell_effects(cells, centring: np.ndarray | None):
+    """The cell effects read at ``cells``: ``cell_effect_i ~ N(0, sigma_cond)``, partially
+    non-centred per cell when ``centring`` is given.
+
+    The free variable is then ``raw_i ~ N(0, sigma_cond**w_i)`` with
+    ``cell_effect_i = sigma_cond**(1 - w_i) * raw_i``: the same model, centred (w = 1) for a
+    cell the data pin down and non-centred (w = 0) for one they barely inform. A weakly informed
+    cell's centred effect is tied to ``sigma_cond`` (a funnel): a mean-field q then loses most of
+    ``sigma_cond``'s uncertainty and NUTS mixes slowly; its non-centred effect is nearly
+    independent of it.
+    """
+    sigma_cond = pm.HalfNormal("sigma_cond", PRIOR_SIGMA_SD)
+    if centring is None:
+        return pm.Normal("cell_effect", 0.0, sigma_cond, dims="cell")[cells]
+    weights = pt.as_tensor(np.asarray(centring, dtype=float))
+    raw = pm.Normal(RAW_CELL_EFFECT, 0.0, sigma_cond**weights, dims="cell")
+    pm.Deterministic("cell_effect", sigma_cond ** (1.0 - weights) * raw, dims="cell")
+    return raw[cells] * sigma_cond ** (1.0 - weights[cells])
+
+
+def cell_centring_weights(counts, cell_log_offset) -> np.ndarray:
+    """Per cell, w_i = I_i s^2 / (1 + I_i s^2): the share of the cell effect's posterior
+    precision that comes from its data, the weight that decouples the effect from
+    ``sigma_cond`` in a Normal model (Gorinova, Moore & Hoffman 2020).
+
+    ``I_i``, the Fisher information of a cell's log rate, is taken as its total count (Poisson).
+    ``s^2``, the variance of the cell effects, is the covariance over cells of the log totals
+    (over their offset) of the even and of the odd genes: the two halves share the cell effect
+    but not their counting noise, which would dominate the variance of either. Any weights give
+    the same model; they only change how well q and NUTS can follow it.
+    """
+    counts = sp.csr_matrix(counts)
+    totals = np.asarray(counts.sum(axis=1), dtype=float).ravel()
+    halves = [np.log(np.asarray(counts[:, first::2].sum(axis=1), dtype=float).ravel() + 0.5)
+              - np.asarray(cell_log_offset, dtype=float) for first in (0, 1)]
+    shared = np.cov(*halves)[0, 1] if counts.shape[1] > 1 and counts.shape[0] > 1 else 0.0
+    spread = max(shared, MIN_CELL_SPREAD**2)
+    return totals * spread / (1.0 + totals * spread)
 
 
 def gene_alpha():

@@ -27,7 +27,7 @@ from scnbvi.design import Design
 from scnbvi.errors import InputError
 from scnbvi.inference import InferenceSettings, fit
 from scnbvi.inference.settings import settings_from_section
-from scnbvi.model import build_model, load_batch
+from scnbvi.model import build_model, cell_centring_weights, load_batch
 from scnbvi.posterior import draw_posterior, posterior_variables
 
 log = logging.getLogger("scnbvi")
@@ -124,6 +124,7 @@ def nuts_model(subset: Subset, gene_dispersion: bool) -> pm.Model:
         gene_names=subset.gene_names,
         design=None if subset.design is None else subset.design.matrix,
         coefficient_names=None if subset.design is None else subset.design.names,
+        cell_centring=cell_centring_weights(subset.counts, subset.cell_log_offset),
     )
     load_batch(model, cell_block(subset.counts, np.arange(n_cells)))
     return model

@@ -13,6 +13,7 @@ import pytensor.tensor as pt
 from pytensor.graph.replace import vectorize_graph
 
 from scnbvi.inference import FitResult, pytensor_mode
+from scnbvi.model import RAW_CELL_EFFECT
 from scnbvi.outputs import code_version
 
 RECORDED_PACKAGES = ("scnbvi", "pymc", "pytensor", "arviz", "numpy", "jax", "anndata")
@@ -21,8 +22,11 @@ RECORDED_PACKAGES = ("scnbvi", "pymc", "pytensor", "arviz", "numpy", "jax", "ann
 def posterior_variables(model: pm.Model) -> list[str]:
     """Every free parameter and derived effect, in the model's order, but the coordinates in
     which q is fitted where the model reports the same quantity on its own scale (``gamma``
-    for the covariate effects ``beta``)."""
-    return [rv.name for rv in model.free_RVs if rv.name != "gamma"] + [d.name for d in model.deterministics]
+    for the covariate effects ``beta``, the partially non-centred cell effects for
+    ``cell_effect``)."""
+    fitting_coordinates = {"gamma", RAW_CELL_EFFECT}
+    return [rv.name for rv in model.free_RVs if rv.name not in fitting_coordinates] + [
+        d.name for d in model.deterministics]
 
 
 def package_versions() -> dict[str, str]:

@@ -18,7 +18,7 @@ from scnbvi.inference.checkpoint import Checkpoint, fingerprint
 from scnbvi.inference.initialization import data_driven_initvals
 from scnbvi.inference.memory import check_memory
 from scnbvi.inference.settings import FitResult, InferenceSettings, effective_settings
-from scnbvi.model import build_model
+from scnbvi.model import build_model, cell_centring_weights
 
 log = logging.getLogger("scnbvi")
 
@@ -69,7 +69,8 @@ def fit(
     counts = sp.csr_matrix(counts)
     require_finite_inputs(counts, cell_log_offset, gene_log_offset, design)
     sampler = BatchSampler(counts, settings.minibatch, settings.batch_size, settings.seed)
-    settings = effective_settings(settings, sampler.batch_size, sampler.steps_per_epoch)
+    settings = effective_settings(settings, sampler.batch_size, sampler.steps_per_epoch,
+                                  refits_cells=engine == "jax" and settings.minibatch == "cells")
     log.info("fitting %d cells x %d genes with engine %s, backend %s, effective %s",
              *counts.shape, engine, backend, settings)
     check_memory(*counts.shape, counts.nnz, settings)
@@ -85,6 +86,7 @@ def fit(
         dense_float32=engine == "jax",
         design=None if design is None else design.matrix,
         coefficient_names=None if design is None else design.names,
+        cell_centring=cell_centring_weights(counts, cell_log_offset),
     )
     checkpoint = None
     if checkpoint_path is not None:

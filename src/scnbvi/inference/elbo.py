@@ -69,11 +69,12 @@ def full_data_elbo(counts: sp.csr_matrix, cell_log_offset, gene_log_offset, resu
 
     from scnbvi.batches import BATCH_LAYOUT, cell_block
     from scnbvi.inference.jax_graph import jax_logp
-    from scnbvi.model import build_model
+    from scnbvi.model import build_model, cell_centring_weights
 
     counts = sp.csr_matrix(counts)
     model = build_model(cell_log_offset=cell_log_offset, gene_log_offset=gene_log_offset,
-                        batch_size=counts.shape[0], gene_dispersion=gene_dispersion)
+                        batch_size=counts.shape[0], gene_dispersion=gene_dispersion,
+                        cell_centring=cell_centring_weights(counts, cell_log_offset))
     layout = ParameterLayout.from_model(model)
     names = tuple(BATCH_LAYOUT["cells"])
     logp = jax_logp(model, names)

@@ -45,16 +45,18 @@ class InferenceSettings:
         return settings_from_section(cls, section)
 
 
-def effective_settings(settings: InferenceSettings, batch_size: int, steps_per_epoch: float) -> InferenceSettings:
+def effective_settings(settings: InferenceSettings, batch_size: int, steps_per_epoch: float,
+                       refits_cells: bool = False) -> InferenceSettings:
     """The settings a fit really runs with, resolved once before any engine starts.
 
     ``batch_size`` is what the sampler could draw (at most every cell, or every entry). In the
     ``cells`` layout the check interval is stretched to at least one epoch: a cell's own
     parameters only learn when its block comes round, once per epoch, and judging a plateau
-    (and shrinking the step size) faster than that would freeze them on large data.
+    (and shrinking the step size) faster than that would freeze them on large data. An engine
+    that ``refits_cells`` to their optimum at each check and at the end needs no such wait.
     """
     check_every = settings.check_every
-    if settings.minibatch == "cells":
+    if settings.minibatch == "cells" and not refits_cells:
         check_every = max(check_every, math.ceil(steps_per_epoch))
     return replace(settings, batch_size=batch_size, check_every=check_every)
 
