@@ -39,6 +39,8 @@ PRIOR_LOG_ALPHA_MEAN_SD = 2.5
 PRIOR_LOG_ALPHA_SD_SD = 1.0
 # The smallest spread of the cell effects assumed when weighting their parameterisation.
 MIN_CELL_SPREAD = 0.05
+# The free per-cell variable when the cell effects are partially non-centred (see cell_effects).
+RAW_CELL_EFFECT = "cell_effect_raw"
 
 
 def load_batch(model: pm.Model, batch: dict[str, np.ndarray]) -> None:
@@ -131,9 +133,6 @@ def build_model(
         for name, value in initvals.items():
             model.set_initval(model[name], value)
     return model
-
-
-RAW_CELL_EFFECT = "cell_effect_raw"
 
 
 def cell_effects(cells, centring: np.ndarray | None):

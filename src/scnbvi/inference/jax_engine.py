@@ -2,9 +2,9 @@
 
 The Gaussian factors are parameterised by mean and log sd. The per-cell Normal prior (its
 location and scale drawn with the global parameters) and the entropy are taken in closed form,
-so Monte-Carlo noise is drawn only for the global parameters and the minibatch's cells: the same ELBO as ``pm.fit`` optimises, with less gradient noise,
-and no per-step random numbers or transcendental functions for the cells outside the
-minibatch. In the ``entries`` layout each triple draws its cell's value on its own; as the
+so Monte-Carlo noise is drawn only for the global parameters and the minibatch's cells: the
+same ELBO as ``pm.fit`` optimises, with less gradient noise, and no per-step random numbers
+for the cells outside the minibatch. In the ``entries`` layout each triple draws its cell's value on its own; as the
 likelihood is a sum over triples, the estimate stays unbiased.
 
 In the ``cells`` layout each step first moves its block's cells by a Newton step towards their
@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pymc as pm
+import scipy.sparse as sp
 
 from scnbvi.batches import BATCH_LAYOUT, BatchSampler, cell_block, nonzero_capacity, pad_nonzeros
 from scnbvi.inference.averaging import IterateAverage
@@ -136,12 +137,11 @@ def repeat_refit(target: Objective, params: dict, batch, times: int = REFITS_TO_
     return params
 
 
-def refit_every_cell(target: Objective, params: dict, counts, block_size: int) -> dict:
+def refit_every_cell(target: Objective, params: dict, counts: sp.csr_matrix, block_size: int) -> dict:
     """Every cell at its optimum given the final global parameters, block by block: a cell's
     q was last updated when its block came round, before the global parameters settled."""
     import jax
 
-    counts = counts.tocsr()
     starts = range(0, counts.shape[0], block_size)
     largest = max(counts.indptr[min(start + block_size, counts.shape[0])] - counts.indptr[start] for start in starts)
     capacity = nonzero_capacity(int(largest))
