@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from functools import partial
 
 import numpy as np
 import pytest
@@ -374,3 +375,73 @@ def test_jax_refit_of_a_block_puts_each_cell_at_its_laplace_approximation(simula
         assert np.exp(params["cell_log_sd"][cell]) == pytest.approx(1 / np.sqrt(curvature), rel=1e-2)
     untouched = np.setdiff1d(np.arange(adata.n_obs), block)
     np.testing.assert_array_equal(params["cell_mean"][untouched], state.params["cell_mean"][untouched])
+
+
+def test_a_jax_step_keeps_the_types_of_its_state_so_the_chunk_program_compiles_once(simulated):
+    """A weakly typed initial array turns strongly typed after one step, and every change of
+    type (or of a block's padded shape) recompiles the chunk program, seconds each."""
+    import jax
+    import optax
+
+    from scnbvi.batches import BatchSampler
+    from scnbvi.inference import jax_engine
+    from scnbvi.model import build_model, cell_centring_weights
+
+    adata, (cell_offset, gene_offset) = simulated
+    counts = adata.X.tocsr()
+    model = build_model(cell_log_offset=cell_offset, gene_log_offset=gene_offset, batch_size=16,
+                        dense_float32=True, cell_centring=cell_centring_weights(counts, cell_offset))
+    target = jax_engine.objective(model, "cells")
+    optimizer = optax.adam(1.0)
+    state = jax_engine.init(model, target, 0.05, optimizer)
+    sampler = BatchSampler(counts, "cells", 16, seed=0)
+    program = jax.jit(partial(jax_engine.run_chunk, target, optimizer, jax.random.PRNGKey(0), True))
+    capacity = 0
+    for first_step in (0, 5, 10):
+        batches, capacity = jax_engine.stack_batches([sampler.next() for _ in range(5)], "cells", capacity)
+        before = jax.tree.map(jax.typeof, state)
+        state, _, _ = program(state, first_step, batches, 0.05)
+        assert jax.tree.map(jax.typeof, state) == before
+    assert program._cache_size() == 1
+
+
+def test_block_capacity_holds_random_blocks_and_never_exceeds_the_largest_cells(simulated):
+    from scnbvi.batches import BatchSampler, block_capacity, nonzero_capacity
+
+    counts = simulated[0].X.tocsr()
+    capacity = block_capacity(counts, 16)
+    sampler = BatchSampler(counts, "cells", 16, seed=1)
+    sizes = [len(sampler.next()["nz_count"]) for _ in range(500)]
+    assert max(sizes) <= capacity
+    assert capacity <= nonzero_capacity(int(np.sort(np.diff(counts.indptr))[-16:].sum()))
+
+
+def test_a_steps_block_estimate_of_the_cells_prior_averages_to_the_sum_over_every_cell(simulated):
+    """Over the blocks of a partition of the cells, the step's estimate (the block's cell prior
+    and entropy scaled to all cells) averages exactly to the checks' ELBO, which sums them over
+    every cell; a step moves only the global parameters."""
+    import jax
+    import optax
+
+    from scnbvi.batches import cell_block
+    from scnbvi.inference import jax_engine
+    from scnbvi.model import build_model, cell_centring_weights
+
+    adata, (cell_offset, gene_offset) = simulated
+    counts = adata.X.tocsr()
+    model = build_model(cell_log_offset=cell_offset, gene_log_offset=gene_offset, batch_size=20,
+                        dense_float32=True, cell_centring=cell_centring_weights(counts, cell_offset))
+    target = jax_engine.objective(model, "cells")
+    state = jax_engine.init(model, target, 0.05, optax.adam(1.0))
+    rng = np.random.default_rng(4)
+    params = {**state.params, "cell_mean": rng.normal(size=adata.n_obs), "cell_log_sd": rng.normal(-2, 0.3, adata.n_obs)}
+    global_noise = rng.normal(size=target.layout.size)
+    differences = []
+    for cells in np.split(rng.permutation(adata.n_obs), adata.n_obs // 20):
+        batch = {name: jax.numpy.asarray(value) for name, value in cell_block(counts, np.sort(cells)).items()}
+        cell_noise = np.zeros(20)
+        differences.append(float(target.step_elbo(params, global_noise, cell_noise, batch))
+                           - float(target.elbo(params, global_noise, cell_noise, batch)))
+    assert np.std(differences) > 1.0
+    assert np.mean(differences) == pytest.approx(0.0, abs=1e-6 * np.std(differences))
+    assert target.trained == ("mean", "log_sd")

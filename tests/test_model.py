@@ -185,10 +185,12 @@ def test_jax_minibatch_log_density_and_closed_form_cell_prior_make_up_the_model_
     globals_ = [point[v.name] for v in global_values]
     minibatch = logp(*globals_, point[cell_value.name][batch["cell_index"]],
                      *[batch[name] for name in BATCH_LAYOUT["cells"]])[0]
-    location, scale = prior(*globals_)
+    location, scale = prior(*globals_, np.arange(12, dtype=np.int32))
     np.testing.assert_allclose(location, 0.0)
     weights = 1.0 if centring is None else centring
-    np.testing.assert_allclose(np.broadcast_to(scale, 12), np.exp(point["sigma_cond_log__"]) ** weights, rtol=1e-12)
+    np.testing.assert_allclose(scale, np.exp(point["sigma_cond_log__"]) ** np.broadcast_to(weights, 12), rtol=1e-12)
+    some = np.array([7, 2, 11], dtype=np.int32)
+    np.testing.assert_array_equal(prior(*globals_, some)[1], np.asarray(scale)[some])
     expected = model.compile_logp()(point)
     cell_prior = stats.norm.logpdf(point[cell_value.name], location, scale).sum()
     np.testing.assert_allclose(float(minibatch) + cell_prior, expected, rtol=1e-7)

@@ -118,6 +118,17 @@ def nonzero_capacity(nnz: int, minimum: int = 1024) -> int:
     return -(-nnz // grain) * grain
 
 
+def block_capacity(counts: sp.csr_matrix, batch_size: int) -> int:
+    """A non-zero capacity that a random block of ``batch_size`` cells almost never exceeds
+    (the mean of a block's non-zeros plus five standard deviations, at most those of the
+    largest cells): one compiled step then serves the whole fit, where a capacity fitted to
+    each chunk of blocks would recompile whenever a chunk's largest block crossed a size."""
+    per_cell = np.diff(counts.indptr)
+    bound = batch_size * per_cell.mean() + 5 * np.sqrt(batch_size) * per_cell.std()
+    largest = np.sort(per_cell)[-batch_size:].sum()
+    return nonzero_capacity(int(min(bound, largest)))
+
+
 def pad_nonzeros(batch: dict[str, np.ndarray], capacity: int) -> dict[str, np.ndarray]:
     """Pad a ``cells`` block's non-zero entries to ``capacity`` with zero counts, which add
     exactly nothing to the likelihood."""

@@ -8,9 +8,10 @@ for the cells outside the minibatch. In the ``entries`` layout each triple draws
 likelihood is a sum over triples, the estimate stays unbiased.
 
 In the ``cells`` layout each step first moves its block's cells by a Newton step towards their
-Laplace approximation given the global means (``Objective.refit_cells``), then takes the
-gradient step of every parameter: a cell is visited once per epoch, and gradient steps alone
-left its q short of the optimum after tens of epochs.
+Laplace approximation given the global means (``Objective.refit_cells``): a cell is visited
+once per epoch, and gradient steps alone left its q short of the optimum after tens of epochs.
+The gradient step then moves the global parameters only, with the cells' prior and entropy
+taken over the block: a step costs the same whatever the number of cells.
 
 ``init`` builds an :class:`ADVIState`, ``step`` is one optimiser step, ``run_chunk`` scans steps
 in one jitted program and ``run`` drives chunks, checks and the stopping rule.
@@ -29,7 +30,8 @@ import numpy as np
 import pymc as pm
 import scipy.sparse as sp
 
-from scnbvi.batches import BATCH_LAYOUT, BatchSampler, cell_block, nonzero_capacity, pad_nonzeros
+from scnbvi.batches import (BATCH_LAYOUT, BatchSampler, block_capacity, cell_block, nonzero_capacity,
+                            pad_nonzeros)
 from scnbvi.inference.averaging import IterateAverage
 from scnbvi.inference.checkpoint import Checkpoint, restore_schedule
 from scnbvi.inference.divergence import divergence_error
@@ -53,10 +55,12 @@ class ADVIState(NamedTuple):
 
 
 class Objective(NamedTuple):
-    """The ELBO estimate of one minibatch and what it needs to know about the model."""
+    """The ELBO estimates of one minibatch and what they need to know about the model."""
 
     elbo: Any  # (params, global_noise, cell_noise, batch) -> ELBO estimate, up to a constant
+    step_elbo: Any  # the same, as a step differentiates it (see ``objective``)
     refit_cells: Any  # (params, batch) -> params with the block's cells refitted; None for ``entries``
+    trained: tuple[str, ...]  # the params a step's gradient moves
     layout: ParameterLayout  # of the global parameters
     cell_name: str
     n_cells: int
@@ -77,6 +81,14 @@ REFITS_TO_CONVERGE = 3
 
 
 def objective(model: pm.Model, mode: str) -> Objective:
+    """The ELBO of the model in the given minibatch layout.
+
+    In ``entries`` a step differentiates ``elbo`` in every parameter, with the cells' prior
+    and entropy in closed form over all cells. In ``cells`` the refit owns the cells' q, so a
+    step moves only the global parameters, and takes the cells' prior and entropy over the
+    block, scaled to all cells (unbiased, as the likelihood's): its cost does not grow with
+    the number of cells. ``elbo`` (the checks) keeps the sum over every cell.
+    """
     import jax
     import jax.numpy as jnp
 
@@ -87,20 +99,31 @@ def objective(model: pm.Model, mode: str) -> Objective:
     def logp(values, cells_read, batch):
         return logp_function(*(values[name] for name in layout.names), cells_read, *(batch[n] for n in names))[0]
 
-    def cell_prior_and_entropy(p, values):
-        """E_q[log N(c | location, scale)] + H[q] over every cell, given the global draw,
-        up to constants."""
-        location, scale = prior_function(*(values[name] for name in layout.names))
-        squares = (p["cell_mean"] - location) ** 2 + jnp.exp(2 * p["cell_log_sd"])
-        return jnp.sum(p["cell_log_sd"] - jnp.log(scale) - 0.5 * squares / scale**2)
+    def prior_at(values, cells):
+        """The location and scale of the cells' Normal prior at ``cells``, given the globals."""
+        return prior_function(*(values[name] for name in layout.names), cells)
+
+    def prior_and_entropy(mean, log_sd, location, scale):
+        """E_q[log N(c | location, scale)] + H[q] summed over the given cells, up to constants."""
+        squares = (mean - location) ** 2 + jnp.exp(2 * log_sd)
+        return jnp.sum(log_sd - jnp.log(scale) - 0.5 * squares / scale**2)
+
+    n_cells = model.initial_point()[cell_value.name].size
+    every_cell = np.arange(n_cells, dtype=np.int32)
 
     def elbo(p, global_noise, cell_noise, batch):
         values = layout.split(p["mean"] + jnp.exp(p["log_sd"]) * global_noise)
         cells = batch["cell_index"]
         cells_read = p["cell_mean"][cells] + jnp.exp(p["cell_log_sd"][cells]) * cell_noise
-        return logp(values, cells_read, batch) + jnp.sum(p["log_sd"]) + cell_prior_and_entropy(p, values)
+        local = prior_and_entropy(p["cell_mean"], p["cell_log_sd"], *prior_at(values, every_cell))
+        return logp(values, cells_read, batch) + jnp.sum(p["log_sd"]) + local
 
-    n_cells = model.initial_point()[cell_value.name].size
+    def block_elbo(p, global_noise, cell_noise, batch):
+        values = layout.split(p["mean"] + jnp.exp(p["log_sd"]) * global_noise)
+        cells = batch["cell_index"]
+        mean, log_sd = p["cell_mean"][cells], p["cell_log_sd"][cells]
+        local = prior_and_entropy(mean, log_sd, *prior_at(values, cells)) * n_cells / cells.shape[0]
+        return logp(values, mean + jnp.exp(log_sd) * cell_noise, batch) + jnp.sum(p["log_sd"]) + local
 
     def refit_cells(p, batch):
         """The block's cells moved towards the Laplace approximation of their posterior given
@@ -113,8 +136,7 @@ def objective(model: pm.Model, mode: str) -> Objective:
         """
         values = layout.split(p["mean"])
         cells = batch["cell_index"]
-        location, scale = (jnp.broadcast_to(v, (n_cells,))[cells] for v in prior_function(
-            *(values[name] for name in layout.names)))
+        location, scale = prior_at(values, cells)
 
         def log_density(c):
             # logp scales the block's likelihood to the whole data set; a cell's own is 1/scale of it.
@@ -126,8 +148,11 @@ def objective(model: pm.Model, mode: str) -> Objective:
         return {**p, "cell_mean": p["cell_mean"].at[cells].set(c),
                 "cell_log_sd": p["cell_log_sd"].at[cells].set(-0.5 * jnp.log(-curvature))}
 
+    if mode == "cells":
+        return Objective(elbo, block_elbo, refit_cells, ("mean", "log_sd"), layout, cell_value.name, n_cells)
     # In ``entries`` each triple reads its cell on its own: no per-cell log density to refit.
-    return Objective(elbo, refit_cells if mode == "cells" else None, layout, cell_value.name, n_cells)
+    return Objective(elbo, elbo, None, ("mean", "log_sd", "cell_mean", "cell_log_sd"), layout, cell_value.name,
+                     n_cells)
 
 
 def repeat_refit(target: Objective, params: dict, batch, times: int = REFITS_TO_CONVERGE) -> dict:
@@ -142,12 +167,14 @@ def refit_every_cell(target: Objective, params: dict, counts: sp.csr_matrix, blo
     q was last updated when its block came round, before the global parameters settled."""
     import jax
 
-    starts = range(0, counts.shape[0], block_size)
-    largest = max(counts.indptr[min(start + block_size, counts.shape[0])] - counts.indptr[start] for start in starts)
-    capacity = nonzero_capacity(int(largest))
+    n_cells = counts.shape[0]
+    block_size = min(block_size, n_cells)
+    # The last block wraps round to the first cells (refitted again, harmlessly), so that
+    # every block has one shape and the refit compiles once.
+    blocks = [np.sort(np.arange(start, start + block_size) % n_cells) for start in range(0, n_cells, block_size)]
+    capacity = nonzero_capacity(int(max(np.diff(counts.indptr)[cells].sum() for cells in blocks)))
     refit = jax.jit(partial(repeat_refit, target))
-    for start in starts:
-        cells = np.arange(start, min(start + block_size, counts.shape[0]))
+    for cells in blocks:
         params = refit(params, pad_nonzeros(cell_block(counts, cells), capacity))
     return params
 
@@ -158,13 +185,20 @@ def init(model: pm.Model, target: Objective, std: float, optimizer) -> ADVIState
 
     point = model.initial_point()
     log_sd = math.log(std)
+    # Explicit dtypes: a weakly typed array would change type after the first step, and each
+    # change recompiles the chunk program (seconds each).
     params = {
-        "mean": jnp.asarray(target.layout.flatten(point)),
-        "log_sd": jnp.full(target.layout.size, log_sd),
+        "mean": jnp.asarray(target.layout.flatten(point), dtype=float),
+        "log_sd": jnp.full(target.layout.size, log_sd, dtype=float),
         "cell_mean": jnp.asarray(point[target.cell_name], dtype=float),
-        "cell_log_sd": jnp.full(target.n_cells, log_sd),
+        "cell_log_sd": jnp.full(target.n_cells, log_sd, dtype=float),
     }
-    return ADVIState(params, optimizer.init(params))
+    return ADVIState(params, optimizer.init(trained(target, params)))
+
+
+def trained(target: Objective, params: dict) -> dict:
+    """The params the optimiser moves (and the iterate average follows)."""
+    return {name: params[name] for name in target.trained}
 
 
 def step(target: Objective, optimizer, key, learning_rate, state: ADVIState, step_index, batch):
@@ -177,10 +211,11 @@ def step(target: Objective, optimizer, key, learning_rate, state: ADVIState, ste
     dtype = state.params["mean"].dtype
     noise = (_normal(global_key, target.layout.size, dtype), _normal(cell_key, batch["cell_index"].shape[0], dtype))
     params = state.params if target.refit_cells is None else target.refit_cells(state.params, batch)
-    loss, grads = jax.value_and_grad(lambda p: -target.elbo(p, *noise, batch))(params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, params)
-    params = optax.apply_updates(params, jax.tree.map(lambda u: learning_rate * u, updates))
-    return ADVIState(params, opt_state), loss
+    moved = trained(target, params)
+    loss, grads = jax.value_and_grad(lambda t: -target.step_elbo({**params, **t}, *noise, batch))(moved)
+    updates, opt_state = optimizer.update(grads, state.opt_state, moved)
+    moved = optax.apply_updates(moved, jax.tree.map(lambda u: learning_rate * u, updates))
+    return ADVIState({**params, **moved}, opt_state), loss
 
 
 def _normal(key, size, dtype):
@@ -192,8 +227,8 @@ def _normal(key, size, dtype):
 
 
 def run_chunk(target: Objective, optimizer, key, averaging: bool, state: ADVIState, first_step, batches, learning_rate):
-    """Consecutive steps in one ``lax.scan``; returns the state, the sum of the iterates
-    (for the iterate average, when ``averaging``) and the losses."""
+    """Consecutive steps in one ``lax.scan``; returns the state, the sum of the trained
+    params' iterates (for the iterate average, when ``averaging``) and the losses."""
     import jax
     import jax.numpy as jnp
 
@@ -203,21 +238,22 @@ def run_chunk(target: Objective, optimizer, key, averaging: bool, state: ADVISta
         state, total = carry
         state, loss = one_step(state, *inputs)
         if averaging:
-            total = jax.tree.map(jnp.add, total, state.params)
+            total = jax.tree.map(jnp.add, total, trained(target, state.params))
         return (state, total), loss
 
     steps = first_step + jnp.arange(next(iter(batches.values())).shape[0])
-    total = jax.tree.map(jnp.zeros_like, state.params) if averaging else None
+    total = jax.tree.map(jnp.zeros_like, trained(target, state.params)) if averaging else None
     (state, total), losses = jax.lax.scan(scan_step, (state, total), (steps, batches))
     return state, total, losses
 
 
-def stack_batches(batches: list[dict[str, np.ndarray]], mode: str) -> dict[str, np.ndarray]:
-    """Stack a chunk of batches; ``cells`` blocks are padded to one non-zero capacity."""
+def stack_batches(batches: list[dict[str, np.ndarray]], mode: str, capacity: int = 0) -> tuple[dict, int]:
+    """Stack a chunk of batches; ``cells`` blocks are padded to one non-zero capacity, at least
+    ``capacity`` (grown only if a block needs more). Returns the stack and the capacity used."""
     if mode == "cells":
-        capacity = nonzero_capacity(max(len(b["nz_count"]) for b in batches))
+        capacity = max(capacity, nonzero_capacity(max(len(b["nz_count"]) for b in batches)))
         batches = [pad_nonzeros(b, capacity) for b in batches]
-    return {name: np.stack([b[name] for b in batches]) for name in batches[0]}
+    return {name: np.stack([b[name] for b in batches]) for name in batches[0]}, capacity
 
 
 def chunk_length(sampler: BatchSampler, settings: InferenceSettings, budget_bytes: float = 256e6) -> int:
@@ -264,6 +300,7 @@ def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, bac
 
     constant = target.constant
     chunk = chunk_length(sampler, settings)
+    capacity = block_capacity(sampler.counts, sampler.batch_size) if sampler.mode == "cells" else 0
     average = IterateAverage()
     rule = stopping_rule(settings)
     progress = Progress(settings, sampler.steps_per_epoch, sampler.n_cells * sampler.n_genes)
@@ -294,7 +331,7 @@ def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, bac
     with checkpoint.stop_on_signals() if checkpoint is not None else contextlib.nullcontext():
         while steps < settings.max_iterations and not converged:
             length = min(chunk, settings.max_iterations - steps, settings.check_every - steps % settings.check_every)
-            batches = stack_batches([sampler.next() for _ in range(length)], sampler.mode)
+            batches, capacity = stack_batches([sampler.next() for _ in range(length)], sampler.mode, capacity)
             learning_rate = settings.learning_rate * rule.learning_rate_scale
             if steps == first_step:
                 compiling = time.perf_counter()
@@ -313,7 +350,7 @@ def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, bac
                 if not np.isfinite(last):
                     raise divergence_error(steps, settings)
                 if averaging:
-                    checks.append((steps, float(evaluate(average.close_window())) + constant))
+                    checks.append((steps, float(evaluate({**state.params, **average.close_window()})) + constant))
                     converged = rule.update(checks[-1][1])
                 else:
                     converged = rule.update(np.concatenate([np.asarray(v) for v in state.params.values()]))
@@ -325,7 +362,7 @@ def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, bac
     losses = np.concatenate([np.asarray(c) for c in chunks]) - constant
     if not np.all(np.isfinite(losses)):
         raise divergence_error(int(np.argmax(~np.isfinite(losses))) + 1, settings)
-    final = average.result(state.params) if averaging else state.params
+    final = {**state.params, **average.result(trained(target, state.params))} if averaging else state.params
     if target.refit_cells is not None:
         final = refit_every_cell(target, final, sampler.counts, evaluation_cells(settings, sampler.n_genes))
     final = {k: np.asarray(v) for k, v in final.items()}

@@ -57,10 +57,26 @@ def cell_variable(model: pm.Model):
     return rv
 
 
+def read_at(outputs, index, length: int):
+    """Per-cell ``outputs`` (elementwise in their inputs of ``length``) read at ``index``: each
+    such constant is indexed first, so the graph, and its gradient, cost O(len(index)); the
+    gradient of a full-length graph read afterwards scatters into ``length`` entries."""
+    from pytensor.graph.replace import clone_replace
+    from pytensor.graph.traversal import ancestors, applys_between
+    from pytensor.tensor.elemwise import DimShuffle, Elemwise
+    from pytensor.tensor.variable import TensorConstant
+
+    per_cell = [v for v in ancestors(outputs) if isinstance(v, TensorConstant) and v.type.shape == (length,)]
+    if any(not isinstance(node.op, Elemwise | DimShuffle) for node in applys_between(per_cell, outputs)):
+        raise ValueError("the per-cell prior's location and scale must be elementwise in the cells")
+    read = clone_replace(outputs, replace={v: v[index] for v in per_cell}, rebuild_strict=False)
+    return [pt.broadcast_to(v, index.shape) for v in read]
+
+
 def minibatch_logp(model: pm.Model, container_names):
     """The model's log density without the per-cell prior, as a JAX function of
     (global values..., cells' values as read by the minibatch, batch...), and the location
-    and scale of that Normal prior as a JAX function of the global values.
+    and scale of that Normal prior as a JAX function of (global values..., cell indices).
 
     The likelihood must read the per-cell variable only as ``c[cell_index]``; that read
     becomes an input, so a step draws and differentiates only the minibatch's cells. Their
@@ -83,5 +99,7 @@ def minibatch_logp(model: pm.Model, container_names):
     global_values = [model.rvs_to_values[rv] for rv in global_rvs]
     function = jaxify(global_values + [cells_read] + list(inputs.values()), [logp])
     location, scale = model.replace_rvs_by_values(cell_rv.owner.inputs[-2:])
-    prior = jaxify(global_values, [pt.as_tensor(location), pt.as_tensor(scale)])
+    cells = pt.ivector("cells")
+    prior = jaxify(global_values + [cells], read_at([location, scale], cells, cell_value.type.shape[0]
+                                                    or model.initial_point()[cell_value.name].size))
     return function, prior, global_values, cell_value
