@@ -114,6 +114,11 @@ def run_case(case: dict) -> dict:
         out["full_data_elbo"] = full_data_elbo(counts, cell_offset, gene_offset, result)
         np.savez(case["quality"], gene=estimate["gene_effect"], cell=estimate["cell_effect"], alpha=estimate["alpha"])
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    if case["backend"] == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        out["device"] = f"{device.platform} ({device.device_kind}, {len(jax.devices())} device(s))"
     return out
 
 
@@ -126,7 +131,8 @@ def spawn(case: dict, timeout: float, env: dict | None = None) -> dict:
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     if done.returncode != 0:
-        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+        lines = done.stderr.strip().splitlines()
+        return {"error": next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "failed")}
     result = json.loads(done.stdout.strip().splitlines()[-1])
     print(json.dumps({"case": case, "result": result}), file=sys.stderr, flush=True)
     return result
@@ -236,8 +242,8 @@ def part4(timeout):
 
 
 def part5(timeout):
-    """Each backend as a first run on a fresh machine sees it: PyTensor's and Numba's on-disk
-    caches empty (JAX keeps none by default)."""
+    """Each backend as a first run on a fresh machine sees it: PyTensor's, Numba's and JAX's
+    on-disk compile caches empty."""
     import tempfile
 
     rows, walls = [], {}
@@ -246,7 +252,8 @@ def part5(timeout):
         if backend == "py":  # ~10-100 ms/step: a fixed number of steps, reported as such
             settings = {**settings, "max_iterations": 300, "convergence": "parameters", "tolerance": 1e-12}
         with tempfile.TemporaryDirectory() as empty:
-            env = {"PYTENSOR_FLAGS": f"compiledir={empty}/pytensor", "NUMBA_CACHE_DIR": f"{empty}/numba"}
+            env = {"PYTENSOR_FLAGS": f"compiledir={empty}/pytensor", "NUMBA_CACHE_DIR": f"{empty}/numba",
+                   "JAX_COMPILATION_CACHE_DIR": f"{empty}/jax"}
             r = spawn({"data": "seed_demo", "backend": backend, "settings": settings}, timeout, env)
         if "error" in r:
             rows.append([backend, r["error"], "", "", "", ""])

@@ -167,6 +167,32 @@ def test_pure_python_backend_runs_without_any_compiler(tmp_path):
 
 
 @pytest.mark.fit
+def test_a_second_jax_fit_of_the_same_data_reuses_the_first_ones_compiled_programs(tmp_path):
+    """The compiled programs land in the user's cache directory, and a second process fitting
+    the same data writes none of its own: it found every one there."""
+    script = textwrap.dedent(
+        """
+        import numpy as np
+        from scnbvi.inference import InferenceSettings, fit
+        from scnbvi.simulate import simulate_counts
+        a = simulate_counts(60, 8, seed=2)
+        fit(a.X, np.zeros(60), np.zeros(8), InferenceSettings(max_iterations=100, check_every=50), backend="jax")
+        """
+    )
+    environment = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "PYTHONPATH": os.pathsep.join(sys.path),
+                   "PYTHONWARNINGS": "ignore", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    environment.pop("JAX_COMPILATION_CACHE_DIR", None)
+    cache = tmp_path / "scnbvi" / "jax"
+    written = []
+    for _ in range(2):
+        result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        written.append(sorted(p.name for p in cache.iterdir()))
+    assert written[0] and written[1] == written[0]
+
+
+@pytest.mark.fit
 def test_numba_backend_fits(simulated):
     _, result, idata = _fit(simulated, "numba", max_iterations=300, draws=20)
     assert result.backend == "numba" and np.isfinite(result.losses).all()

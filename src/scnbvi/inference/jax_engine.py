@@ -22,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import time
 from functools import partial
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -267,11 +269,24 @@ def chunk_length(sampler: BatchSampler, settings: InferenceSettings, budget_byte
     return max(1, settings.check_every // pieces)
 
 
+def use_compilation_cache() -> None:
+    """Keep XLA's compiled programs on disk, as PyTensor keeps its C: a rerun of a fit on the
+    same data (after a change of settings, say) skips compilation, several seconds of it.
+    ``JAX_COMPILATION_CACHE_DIR`` picks the place; by default the user's cache directory."""
+    import jax
+
+    if jax.config.jax_compilation_cache_dir is None:
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scnbvi" / "jax"
+        jax.config.update("jax_compilation_cache_dir", str(cache))
+
+
 def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, backend: str,
         checkpoint: Checkpoint | None = None) -> FitResult:
     import jax
     import jax.numpy as jnp
     import optax
+
+    use_compilation_cache()
 
     target = objective(model, sampler.mode)
     optimizer = optax.adam(1.0)  # unit steps, scaled by the learning rate of the chunk
