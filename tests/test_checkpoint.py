@@ -76,3 +76,14 @@ def test_a_checkpoint_of_other_data_or_settings_is_never_used(data, tmp_path, mo
     other = fit(counts, cell_offset + 0.1, gene_offset, SETTINGS, backend="jax", checkpoint_path=path)[1]
     fresh = fit(counts, cell_offset + 0.1, gene_offset, SETTINGS, backend="jax")[1]
     np.testing.assert_array_equal(other.losses, fresh.losses)
+
+
+def test_a_checkpoint_of_another_version_of_the_code_is_never_used(data, monkeypatch):
+    from scnbvi.inference import checkpoint
+
+    counts = data[0]
+    arguments = (counts, {"cell_log_offset": data[1]}, SETTINGS, {"backend": "jax"})
+    before = checkpoint.fingerprint(*arguments)
+    assert checkpoint.fingerprint(*arguments) == before
+    monkeypatch.setattr(checkpoint, "source_hash", lambda: "another-version")
+    assert checkpoint.fingerprint(*arguments) != before

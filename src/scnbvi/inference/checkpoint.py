@@ -27,6 +27,7 @@ import scipy.sparse as sp
 
 from scnbvi.errors import ScnbviError
 from scnbvi.inference.settings import InferenceSettings
+from scnbvi.outputs import source_hash
 
 log = logging.getLogger("scnbvi")
 
@@ -39,8 +40,9 @@ class FitInterrupted(ScnbviError):
 
 
 def fingerprint(counts: sp.csr_matrix, arrays: dict, settings: InferenceSettings, options: dict) -> str:
-    """What a fit's numbers depend on, hashed: a checkpoint of any other fit is never used."""
-    digest = hashlib.sha256()
+    """What a fit's numbers depend on, hashed, the package's code included: a checkpoint of any
+    other fit, or of another version of the engine (whose saved state may differ), is never used."""
+    digest = hashlib.sha256(source_hash().encode())
     for array in (counts.indptr, counts.indices, counts.data, *(np.asarray(a) for a in arrays.values())):
         digest.update(np.ascontiguousarray(array).tobytes())
     fixed = {k: v for k, v in asdict(settings).items() if k not in NOT_FINGERPRINTED}
