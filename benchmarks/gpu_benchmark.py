@@ -1,11 +1,11 @@
 """The atlas-size fits on one GPU, against the same machine's CPU cores in the same run.
 
 Each case runs in its own process (``benchmark.py``'s ``run_case``), the ``jax`` backend with
-the default settings, converged; the data are the 20,000 real cells stacked to 186,224 (as
+the default settings, to convergence (or divergence, reported as the case's error); the data are the 20,000 real cells stacked to 186,224 (as
 ``benchmark.py`` part 4), prepared on the first run and cached under ``results/benchmark``.
 Needs the project's environment with a CUDA-enabled jax. From the repository root:
 
-    python benchmarks/gpu_benchmark.py                  # the full table, under 8 minutes on one H100
+    python benchmarks/gpu_benchmark.py                  # the full table (its run time is still to be measured)
     python benchmarks/gpu_benchmark.py --cells 5000 --gpu-genes 500 --cpu-genes 500   # a quick look
 
 Prints one table: per case the device, steps, epochs, fit and compile seconds, ms per step, and
