@@ -37,6 +37,11 @@ PRIOR_ALPHA_BETA = 2.0
 PRIOR_TAU_SD = 1.0
 PRIOR_LOG_ALPHA_MEAN_SD = 2.5
 PRIOR_LOG_ALPHA_SD_SD = 1.0
+# Beyond this dispersion the NB is the Poisson to float precision, and PyMC's NegativeBinomial
+# switches to the Poisson there too. Capping it keeps a draw in the far tail of a weakly informed
+# gene's dispersion from overflowing the float32 gradient of the dense part (alpha times the
+# minibatch scale) or cancelling lgamma(y + alpha) - lgamma(alpha) to noise.
+MAX_LOG_ALPHA = float(np.log(1e10))
 # The smallest spread of the cell effects assumed when weighting their parameterisation.
 MIN_CELL_SPREAD = 0.05
 # The free per-cell variable when the cell effects are partially non-centred (see cell_effects).
@@ -201,6 +206,14 @@ def covariate_effects(centred_design: np.ndarray):
     return beta
 
 
+def softplus_float32(x):
+    """log(1 + exp(x)) that cannot overflow: float32 ``exp`` overflows past x = 88, and a draw
+    of a weakly informed gene's log dispersion far in its tail (an almost silent gene) gives
+    such an x; the plain form then returns inf and the fit diverges. Written out rather than
+    as PyTensor's ``softplus``, whose nested selects XLA vectorises poorly."""
+    return pt.log1p(pt.exp(pt.minimum(x, 30.0))) + pt.maximum(x - 30.0, 0.0)
+
+
 def sparse_block_nb_logp(cell_log_rate, gene_log_rate, alpha, nz_row, nz_gene, nz_count, dense_float32=False,
                          covariates=None, beta=None):
     """Sum of NB(y | mu, alpha) log-probabilities over a block of cells x genes, zeros included,
@@ -209,11 +222,13 @@ def sparse_block_nb_logp(cell_log_rate, gene_log_rate, alpha, nz_row, nz_gene, n
     Split so that only the count-independent part touches every entry of the block:
     ``-alpha*log(1 + mu/alpha)`` for every entry, plus
     ``lgamma(y+alpha) - lgamma(alpha) - lgamma(y+1) + y*(log mu - log(alpha + mu))`` for the
-    non-zero entries only. ``alpha`` is a scalar or one value per gene. Padding entries with
+    non-zero entries only. ``alpha`` is a scalar or one value per gene, capped at
+    ``exp(MAX_LOG_ALPHA)`` (the Poisson limit). Padding entries with
     count 0 add exactly zero. ``dense_float32`` picks the form of the dense part that is
     fastest under JAX; the default is fastest in C.
     """
-    log_alpha = pt.log(alpha)
+    log_alpha = pt.minimum(pt.log(alpha), MAX_LOG_ALPHA)
+    alpha = pt.exp(log_alpha)
     if dense_float32:
         # Genes x cells, so that each gene's sum runs along contiguous memory, in float32 (a
         # block's per-gene sums stay accurate to ~1e-6): under XLA its gradient runs ~10x
@@ -222,7 +237,7 @@ def sparse_block_nb_logp(cell_log_rate, gene_log_rate, alpha, nz_row, nz_gene, n
         if beta is not None:
             # Genes x cells straight away in float32: no float64 block and no transpose.
             log_odds = log_odds + pt.dot(pt.cast(beta, "float32"), pt.cast(covariates, "float32").T)
-        per_gene = pt.cast(pt.sum(pt.log1p(pt.exp(log_odds)), axis=1), "float64")
+        per_gene = pt.cast(pt.sum(softplus_float32(log_odds), axis=1), "float64")
     elif beta is not None:
         log_odds = cell_log_rate[:, None] + (gene_log_rate - log_alpha)[None, :] + pt.dot(covariates, beta.T)
         per_gene = pt.sum(pt.log1p(pt.exp(log_odds)), axis=0)
@@ -236,8 +251,7 @@ def sparse_block_nb_logp(cell_log_rate, gene_log_rate, alpha, nz_row, nz_gene, n
     if beta is not None:
         # Per non-zero entry from the few covariates, not gathered from a dense block.
         nz_log_mu = nz_log_mu + pt.sum(covariates[nz_row] * beta[nz_gene], axis=1)
-    nz_alpha = alpha[nz_gene] if alpha.ndim else alpha
-    nz_log_alpha = pt.log(nz_alpha)
+    nz_alpha, nz_log_alpha = (alpha[nz_gene], log_alpha[nz_gene]) if alpha.ndim else (alpha, log_alpha)
     count_part = pt.sum(
         pt.gammaln(nz_count + nz_alpha)
         - pt.gammaln(nz_alpha)
