@@ -18,6 +18,7 @@ engine-agnostic. One concept per module:
 - ``checkpoint``: saving and resuming a running fit
 - ``jax_graph``: the PyTensor graph as JAX functions
 - ``pymc_engine``, ``jax_engine``: the engines, ``run(model, sampler, settings, backend, checkpoint)``
+- ``hyperparameters``: the hyperparameters' sds with the effects they govern integrated out
 - ``advi``: ``fit``
 """
 

@@ -15,6 +15,7 @@ from scnbvi.errors import InputError
 from scnbvi.inference import jax_engine, pymc_engine
 from scnbvi.inference.backends import engine_for, require_backend
 from scnbvi.inference.checkpoint import Checkpoint, fingerprint
+from scnbvi.inference.hyperparameters import HYPERPARAMETER_ESTIMATES, collapse_hyperparameters
 from scnbvi.inference.initialization import data_driven_initvals
 from scnbvi.inference.memory import check_memory
 from scnbvi.inference.settings import FitResult, InferenceSettings, effective_settings
@@ -65,6 +66,8 @@ def fit(
     ``settings.checkpoint_minutes`` and when asked to stop, and resumes from.
     """
     require_backend(backend)
+    if settings.hyperparameters not in HYPERPARAMETER_ESTIMATES:
+        raise ValueError(f"hyperparameters must be one of {HYPERPARAMETER_ESTIMATES}, got {settings.hyperparameters!r}")
     engine = engine_for(backend)
     counts = sp.csr_matrix(counts)
     require_finite_inputs(counts, cell_log_offset, gene_log_offset, design)
@@ -96,6 +99,8 @@ def fit(
         checkpoint = Checkpoint(checkpoint_path, fingerprint(counts, arrays, settings, options),
                                 60 * settings.checkpoint_minutes)
     result = ENGINES[engine](model, sampler, settings, backend, checkpoint)
+    if settings.hyperparameters == "collapsed":
+        result = collapse_hyperparameters(model, result)
     if checkpoint is not None:
         checkpoint.remove()
     log.info(

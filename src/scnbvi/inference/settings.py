@@ -30,6 +30,7 @@ class InferenceSettings:
     init: str = "data"
     initial_std: float = 0.05
     convergence: str = "elbo"
+    hyperparameters: str = "collapsed"
     tolerance: float = 1e-4
     check_every: int = 250
     patience: int = 2
