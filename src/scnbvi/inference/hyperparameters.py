@@ -72,7 +72,7 @@ def _cell_effect_per_raw_unit(model: pm.Model, result: FitResult) -> np.ndarray:
     """``sigma_cond^(1 - w_i)``: the centred cell effect of a unit raw value, at q's means."""
     (effect,) = model.replace_rvs_by_values([model["cell_effect"]])
     inputs = [model.rvs_to_values[model[name]] for name in ("sigma_cond", RAW_CELL_EFFECT)]
-    function = pytensor.function(inputs, effect, on_unused_input="ignore")
+    function = pytensor.function(inputs, effect, mode=pytensor_mode(result.backend), on_unused_input="ignore")
     raw = np.ones_like(result.means[RAW_CELL_EFFECT])
     return np.asarray(function(result.means[inputs[0].name], raw))
 
@@ -89,7 +89,7 @@ def collapsed_log_posterior(model: pm.Model, groups: list[EffectGroup], result: 
     at_vector = {v: vector[k] for k, v in enumerate(hyper_values)}
     total = graph_replace(model.logp(vars=hyper_rvs, jacobian=True), at_vector, strict=False)
     evaluate = pytensor.function(hyper_values, [p for g in groups for p in (g.location, g.scale)],
-                                 on_unused_input="ignore")
+                                 mode=pytensor_mode(result.backend), on_unused_input="ignore")
     fitted = evaluate(*(result.means[v.name] for v in hyper_values))
     for k, group in enumerate(groups):
         location_at_mean, scale_at_mean = (np.broadcast_to(fitted[2 * k + j], group.means.shape) for j in (0, 1))
