@@ -54,24 +54,40 @@ def seed_demo():
     return read_counts(SEED_DEMO).X
 
 
+def microglia(n_genes: int | None):
+    """The 20k real cells, cut to the top ``n_genes`` HVGs (None: every gene). Cached under
+    ``results/benchmark`` as the counts of all genes (compressed) and each cut's gene indices,
+    so a copy of that folder is all another machine needs."""
+    import scipy.sparse as sp
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    all_genes = CACHE / "microglia_all_genes.npz"
+    if not all_genes.exists():
+        from scnbvi.data import read_counts
+
+        sp.save_npz(all_genes, read_counts(MICROGLIA).X.tocsr(), compressed=True)
+    counts = sp.load_npz(all_genes).tocsr()
+    if not n_genes:
+        return counts
+    selected = CACHE / f"microglia_hvg{n_genes}.npy"
+    if not selected.exists():
+        import anndata as ad
+
+        from scnbvi.data import slice_counts
+
+        adata = ad.AnnData(counts, var={"gene": np.arange(counts.shape[1]).astype(str)})
+        adata.var_names = adata.var["gene"]
+        np.save(selected, slice_counts(adata, genes_method="hvg", n_genes=n_genes).var_names.astype(int))
+    return counts[:, np.load(selected)]
+
+
 def atlas_like(n_cells: int, n_genes: int | None):
     """The real 20k cells, genes cut to the top HVGs, cells stacked up to ``n_cells``."""
     import scipy.sparse as sp
 
-    CACHE.mkdir(parents=True, exist_ok=True)
-    cached = CACHE / f"cells{n_cells}_genes{n_genes or 'all'}.npz"
-    if cached.exists():
-        return sp.load_npz(cached).tocsr()
-    from scnbvi.data import read_counts, slice_counts
-
-    adata = read_counts(MICROGLIA)
-    if n_genes:
-        adata = slice_counts(adata, genes_method="hvg", n_genes=n_genes)
-    counts = adata.X.tocsr()
+    counts = microglia(n_genes)
     repeats = -(-n_cells // counts.shape[0])
-    stacked = sp.vstack([counts] * repeats, format="csr")[:n_cells]
-    sp.save_npz(cached, stacked, compressed=False)
-    return stacked
+    return sp.vstack([counts] * repeats, format="csr")[:n_cells]
 
 
 def offsets(counts):
@@ -122,10 +138,12 @@ def run_case(case: dict) -> dict:
     return out
 
 
-def spawn(case: dict, timeout: float, env: dict | None = None) -> dict:
-    """Run a case in a fresh process (``env`` added to its environment); a case that fails or
-    times out is reported, not fatal."""
+def spawn(case: dict, timeout: float, env: dict | None = None, cores: int | None = None) -> dict:
+    """Run a case in a fresh process (``env`` added to its environment; on the first ``cores``
+    CPU cores only, if given); a case that fails or times out is reported, not fatal."""
     command = [sys.executable, "-W", "ignore", __file__, "--case", json.dumps(case)]
+    if cores:
+        command = ["taskset", "--cpu-list", f"0-{cores - 1}", *command]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:

@@ -359,6 +359,37 @@ def test_inputs_that_make_the_density_non_finite_are_named_before_fitting(simula
         fit(counts, cell_offset, gene_offset, QUICK, backend="c")
 
 
+def test_jax_closing_sweep_settles_every_cell_in_fewer_passes_than_a_fixed_count(simulated, monkeypatch):
+    """From a start far from the optimum (every cell at zero, most of them sds away), the sweep leaves
+    every cell within ``SETTLED_ERROR`` sds of the mode that twelve refits reach, and spends
+    fewer refits than three per cell."""
+    import jax
+
+    from scnbvi.batches import cell_block
+    from scnbvi.inference import jax_engine
+    from scnbvi.model import build_model, cell_centring_weights
+
+    adata, (cell_offset, gene_offset) = simulated
+    counts = adata.X.tocsr()
+    model = build_model(cell_log_offset=cell_offset, gene_log_offset=gene_offset, batch_size=32,
+                        dense_float32=True, cell_centring=cell_centring_weights(counts, cell_offset))
+    target = jax_engine.objective(model, "cells")
+    start = jax_engine.init(model, target, 0.05, __import__("optax").adam(1.0)).params
+    start = {**start, "cell_mean": jax.numpy.zeros_like(start["cell_mean"])}
+    refitted = []
+    monkeypatch.setattr(jax_engine, "cell_block", lambda c, cells: refitted.append(len(cells)) or cell_block(c, cells))
+    swept = jax_engine.refit_every_cell(target, start, counts, block_size=32)
+    exact = start
+    for cells in np.split(np.arange(adata.n_obs), 10):
+        exact = jax_engine.repeat_refit(target, exact, cell_block(counts, cells), times=12)
+    sd = np.exp(np.asarray(exact["cell_log_sd"]))
+    moved = np.abs(np.asarray(start["cell_mean"]) - np.asarray(exact["cell_mean"])) / sd
+    error = np.abs(np.asarray(swept["cell_mean"]) - np.asarray(exact["cell_mean"])) / sd
+    assert np.median(moved) > 2
+    assert error.max() < jax_engine.SETTLED_ERROR
+    assert adata.n_obs <= sum(refitted) < 3 * adata.n_obs
+
+
 def test_jax_refit_of_a_block_puts_each_cell_at_its_laplace_approximation(simulated):
     """Repeated refits converge to each cell's posterior mode given the global means (found
     here by a 1-D optimiser on the model's own log density) with sd 1/sqrt(-curvature)."""
