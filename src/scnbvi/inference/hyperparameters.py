@@ -118,7 +118,10 @@ def collapse_hyperparameters(model: pm.Model, result: FitResult) -> FitResult:
     if not groups:
         return result
     objective, vector, hyper_values = collapsed_log_posterior(model, groups, result)
-    hessian = pytensor.function([vector], pytensor.gradient.hessian(objective, vector),
+    # A handful of hyperparameters: the Hessian as the vectorised Jacobian of the gradient,
+    # not a Scan over its rows, which takes seconds to compile.
+    gradient = pytensor.gradient.grad(objective, vector)
+    hessian = pytensor.function([vector], pytensor.gradient.jacobian(gradient, vector, vectorize=True),
                                 mode=pytensor_mode(result.backend))
     curvature = -hessian(np.array([float(result.means[v.name]) for v in hyper_values]))
     names = ", ".join(v.name for v in hyper_values)
