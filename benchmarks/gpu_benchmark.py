@@ -33,11 +33,13 @@ def genes_option(text: str) -> list[int | None]:
 
 def cases(args) -> list[tuple[str, int | None, int | None]]:
     """(platform, genes, cores) in the order they run: the GPU first, the slowest last."""
+    cpu_genes = genes_option(args.cpu_genes)
     listed = [("cuda", genes, None) for genes in genes_option(args.gpu_genes)]
-    listed += [("cpu", genes, None) for genes in genes_option(args.cpu_genes) if genes]
+    listed += [("cpu", genes, None) for genes in cpu_genes if genes]
     if args.few_cores:
         listed += [("cpu", genes, args.few_cores) for genes in genes_option(args.few_cores_genes)]
-    listed += [("cpu", None, None) for genes in genes_option(args.cpu_genes) if not genes]
+    if None in cpu_genes:
+        listed.append(("cpu", None, None))
     return listed
 
 

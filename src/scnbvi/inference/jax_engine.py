@@ -193,10 +193,10 @@ def refit_every_cell(target: Objective, params: dict, counts: sp.csr_matrix, blo
     block_size = min(block_size, n_cells)
     refit = jax.jit(refit_and_measure)
     capacity = block_capacity(counts, block_size)
-    nonzeros = np.diff(counts.indptr)
+    fillers = np.argsort(np.diff(counts.indptr), kind="stable")[:block_size]
     moving = np.arange(n_cells)
     for _ in range(MAX_CLOSING_PASSES):
-        blocks, errors = blocks_covering(moving, block_size, nonzeros), []
+        blocks, errors = blocks_covering(moving, block_size, fillers), []
         for cells in blocks:
             block = cell_block(counts, cells)
             capacity = max(capacity, nonzero_capacity(len(block["nz_count"])))
@@ -208,14 +208,15 @@ def refit_every_cell(target: Objective, params: dict, counts: sp.csr_matrix, blo
     return params
 
 
-def blocks_covering(cells: np.ndarray, block_size: int, nonzeros: np.ndarray) -> list[np.ndarray]:
-    """``cells`` in blocks of one shape, each sorted; the last block is filled up with the
-    other cells of fewest non-zeros (``nonzeros`` per cell), which a refit leaves at their
-    optimum: the blocks then fit the sweep's non-zero capacity, and the refit compiles once."""
+def blocks_covering(cells: np.ndarray, block_size: int, fillers: np.ndarray) -> list[np.ndarray]:
+    """``cells`` in blocks of one shape, each sorted; the last block is topped up with
+    ``fillers`` it lacks (the ``block_size`` cells of fewest non-zeros), which a refit leaves
+    at their optimum: the blocks then fit the sweep's non-zero capacity, and the refit
+    compiles once."""
     blocks = [cells[start:start + block_size] for start in range(0, len(cells), block_size)]
     missing = block_size - len(blocks[-1])
     if missing:
-        others = np.setdiff1d(np.argsort(nonzeros, kind="stable")[:block_size], blocks[-1], assume_unique=True)
+        others = np.setdiff1d(fillers, blocks[-1], assume_unique=True)
         blocks[-1] = np.concatenate([blocks[-1], others[:missing]])
     return [np.sort(block) for block in blocks]
 
