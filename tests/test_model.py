@@ -96,8 +96,7 @@ def test_full_batch_likelihood_equals_scipy(mode, gene_dispersion, with_design):
 
 def test_jax_log_density_and_gradient_stay_finite_at_extreme_dispersions():
     """Draws far in the tails of a weakly informed gene's log dispersion: at -150 the float32
-    log odds of the dense part pass exp's overflow (the JAX graph keeps ``log1p(exp(x))``
-    unrewritten, for speed); at 88 alpha times the minibatch scale overflows its float32
+    log odds of the dense part pass exp's overflow; at 88 alpha times the minibatch scale overflows its float32
     gradient. Both must stay finite, and the value must agree with PyTensor's own graph."""
     import jax
 
@@ -117,6 +116,37 @@ def test_jax_log_density_and_gradient_stay_finite_at_extreme_dispersions():
     np.testing.assert_allclose(float(logp(*values, *data)[0]), model.compile_logp()(point), rtol=1e-7)
     gradient = jax.grad(lambda v: logp(*v, *data)[0])(values)
     assert all(np.all(np.isfinite(g)) for g in gradient)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_jax_dense_softplus_and_its_two_derivatives_match_the_exact_forms(dtype):
+    """The dense part's JAX softplus is log(1 + exp(x)) with derivative sigmoid(x) and second
+    derivative s (1 - s), finite far past float32's exp overflow; the jaxified model uses it."""
+    import jax
+    import jax.numpy as jnp
+
+    from scnbvi.inference.jax_graph import jax_dense_softplus, jax_logp
+
+    softplus = jax_dense_softplus()
+    x = np.linspace(-200, 200, 4001).astype(dtype)
+    first = jax.vmap(jax.grad(softplus))
+    second = jax.vmap(jax.grad(jax.grad(softplus)))
+    exact = np.logaddexp(0.0, x.astype(np.float64))
+    sigmoid = np.exp(-np.logaddexp(0.0, -x.astype(np.float64)))
+    small = np.exp(-np.abs(x.astype(np.float64)))
+    rtol = 1e-6 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(softplus(jnp.asarray(x)), exact, rtol=rtol, atol=1e-30)
+    np.testing.assert_allclose(first(jnp.asarray(x)), sigmoid, rtol=rtol, atol=1e-30)
+    np.testing.assert_allclose(second(jnp.asarray(x)), small / (1 + small) ** 2, rtol=rtol, atol=1e-30)
+
+    counts = _counts()
+    model = build_model(cell_log_offset=np.zeros(counts.shape[0]), gene_log_offset=np.zeros(counts.shape[1]),
+                        batch_size=3, dense_float32=True)
+    batch = cell_block(counts, np.arange(3))
+    values = [model.initial_point()[v.name] for v in model.value_vars]
+    logp = jax_logp(model, BATCH_LAYOUT["cells"])
+    graph = str(jax.make_jaxpr(lambda *v: logp(*v, *(batch[n] for n in BATCH_LAYOUT["cells"])))(*values))
+    assert "custom_jvp_call" in graph
 
 
 @pytest.mark.parametrize("mode", ["cells", "entries"])

@@ -27,6 +27,8 @@ import numpy as np
 import pymc as pm
 import pytensor.tensor as pt
 import scipy.sparse as sp
+from pytensor.scalar import Softplus, upgrade_to_float
+from pytensor.tensor.elemwise import Elemwise
 
 from scnbvi.batches import MINIBATCH_MODES, empty_batch
 
@@ -206,12 +208,15 @@ def covariate_effects(centred_design: np.ndarray):
     return beta
 
 
-def softplus_float32(x):
-    """log(1 + exp(x)) that cannot overflow: float32 ``exp`` overflows past x = 88, and a draw
-    of a weakly informed gene's log dispersion far in its tail (an almost silent gene) gives
-    such an x; the plain form then returns inf and the fit diverges. Written out rather than
-    as PyTensor's ``softplus``, whose nested selects XLA vectorises poorly."""
-    return pt.log1p(pt.exp(pt.minimum(x, 30.0))) + pt.maximum(x - 30.0, 0.0)
+class DenseSoftplus(Softplus):
+    """PyTensor's softplus (same values, gradient and C code) as an op of its own, so that
+    the JAX engine can give the dense part of the likelihood its own JAX form
+    (:func:`scnbvi.inference.jax_graph.jax_dense_softplus`): one that cannot overflow in float32,
+    that XLA vectorises (PyTensor's nests three selects), and whose first and second
+    derivatives share one sigmoid per entry."""
+
+
+dense_softplus = Elemwise(DenseSoftplus(upgrade_to_float), name="dense_softplus")
 
 
 def sparse_block_nb_logp(cell_log_rate, gene_log_rate, alpha, nz_row, nz_gene, nz_count, dense_float32=False,
@@ -237,7 +242,7 @@ def sparse_block_nb_logp(cell_log_rate, gene_log_rate, alpha, nz_row, nz_gene, n
         if beta is not None:
             # Genes x cells straight away in float32: no float64 block and no transpose.
             log_odds = log_odds + pt.dot(pt.cast(beta, "float32"), pt.cast(covariates, "float32").T)
-        per_gene = pt.cast(pt.sum(softplus_float32(log_odds), axis=1), "float64")
+        per_gene = pt.cast(pt.sum(dense_softplus(log_odds), axis=1), "float64")
     elif beta is not None:
         log_odds = cell_log_rate[:, None] + (gene_log_rate - log_alpha)[None, :] + pt.dot(covariates, beta.T)
         per_gene = pt.sum(pt.log1p(pt.exp(log_odds)), axis=0)

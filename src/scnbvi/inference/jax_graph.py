@@ -7,8 +7,12 @@ becomes an input too, so a step touches only the minibatch's cells.
 
 from __future__ import annotations
 
+import functools
+
 import pymc as pm
 import pytensor.tensor as pt
+
+from scnbvi.model import DenseSoftplus
 
 
 def batch_inputs(model: pm.Model, container_names) -> dict:
@@ -20,9 +24,8 @@ def batch_inputs(model: pm.Model, container_names) -> dict:
 
 
 def jaxify(inputs, outputs):
-    """A PyTensor graph as a JAX function, like ``pymc.sampling.jax.get_jaxified_graph`` but
-    keeping ``log1p(exp(x))``: XLA vectorises it, while the stabilised softplus that PyTensor
-    would put in its place (three nested selects) makes the dense part's gradient ~5x slower."""
+    """A PyTensor graph as a JAX function, like ``pymc.sampling.jax.get_jaxified_graph``, with
+    the dense part's softplus in its own JAX form (:func:`jax_dense_softplus`)."""
     from pytensor.compile.mode import JAX
     from pytensor.compile.sharedvalue import SharedVariable
     from pytensor.graph import FunctionGraph
@@ -33,9 +36,44 @@ def jaxify(inputs, outputs):
     # Shared variables left in the graph (dimension lengths) become constants.
     shared = [v for v in graph_inputs(outputs) if isinstance(v, SharedVariable)]
     outputs = clone_replace(outputs, replace={v: pt.constant(v.get_value(borrow=True)) for v in shared})
+    jax_funcify.register(DenseSoftplus, lambda op, **kwargs: jax_dense_softplus())
     fgraph = FunctionGraph(inputs=inputs, outputs=outputs, clone=True)
-    JAX.excluding("local_log1p_plusminus_exp").optimizer.rewrite(fgraph)
+    JAX.optimizer.rewrite(fgraph)
     return jax_funcify(fgraph)
+
+
+@functools.cache
+def jax_dense_softplus():
+    """log(1 + exp(x)) for the dense part of the likelihood, with hand-written derivatives.
+
+    It cannot overflow: float32 ``exp`` overflows past x = 88, and a draw of a weakly informed
+    gene's log dispersion far in its tail gives such an x. Its derivative is a sigmoid with a
+    closed-form derivative of its own: the cells' Newton refit takes the gradient and the
+    curvature of every entry of the block, and from the plain form XLA derives them with
+    several more exponentials per entry; this form takes a third of the time on CPU.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    @jax.custom_jvp
+    def sigmoid(x):
+        return 1.0 / (1.0 + jnp.exp(-x))
+
+    @sigmoid.defjvp
+    def sigmoid_jvp(primals, tangents):
+        # s (1 - s) as e / (1 + e)^2 with e = exp(-|x|): 1 - s rounds to 0 in float32 past x = 17.
+        small = jnp.exp(-jnp.abs(primals[0]))
+        return sigmoid(primals[0]), small / (1.0 + small) ** 2 * tangents[0]
+
+    @jax.custom_jvp
+    def softplus(x):
+        return jnp.log1p(jnp.exp(jnp.minimum(x, 30.0))) + jnp.maximum(x - 30.0, 0.0)
+
+    @softplus.defjvp
+    def softplus_jvp(primals, tangents):
+        return softplus(primals[0]), sigmoid(primals[0]) * tangents[0]
+
+    return softplus
 
 
 def jax_logp(model: pm.Model, container_names):
