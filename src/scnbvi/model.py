@@ -213,7 +213,7 @@ class DenseSoftplus(Softplus):
     the JAX engine can give the dense part of the likelihood its own JAX form
     (:func:`scnbvi.inference.jax_graph.jax_dense_softplus`): one that cannot overflow in float32,
     that XLA vectorises (PyTensor's nests three selects), and whose first and second
-    derivatives share one sigmoid per entry."""
+    derivatives are written out."""
 
 
 dense_softplus = Elemwise(DenseSoftplus(upgrade_to_float), name="dense_softplus")
