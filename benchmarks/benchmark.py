@@ -12,7 +12,7 @@ Part 3: scaling with cells (5k, 20k, 80k) and genes (500 and 3,000 HVGs, all 39,
 Part 4: the full 186,224 x 39,241 size (the 20k real cells stacked).
 Part 5: a fresh machine: every backend on the seed demo with empty compile caches, wall time
 from the call of ``fit`` to the fitted result (compilation included), against ``c``.
-Part 6: the 20,000 real cells (3,000 HVGs), scnbvi defaults against a long full-batch reference
+Part 6: the 20,000 real cells (3,000 HVGs), scnbvi defaults against a long reference (blocks of 1,000)
 fit (full-data ELBO gap), as part 1.
 """
 
@@ -174,7 +174,7 @@ def scnbvi_defaults() -> dict:
 
 
 def against_reference(data: dict, cases: dict, timeout: float, label: str) -> str:
-    """Each case's fit on ``data`` against a long full-batch reference fit of the same data:
+    """Each case's fit on ``data`` against a long reference fit (``REFERENCE``) of the same data:
     full-data ELBO gap (same fixed draws for every fit), alpha, agreement of the effects."""
     results = {}
     for name, case in {REFERENCE_NAME: dict(backend="jax", settings=REFERENCE), **cases}.items():
@@ -217,7 +217,7 @@ def part1(timeout):
 
 def part6(timeout):
     """The default fit's full-data ELBO on the 20,000 real cells (3,000 HVGs) against a long
-    full-batch reference fit."""
+    reference fit (blocks of 1,000 cells)."""
     data = {"data": "atlas", "n_cells": 20_000, "n_genes": 3000}
     cases = {"scnbvi defaults, jax": dict(backend="jax", settings=scnbvi_defaults())}
     return against_reference(data, cases, timeout, "20,000 real cells x 3,000 HVGs")
