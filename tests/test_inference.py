@@ -378,7 +378,7 @@ def test_jax_closing_sweep_settles_every_cell_in_fewer_passes_than_a_fixed_count
     start = {**start, "cell_mean": jax.numpy.zeros_like(start["cell_mean"])}
     refitted = []
     monkeypatch.setattr(jax_engine, "cell_block", lambda c, cells: refitted.append(len(cells)) or cell_block(c, cells))
-    swept = jax_engine.refit_every_cell(target, start, counts, block_size=32)
+    swept = jax_engine.refit_every_cell(jax_engine.closing_refit(target), start, counts, block_size=32)
     exact = start
     for cells in np.split(np.arange(adata.n_obs), 10):
         exact = jax_engine.repeat_refit(target, exact, cell_block(counts, cells), times=12)

@@ -168,33 +168,41 @@ def repeat_refit(target: Objective, params: dict, batch, times: int = REFITS_TO_
     return params
 
 
-def refit_every_cell(target: Objective, params: dict, counts: sp.csr_matrix, block_size: int) -> dict:
+def closing_refit(target: Objective):
+    """The closing sweep's jitted step: a block refitted once, and each cell's error left after
+    its step, in units of its posterior sd: about half the step's square (the log likelihood's
+    curvature changes as exp of the cell's effect)."""
+    import jax
+    import jax.numpy as jnp
+
+    def refit_and_measure(params, batch):
+        cells = batch["cell_index"]
+        before = params["cell_mean"][cells]
+        params = target.refit_cells(params, batch)
+        return params, 0.5 * (params["cell_mean"][cells] - before) ** 2 * jnp.exp(-params["cell_log_sd"][cells])
+
+    return jax.jit(refit_and_measure)
+
+
+def sweep_shapes(counts: sp.csr_matrix, block_size: int) -> tuple[int, int]:
+    """The block of the closing sweep (at most every cell) and its usual non-zero capacity."""
+    block_size = min(block_size, counts.shape[0])
+    return block_size, block_capacity(counts, block_size)
+
+
+def refit_every_cell(refit, params: dict, counts: sp.csr_matrix, block_size: int) -> dict:
     """Every cell at its optimum given the final global parameters, block by block: a cell's
     q was last updated when its block came round, before the global parameters settled.
+    ``refit`` is :func:`closing_refit` of the fit's objective.
 
     Each pass gives the cells still short of their optimum one Newton step and estimates the
     error each step left; the next pass takes only the cells whose error is above
     ``SETTLED_ERROR`` sds. On the stacked atlas one pass settles 81 % of the cells and five
     settle all: 1.2 steps per cell, where a fixed count needed three.
     """
-    import jax
-    import jax.numpy as jnp
-
-    def refit_and_measure(params, batch):
-        """The block refitted once, and each cell's error left after its step, in units of its
-        posterior sd: about half the step's square (the log likelihood's curvature changes
-        as exp of the cell's effect)."""
-        cells = batch["cell_index"]
-        before = params["cell_mean"][cells]
-        params = target.refit_cells(params, batch)
-        return params, 0.5 * (params["cell_mean"][cells] - before) ** 2 * jnp.exp(-params["cell_log_sd"][cells])
-
-    n_cells = counts.shape[0]
-    block_size = min(block_size, n_cells)
-    refit = jax.jit(refit_and_measure)
-    capacity = block_capacity(counts, block_size)
+    block_size, capacity = sweep_shapes(counts, block_size)
     fillers = np.argsort(np.diff(counts.indptr), kind="stable")[:block_size]
-    moving = np.arange(n_cells)
+    moving = np.arange(counts.shape[0])
     for _ in range(MAX_CLOSING_PASSES):
         blocks, errors = blocks_covering(moving, block_size, fillers), []
         for cells in blocks:
@@ -348,9 +356,16 @@ def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, bac
         values = jax.lax.map(lambda eps: target.elbo(p, eps[:n_global], eps[n_global:], eval_batch), eval_draws)
         return jnp.mean(values)
 
+    sweep_cells = evaluation_cells(settings, sampler.n_genes)
+    sweep = closing_refit(target) if target.refit_cells is not None else None
     t0 = time.perf_counter()
     if averaging:
         evaluate(state.params).block_until_ready()
+    if sweep is not None:  # compiled with the checks, not on the clock of the fit
+        block_size, capacity = sweep_shapes(sampler.counts, sweep_cells)
+        shapes = {name: jax.ShapeDtypeStruct((block_size if name == "cell_index" else capacity,), dtype)
+                  for name, dtype in BATCH_LAYOUT["cells"].items()}
+        sweep.lower(state.params, shapes).compile()
     compile_seconds = time.perf_counter() - t0
 
     constant = target.constant
@@ -419,7 +434,7 @@ def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, bac
         raise divergence_error(int(np.argmax(~np.isfinite(losses))) + 1, settings)
     final = {**state.params, **average.result(trained(target, state.params))} if averaging else state.params
     if target.refit_cells is not None:
-        final = refit_every_cell(target, final, sampler.counts, evaluation_cells(settings, sampler.n_genes))
+        final = refit_every_cell(sweep, final, sampler.counts, sweep_cells)
     final = {k: np.asarray(v) for k, v in final.items()}
     fit_seconds = time.perf_counter() - t0
     means, stds = target.layout.split(final["mean"]), target.layout.split(np.exp(final["log_sd"]))
