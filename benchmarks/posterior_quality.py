@@ -11,13 +11,15 @@ stability:   sigma_gene and sigma_cond of one simulated data set (2,000 x 300, t
              realised) across fit seeds, learning rates and tolerances: the spread of their
              posterior means should be far below their posterior sd.
 nuts:        the check_nuts comparison with its defaults (300 cells x 80 genes, 4 chains) on
-             real droplet cells (S2_droplet of microglia_20k.h5ad, depth over all genes).
+             real droplet cells (S2_droplet of microglia_20k.h5ad, depth over all genes);
+             --nuts-tune and --nuts-draws lengthen the NUTS run (per chain).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +91,7 @@ def stability() -> str:
             + table(["fit", "sigma_gene mean", "sigma_gene sd", "sigma_cond mean", "steps"], rows))
 
 
-def nuts() -> str:
+def nuts(tune: int = 1000, draws: int = 1000) -> str:
     from scnbvi.data import read_counts, slice_counts
     from scnbvi.inference import InferenceSettings
     from scnbvi.nuts_check import NutsSettings, check_nuts
@@ -98,7 +100,7 @@ def nuts() -> str:
     microglia.obs["depth"] = np.asarray(microglia.X.sum(axis=1), dtype=np.float64).ravel()
     droplet = slice_counts(microglia, obs_filters={"study_inferred": ["S2_droplet"]}, drop_zero_cells=True)
     comparison, record = check_nuts(droplet.X, np.log(droplet.obs["depth"].to_numpy() / 1e5), np.zeros(droplet.n_vars),
-                               list(droplet.obs_names), list(droplet.var_names), None, nuts=NutsSettings(),
+                               list(droplet.obs_names), list(droplet.var_names), None, nuts=NutsSettings(tune=tune, draws=draws),
                                inference=InferenceSettings(log_every_seconds=1e9), backend="jax")
     columns = ["elements", "correlation", "mean_difference_in_sd", "sd_ratio", "nuts_mass_in_advi_interval", "missed",
                "rhat_max", "ess_bulk_min"]
@@ -114,5 +116,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--nuts-tune", type=int, default=1000)
+    parser.add_argument("--nuts-draws", type=int, default=1000)
     args = parser.parse_args()
+    PARTS["nuts"] = partial(nuts, args.nuts_tune, args.nuts_draws)
     run_parts(args.parts, PARTS, args.out, [], label="## {}")

@@ -18,6 +18,7 @@ from scnbvi.design import design_from_config
 from scnbvi.inference import InferenceSettings
 from scnbvi.model import build_model, cell_centring_weights, load_batch
 from scnbvi.nuts_check import (
+    ADVI_DRAWS,
     MIN_DETECTED_FRACTION,
     NutsSettings,
     check_nuts,
@@ -159,6 +160,7 @@ def test_check_nuts_end_to_end_on_a_small_simulated_data_set():
     assert table["nuts_mass_in_advi_interval"].between(0, 1).all()
     assert np.isfinite(table[["sd_ratio", "rhat_max", "ess_bulk_min"]].to_numpy()).all()
     assert record["chains"] == 2 and record["draws"] == 150 and record["divergences"] >= 0
+    assert record["advi_draws"] == ADVI_DRAWS
     assert list(table.index[table["flagged"]]) == record["flagged"]
 
 

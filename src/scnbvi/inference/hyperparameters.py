@@ -10,6 +10,15 @@ location and scale at q's means. The effect then integrates out in closed form (
 ``N(mu, sigma^2 + 1/lambda)``), and the hyperparameters' log posterior is their prior plus one
 such term per effect: the normal-normal (empirical Bayes) marginal. Its curvature at q's means
 (a Laplace approximation) gives the hyperparameters' sds.
+
+The cell effects' scale ``sigma_cond`` gets more: where the cells are weakly informed its
+posterior is skewed, with a long tail towards zero (the funnel), and q's mean sits at its mode,
+above NUTS's median; the cells' sds, set by that scale, came out 12 % wider than NUTS's. Its
+collapsed density is evaluated on a grid of log ``sigma_cond`` (the other hyperparameters at
+q's means); on real droplet cells its quantiles were within 0.03 of NUTS's from the 25th to
+the 95th percentile. q of log ``sigma_cond`` becomes the Gaussian with the same median and the
+same width of its central 90 % interval, and each cell's posterior given ``sigma_cond`` (its
+likelihood as above, times its prior) is averaged over the grid, as INLA does.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import pytensor.tensor as pt
 from pytensor.graph.replace import graph_replace
 from pytensor.graph.traversal import ancestors
 from pytensor.tensor.random.basic import NormalRV
+from scipy import stats
 
 from scnbvi.inference.backends import pytensor_mode
 from scnbvi.inference.settings import FitResult
@@ -32,6 +42,15 @@ from scnbvi.model import RAW_CELL_EFFECT
 log = logging.getLogger("scnbvi")
 
 HYPERPARAMETER_ESTIMATES = ("collapsed", "mean-field")
+# sigma_cond's q (a Gaussian in log sigma_cond) is given its collapsed posterior's median and
+# the width of its central interval of this mass: the long tail towards zero would inflate an
+# sd matched to moments (on droplet cells 1.5x NUTS's).
+INTERVAL_MASS = 0.9
+# The grid of log sigma_cond: steps of a tenth of its Laplace sd, out on each side to where the
+# collapsed log density has fallen this far below its peak (the funnel's tail falls slowly).
+GRID_STEPS_PER_SD = 10
+GRID_LOG_DENSITY_DROP = 15.0
+MAX_GRID_POINTS = 4000
 
 
 @dataclass(frozen=True)
@@ -60,7 +79,7 @@ def effect_groups(model: pm.Model, result: FitResult) -> list[EffectGroup]:
             continue
         means, sds = result.means[rv.name], result.stds[rv.name]
         if rv.name == RAW_CELL_EFFECT:
-            factor = _cell_effect_per_raw_unit(model, result)
+            factor = cell_effect_per_raw_unit(model, result.backend)(result.means[_sigma_cond_value(model).name])
             location, scale = pt.constant(0.0), model["sigma_cond"]
             rv, means, sds = model["cell_effect"], factor * means, factor * sds
         location, scale = model.replace_rvs_by_values([location, scale])
@@ -68,13 +87,18 @@ def effect_groups(model: pm.Model, result: FitResult) -> list[EffectGroup]:
     return groups
 
 
-def _cell_effect_per_raw_unit(model: pm.Model, result: FitResult) -> np.ndarray:
-    """``sigma_cond^(1 - w_i)``: the centred cell effect of a unit raw value, at q's means."""
+def _sigma_cond_value(model: pm.Model):
+    return model.rvs_to_values[model["sigma_cond"]]
+
+
+def cell_effect_per_raw_unit(model: pm.Model, backend: str):
+    """``sigma_cond^(1 - w_i)`` as a function of ``sigma_cond``'s (log) value: the centred cell
+    effect of a unit raw value."""
     (effect,) = model.replace_rvs_by_values([model["cell_effect"]])
-    inputs = [model.rvs_to_values[model[name]] for name in ("sigma_cond", RAW_CELL_EFFECT)]
-    function = pytensor.function(inputs, effect, mode=pytensor_mode(result.backend), on_unused_input="ignore")
-    raw = np.ones_like(result.means[RAW_CELL_EFFECT])
-    return np.asarray(function(result.means[inputs[0].name], raw))
+    inputs = [_sigma_cond_value(model), model.rvs_to_values[model[RAW_CELL_EFFECT]]]
+    function = pytensor.function(inputs, effect, mode=pytensor_mode(backend), on_unused_input="ignore")
+    raw = np.ones(model[RAW_CELL_EFFECT].type.shape[0] or model.initial_point()[RAW_CELL_EFFECT].size)
+    return lambda value: np.asarray(function(value, raw))
 
 
 def collapsed_log_posterior(model: pm.Model, groups: list[EffectGroup], result: FitResult):
@@ -92,13 +116,20 @@ def collapsed_log_posterior(model: pm.Model, groups: list[EffectGroup], result: 
                                  mode=pytensor_mode(result.backend), on_unused_input="ignore")
     fitted = evaluate(*(result.means[v.name] for v in hyper_values))
     for k, group in enumerate(groups):
-        location_at_mean, scale_at_mean = (np.broadcast_to(fitted[2 * k + j], group.means.shape) for j in (0, 1))
-        precision = np.maximum(1.0 / group.sds**2 - 1.0 / scale_at_mean**2, 0.0)
-        # An effect its data do not inform adds nothing; its eta is then only fitting noise.
-        natural_mean = np.where(precision > 0, group.means / group.sds**2 - location_at_mean / scale_at_mean**2, 0.0)
+        precision, natural_mean = likelihood_as_normal(group, fitted[2 * k], fitted[2 * k + 1])
         location, scale = graph_replace([group.location, group.scale], at_vector, strict=False)
         total = total + _integrated_effects(location, scale**2, precision, natural_mean)
     return total, vector, hyper_values
+
+
+def likelihood_as_normal(group: EffectGroup, location, scale) -> tuple[np.ndarray, np.ndarray]:
+    """Each effect's likelihood as a Gaussian (precision, precision-weighted mean): its q, which
+    is its posterior given its prior's ``location`` and ``scale`` at q's means, less that prior."""
+    location, scale = (np.broadcast_to(value, group.means.shape) for value in (location, scale))
+    precision = np.maximum(1.0 / group.sds**2 - 1.0 / scale**2, 0.0)
+    # An effect its data do not inform adds nothing; its eta is then only fitting noise.
+    natural_mean = np.where(precision > 0, group.means / group.sds**2 - location / scale**2, 0.0)
+    return precision, natural_mean
 
 
 def _integrated_effects(location, variance, precision: np.ndarray, natural_mean: np.ndarray):
@@ -134,4 +165,65 @@ def collapse_hyperparameters(model: pm.Model, result: FitResult) -> FitResult:
         log.info("%s: sd %.3g as fitted, %.3g with the effects integrated out", value.name,
                  float(stds[value.name]), sd)
         stds[value.name] = np.asarray(sd)
-    return replace(result, stds=stds)
+    result = replace(result, stds=stds)
+    cells = [group for group in groups if group.name == "cell_effect"]
+    if RAW_CELL_EFFECT not in result.means or not cells:
+        return result
+    log_density = pytensor.function([vector], objective, mode=pytensor_mode(result.backend))
+    return integrate_out_sigma_cond(model, result, cells[0], log_density, hyper_values)
+
+
+def integrate_out_sigma_cond(model: pm.Model, result: FitResult, cells: EffectGroup, log_density,
+                             hyper_values) -> FitResult:
+    """``result`` with ``sigma_cond``'s mean and sd from its collapsed density on a grid, and the
+    raw cell effects' means and sds averaged over that grid (see the module's docstring)."""
+    name = _sigma_cond_value(model).name
+    index = [value.name for value in hyper_values].index(name)
+    at = np.array([float(result.means[value.name]) for value in hyper_values])
+
+    def along(x: float) -> float:
+        point = at.copy()
+        point[index] = x
+        return float(log_density(point))
+
+    points, weights = density_grid(along, at[index], float(result.stds[name]))
+    precision, natural_mean = likelihood_as_normal(cells, 0.0, np.exp(at[index]))
+    per_raw_unit = cell_effect_per_raw_unit(model, result.backend)
+    raw_mean, raw_square = np.zeros_like(precision), np.zeros_like(precision)
+    for x, weight in zip(points, weights):
+        # The cell effects' posterior given sigma_cond = exp(x), in raw units (their prior is N(0, sigma_cond)).
+        factor = per_raw_unit(x)
+        posterior_precision = precision + np.exp(-2 * x)
+        mean = natural_mean / posterior_precision / factor
+        raw_mean += weight * mean
+        raw_square += weight * (mean**2 + 1.0 / posterior_precision / factor**2)
+    low, mean, high = np.interp([(1 - INTERVAL_MASS) / 2, 0.5, (1 + INTERVAL_MASS) / 2],
+                                np.cumsum(weights) - weights / 2, points)
+    sd = (high - low) / (2 * stats.norm.ppf((1 + INTERVAL_MASS) / 2))
+    log.info("%s: mean %.4g sd %.3g in q; median %.4g and central %.0f %% interval %.4g to %.4g of its collapsed "
+             "density (%d points)", name, at[index], float(result.stds[name]), mean, 100 * INTERVAL_MASS, low, high,
+             len(points))
+    means, stds = dict(result.means), dict(result.stds)
+    means[name], stds[name] = np.asarray(mean), np.asarray(sd)
+    means[RAW_CELL_EFFECT] = raw_mean
+    stds[RAW_CELL_EFFECT] = np.sqrt(np.maximum(raw_square - raw_mean**2, 0.0))
+    return replace(result, means=means, stds=stds)
+
+
+def density_grid(log_density, center: float, sd: float) -> tuple[np.ndarray, np.ndarray]:
+    """Points of a 1-D log density, a tenth of ``sd`` apart, from ``center`` out on each side to
+    where it has fallen ``GRID_LOG_DENSITY_DROP`` below the highest value seen, and their
+    normalised weights."""
+    step = sd / GRID_STEPS_PER_SD
+    points, values = [center], [log_density(center)]
+    for direction in (-1.0, 1.0):
+        x, value = center, values[0]
+        while len(points) < MAX_GRID_POINTS and value > max(values) - GRID_LOG_DENSITY_DROP:
+            x += direction * step
+            value = log_density(x)
+            points.append(x)
+            values.append(value if np.isfinite(value) else -np.inf)
+    order = np.argsort(points)
+    points, values = np.asarray(points)[order], np.asarray(values)[order]
+    weights = np.exp(values - values.max())
+    return points, weights / weights.sum()

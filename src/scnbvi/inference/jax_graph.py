@@ -36,10 +36,18 @@ def jaxify(inputs, outputs):
     # Shared variables left in the graph (dimension lengths) become constants.
     shared = [v for v in graph_inputs(outputs) if isinstance(v, SharedVariable)]
     outputs = clone_replace(outputs, replace={v: pt.constant(v.get_value(borrow=True)) for v in shared})
-    jax_funcify.register(DenseSoftplus, lambda op, **kwargs: jax_dense_softplus())
+    register_dense_softplus()
     fgraph = FunctionGraph(inputs=inputs, outputs=outputs, clone=True)
     JAX.optimizer.rewrite(fgraph)
     return jax_funcify(fgraph)
+
+
+@functools.cache
+def register_dense_softplus() -> None:
+    """Give PyTensor's JAX linker the dense softplus's JAX form, once per process."""
+    from pytensor.link.jax.dispatch import jax_funcify
+
+    jax_funcify.register(DenseSoftplus, lambda op, **kwargs: jax_dense_softplus())
 
 
 @functools.cache
