@@ -100,7 +100,8 @@ def nuts(tune: int = 1000, draws: int = 1000) -> str:
     microglia.obs["depth"] = np.asarray(microglia.X.sum(axis=1), dtype=np.float64).ravel()
     droplet = slice_counts(microglia, obs_filters={"study_inferred": ["S2_droplet"]}, drop_zero_cells=True)
     comparison, record = check_nuts(droplet.X, np.log(droplet.obs["depth"].to_numpy() / 1e5), np.zeros(droplet.n_vars),
-                               list(droplet.obs_names), list(droplet.var_names), None, nuts=NutsSettings(tune=tune, draws=draws),
+                               list(droplet.obs_names), list(droplet.var_names), None,
+                               nuts=NutsSettings(tune=tune, draws=draws),
                                inference=InferenceSettings(log_every_seconds=1e9), backend="jax")
     columns = ["elements", "correlation", "mean_difference_in_sd", "sd_ratio", "nuts_mass_in_advi_interval", "missed",
                "rhat_max", "ess_bulk_min"]

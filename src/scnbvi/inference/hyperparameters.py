@@ -38,7 +38,7 @@ from pytensor.graph.traversal import ancestors
 from pytensor.tensor.random.basic import NormalRV
 from scipy import stats
 
-from scnbvi.inference.backends import pytensor_mode, numeric_mode
+from scnbvi.inference.backends import numeric_mode, pytensor_mode
 from scnbvi.inference.settings import FitResult
 from scnbvi.model import RAW_CELL_EFFECT
 
