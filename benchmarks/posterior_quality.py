@@ -12,7 +12,7 @@ stability:   sigma_gene and sigma_cond of one simulated data set (2,000 x 300, t
              posterior means should be far below their posterior sd.
 nuts:        the check_nuts comparison with its defaults (300 cells x 80 genes, 4 chains) on
              real droplet cells (S2_droplet of microglia_20k.h5ad, depth over all genes);
-             --nuts-tune and --nuts-draws lengthen the NUTS run (per chain).
+             --nuts-tune and --nuts-draws change the NUTS run's length (per chain).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def stability() -> str:
             + table(["fit", "sigma_gene mean", "sigma_gene sd", "sigma_cond mean", "steps"], rows))
 
 
-def nuts(tune: int = 1000, draws: int = 1000) -> str:
+def nuts(tune: int, draws: int) -> str:
     from scnbvi.data import read_counts, slice_counts
     from scnbvi.inference import InferenceSettings
     from scnbvi.nuts_check import NutsSettings, check_nuts
@@ -114,11 +114,13 @@ def nuts(tune: int = 1000, draws: int = 1000) -> str:
 PARTS = {"calibration": calibration, "stability": stability, "nuts": nuts}
 
 if __name__ == "__main__":
+    from scnbvi.nuts_check import NutsSettings
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--nuts-tune", type=int, default=1000)
-    parser.add_argument("--nuts-draws", type=int, default=1000)
+    parser.add_argument("--nuts-tune", type=int, default=NutsSettings.tune)
+    parser.add_argument("--nuts-draws", type=int, default=NutsSettings.draws)
     args = parser.parse_args()
     PARTS["nuts"] = partial(nuts, args.nuts_tune, args.nuts_draws)
     run_parts(args.parts, PARTS, args.out, [], label="## {}")

@@ -12,6 +12,7 @@ from conftest import copy_workflow, snakemake, write_config
 from scnbvi.covariates import impute_gene_lengths, log_offsets, sequencing_depth
 from scnbvi.data import apply_qc_actions, read_counts, read_counts_with_renames, slice_counts
 from scnbvi.inference import InferenceSettings
+from scnbvi.nuts_check import NutsSettings
 from scnbvi.simulate import SimulationTruth, simulate_counts
 
 SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
@@ -100,6 +101,12 @@ def test_inference_settings_match_schema(dataset_defaults):
         assert fields[key] == section[key] and isinstance(fields[key], bool) == isinstance(section[key], bool), (
             f"InferenceSettings.{key} = {fields[key]!r}, the schema's default is {section[key]!r}"
         )
+
+
+def test_nuts_check_settings_match_schema(dataset_defaults):
+    section = dataset_defaults["check"]["nuts"]
+    fields = {field.name: field.default for field in dataclasses.fields(NutsSettings)}
+    assert fields == section
 
 
 @pytest.mark.slow

@@ -54,8 +54,8 @@ class NutsSettings:
     cells: int = 300
     genes: int = 80
     chains: int = 4
-    draws: int = 1000
-    tune: int = 1000
+    draws: int = 4000
+    tune: int = 2000
     seed: int = 1
 
     @classmethod
