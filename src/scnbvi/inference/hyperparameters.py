@@ -219,13 +219,16 @@ def density_grid(log_density, center: float, sd: float) -> tuple[np.ndarray, np.
     normalised weights."""
     step = sd / GRID_STEPS_PER_SD
     points, values = [center], [log_density(center)]
+    peak = values[0]
     for direction in (-1.0, 1.0):
         x, value = center, values[0]
-        while len(points) < MAX_GRID_POINTS and value > max(values) - GRID_LOG_DENSITY_DROP:
+        while len(points) < MAX_GRID_POINTS and value > peak - GRID_LOG_DENSITY_DROP:
             x += direction * step
             value = log_density(x)
+            value = value if np.isfinite(value) else -np.inf
             points.append(x)
-            values.append(value if np.isfinite(value) else -np.inf)
+            values.append(value)
+            peak = max(peak, value)
     order = np.argsort(points)
     points, values = np.asarray(points)[order], np.asarray(values)[order]
     weights = np.exp(values - values.max())

@@ -342,7 +342,9 @@ def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, bac
     averaging = settings.convergence == "elbo"
     chunk_program = jax.jit(partial(run_chunk, target, optimizer, jax.random.PRNGKey(settings.seed), averaging))
 
-    eval_batch = sampler.evaluation_batch(evaluation_cells(settings, sampler.n_genes), settings.seed)
+    # The fixed cells of the checks; the closing sweep refits every cell in blocks of as many.
+    sweep_cells = evaluation_cells(settings, sampler.n_genes)
+    eval_batch = sampler.evaluation_batch(sweep_cells, settings.seed)
     eval_batch = {k: jnp.asarray(v) for k, v in eval_batch.items()}
     n_global, n_read = target.layout.size, int(eval_batch["cell_index"].shape[0])
     eval_draws = jnp.asarray(fixed_normal_draws(settings.eval_samples, n_global + n_read, settings.seed))
@@ -356,7 +358,6 @@ def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, bac
         values = jax.lax.map(lambda eps: target.elbo(p, eps[:n_global], eps[n_global:], eval_batch), eval_draws)
         return jnp.mean(values)
 
-    sweep_cells = evaluation_cells(settings, sampler.n_genes)
     sweep = closing_refit(target) if target.refit_cells is not None else None
     t0 = time.perf_counter()
     if averaging:
