@@ -14,9 +14,13 @@ from scnbvi.model import PRIOR_SIGMA_SD, RAW_CELL_EFFECT, build_model
 N_CELLS, N_GENES = 30, 60
 
 
-def _result(means, stds) -> FitResult:
+# The collapsed posterior is differentiated by PyTensor, or by JAX for the jax backend.
+BACKENDS = pytest.mark.parametrize("backend", ["c", "jax"])
+
+
+def _result(means, stds, backend="c") -> FitResult:
     return FitResult(means, stds, losses=np.ones(3), checks=[], epochs=1.0, converged=True, fit_seconds=0.0,
-                     compile_seconds=0.0, engine="jax", backend="c", settings=InferenceSettings(), decays=0,
+                     compile_seconds=0.0, engine="jax", backend=backend, settings=InferenceSettings(), decays=0,
                      final_learning_rate=0.05)
 
 
@@ -41,7 +45,8 @@ def _exact_log_posterior(hyper, estimate, variance):
             + stats.halfnorm.logpdf(sigma) + log_sigma)
 
 
-def test_collapsed_sds_are_the_exact_marginal_curvature_when_effects_are_gaussian():
+@BACKENDS
+def test_collapsed_sds_are_the_exact_marginal_curvature_when_effects_are_gaussian(backend):
     """With a Gaussian likelihood per effect, integrating the effects out is exact: the sds must
     come from the curvature of the normal-normal marginal at q's means, which stay as they are."""
     estimate, variance, (mu, sigma), posterior_mean, posterior_sd = _gaussian_gene_effects()
@@ -51,7 +56,7 @@ def test_collapsed_sds_are_the_exact_marginal_curvature_when_effects_are_gaussia
     stds = {name: np.full(np.shape(value), 0.1) for name, value in means.items()}
     means.update(mu_gene=np.asarray(mu), sigma_gene_log__=np.asarray(np.log(sigma)), gene_effect=posterior_mean)
     stds["gene_effect"] = posterior_sd
-    collapsed = collapse_hyperparameters(model, _result(means, stds))
+    collapsed = collapse_hyperparameters(model, _result(means, stds, backend))
 
     at = np.array([mu, np.log(sigma)])
     step, hessian = 1e-4, np.empty((2, 2))
@@ -97,7 +102,8 @@ def test_density_grid_reaches_the_tails_of_a_skewed_density():
     assert median == pytest.approx(stats.loggamma(shape).median(), abs=1e-3)
 
 
-def test_cell_effects_and_their_scale_are_integrated_over_its_exact_marginal():
+@BACKENDS
+def test_cell_effects_and_their_scale_are_integrated_over_its_exact_marginal(backend):
     """Weakly informed cells with a Gaussian likelihood (variances 0.5-3 against a scale near
     0.4) and q at their exact posterior given sigma_cond = 0.5: sigma_cond's q gets the median and
     the central-interval width of its exact marginal (heavy-tailed towards zero), and the raw cell
@@ -120,7 +126,7 @@ def test_cell_effects_and_their_scale_are_integrated_over_its_exact_marginal():
     means[RAW_CELL_EFFECT] = estimate / variance / precision / per_raw_unit
     stds.update(gene_effect=gene_sd)
     stds[RAW_CELL_EFFECT] = 1.0 / np.sqrt(precision) / per_raw_unit
-    collapsed = collapse_hyperparameters(model, _result(means, stds))
+    collapsed = collapse_hyperparameters(model, _result(means, stds, backend))
 
     x = np.linspace(-15.0, 3.0, 180_001)  # log sigma_cond
     sigma_cond = np.exp(x)[:, None]

@@ -222,6 +222,21 @@ def test_a_plateau_shrinks_the_learning_rate_before_the_fit_stops():
     assert [monitor.update(-900.0) for _ in range(3)] == [False, False, True]
     assert monitor.learning_rate_scale == 0.25
 
+def test_progress_promises_no_stop_that_a_zero_tolerance_never_makes(caplog):
+    """With ``tolerance`` 0 (run to ``max_iterations``) the gains never fall below it: the
+    progress line must say so instead of estimating when (log 0 raised here once)."""
+    from scnbvi.inference.progress import Progress
+
+    settings = InferenceSettings(tolerance=0.0, check_every=10)
+    progress, rule = Progress(settings, 8.0, 1000), DecayThenStop(tolerance=0.0, patience=2, decay=0.5, max_decays=3)
+    progress.step(1, 100.0)
+    with caplog.at_level("INFO", logger="scnbvi.progress"):
+        for check, elbo in enumerate((-2000.0, -1500.0, -1300.0, -1250.0), start=1):
+            rule.update(elbo)
+            progress.check(10 * check, -elbo, rule)
+    assert caplog.records[-1].getMessage().endswith("eta: after more checks")
+
+
 
 # A few steps on the small data set: 400 cells in blocks of 128 give a check every 4 steps.
 SHORT = dict(max_iterations=13, check_every=1, draws=20)

@@ -46,10 +46,3 @@ def pytensor_mode(backend: str):
         return pytensor.compile.mode.Mode(linker="py", optimizer="fast_compile")
     return "FAST_RUN"
 
-
-def numeric_mode(backend: str):
-    """The PyTensor compile mode of a function with heavy numeric work (over every cell, or
-    called many times). For ``jax``, JAX itself: the pure-Python linker of its other functions
-    runs an elementwise product of three or more terms element by element (seconds per call on
-    an atlas)."""
-    return "JAX" if backend == "jax" else pytensor_mode(backend)

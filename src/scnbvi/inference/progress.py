@@ -72,7 +72,7 @@ class Progress:
             return ""
         gains = _gains(history, self.settings.patience)
         checks = None
-        if len(gains) >= 2 and 0 < gains[-1] < gains[-2]:
+        if len(gains) >= 2 and 0 < gains[-1] < gains[-2] and self.settings.tolerance > 0:
             shrink = gains[-1] / gains[-2]
             checks = max(0.0, math.log(self.settings.tolerance / gains[-1]) / math.log(shrink))
         elif gains and gains[-1] < self.settings.tolerance:
