@@ -121,13 +121,14 @@ def test_jax_log_density_and_gradient_stay_finite_at_extreme_dispersions():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_jax_dense_softplus_and_its_two_derivatives_match_the_exact_forms(dtype):
     """The dense part's JAX softplus is log(1 + exp(x)) with derivative sigmoid(x) and second
-    derivative s (1 - s), finite far past float32's exp overflow; the jaxified model uses it."""
+    derivative s (1 - s), finite far past float32's exp overflow; the jaxified model's dense
+    part has derivatives of its own."""
     import jax
     import jax.numpy as jnp
 
-    from scnbvi.inference.jax_graph import jax_dense_softplus, jax_logp
+    from scnbvi.inference.jax_graph import jax_dense_activations, jax_logp
 
-    softplus = jax_dense_softplus()
+    _, softplus = jax_dense_activations()
     x = np.linspace(-200, 200, 4001).astype(dtype)
     first = jax.vmap(jax.grad(softplus))
     second = jax.vmap(jax.grad(jax.grad(softplus)))
@@ -147,6 +148,38 @@ def test_jax_dense_softplus_and_its_two_derivatives_match_the_exact_forms(dtype)
     logp = jax_logp(model, BATCH_LAYOUT["cells"])
     graph = str(jax.make_jaxpr(lambda *v: logp(*v, *(batch[n] for n in BATCH_LAYOUT["cells"])))(*values))
     assert "custom_jvp_call" in graph
+
+
+@pytest.mark.parametrize("with_covariates", [False, True])
+def test_tiled_dense_part_and_its_derivatives_match_the_plain_form(monkeypatch, with_covariates):
+    """The CPU form of the dense part sums over tiles of genes (the last one padded) and writes
+    its derivatives out: its value, its gradient in every argument and the cells' curvature
+    (the refit's) must be the plain form's, and stay finite far past float32's exp overflow."""
+    import jax
+    import jax.numpy as jnp
+
+    from scnbvi.inference import jax_graph
+
+    monkeypatch.setattr(jax_graph, "DENSE_TILE_ENTRIES", 3 * 5)  # 5 cells: tiles of 3 of the 10 genes
+    whole, tiled = jax_graph.jax_dense_zero_part()
+    rng = np.random.default_rng(8)
+    a = jnp.asarray(np.r_[rng.normal(-2, 1, 8), -150.0, 150.0], jnp.float32)
+    b = jnp.asarray(rng.normal(0, 0.5, 5), jnp.float32)
+    w = jnp.asarray(np.exp(rng.normal(0, 1, 10)))
+    covariates = [jnp.asarray(rng.normal(size=(10, 2)), jnp.float32), jnp.asarray(rng.normal(size=(5, 2)), jnp.float32)]
+    arguments = (a, b, w, *(covariates if with_covariates else []))
+    differentiated = tuple(range(len(arguments) - 1 if with_covariates else 3))
+
+    def curvature(form):
+        return jax.jvp(lambda cells: jax.grad(form, argnums=1)(a, cells, *arguments[2:]), (b,), (jnp.ones_like(b),))[1]
+
+    np.testing.assert_allclose(tiled(*arguments), whole(*arguments), rtol=1e-6)
+    for plain, written in zip(jax.grad(whole, argnums=differentiated)(*arguments),
+                              jax.grad(tiled, argnums=differentiated)(*arguments)):
+        assert np.all(np.isfinite(written))
+        np.testing.assert_allclose(written, plain, rtol=1e-5, atol=1e-6)
+    assert np.all(np.isfinite(curvature(tiled)))
+    np.testing.assert_allclose(curvature(tiled), curvature(whole), rtol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["cells", "entries"])

@@ -27,8 +27,7 @@ import numpy as np
 import pymc as pm
 import pytensor.tensor as pt
 import scipy.sparse as sp
-from pytensor.scalar import Softplus, upgrade_to_float
-from pytensor.tensor.elemwise import Elemwise
+from pytensor.compile.builders import OpFromGraph
 
 from scnbvi.batches import MINIBATCH_MODES, empty_batch
 
@@ -208,15 +207,28 @@ def covariate_effects(centred_design: np.ndarray):
     return beta
 
 
-class DenseSoftplus(Softplus):
-    """PyTensor's softplus (same values, gradient and C code) as an op of its own, so that
-    the JAX engine can give the dense part of the likelihood its own JAX form
-    (:func:`scnbvi.inference.jax_graph.jax_dense_softplus`): one that cannot overflow in float32,
-    that XLA vectorises (PyTensor's nests three selects), and whose first and second
-    derivatives are written out."""
+class DenseZeroPart(OpFromGraph):
+    """``sum_g alpha_g sum_i softplus(x_gi)`` over a block's genes x cells, as one op: PyTensor
+    evaluates and differentiates its inner graph, and the JAX engine gives it a form that
+    computes its value and derivatives in one pass over tiles of genes
+    (:func:`scnbvi.inference.jax_graph.jax_dense_zero_part`)."""
 
 
-dense_softplus = Elemwise(DenseSoftplus(upgrade_to_float), name="dense_softplus")
+def dense_zero_part(gene_log_odds, cell_log_rate, alpha, beta=None, covariates=None):
+    """The dense part of the NB log likelihood, up to its sign, with ``x_gi = gene_log_odds_g +
+    cell_log_rate_i (+ beta_g . covariates_i)``, in float32 genes x cells (each gene's sum runs
+    along contiguous memory; a block's per-gene sums stay accurate to ~1e-6) and summed over
+    the genes in float64."""
+    inputs = [gene_log_odds.type(), cell_log_rate.type(), alpha.type()]
+    if beta is not None:
+        inputs += [beta.type(), covariates.type()]
+    log_odds = inputs[0][:, None] + inputs[1][None, :]
+    if beta is not None:
+        # Genes x cells straight away in float32: no float64 block and no transpose.
+        log_odds = log_odds + pt.dot(inputs[3], inputs[4].T)
+    total = pt.sum(inputs[2] * pt.cast(pt.sum(pt.softplus(log_odds), axis=1), "float64"))
+    arguments = [gene_log_odds, cell_log_rate, alpha] + ([] if beta is None else [beta, covariates])
+    return DenseZeroPart(inputs, [total], name="dense_zero_part")(*arguments)
 
 
 def sparse_block_nb_logp(cell_log_rate, gene_log_rate, alpha, nz_row, nz_gene, nz_count, dense_float32=False,
@@ -235,23 +247,19 @@ def sparse_block_nb_logp(cell_log_rate, gene_log_rate, alpha, nz_row, nz_gene, n
     log_alpha = pt.minimum(pt.log(alpha), MAX_LOG_ALPHA)
     alpha = pt.exp(log_alpha)
     if dense_float32:
-        # Genes x cells, so that each gene's sum runs along contiguous memory, in float32 (a
-        # block's per-gene sums stay accurate to ~1e-6): under XLA its gradient runs ~10x
-        # faster on CPU than the factorised float64 form below.
-        log_odds = pt.cast(gene_log_rate - log_alpha, "float32")[:, None] + pt.cast(cell_log_rate, "float32")[None, :]
-        if beta is not None:
-            # Genes x cells straight away in float32: no float64 block and no transpose.
-            log_odds = log_odds + pt.dot(pt.cast(beta, "float32"), pt.cast(covariates, "float32").T)
-        per_gene = pt.cast(pt.sum(dense_softplus(log_odds), axis=1), "float64")
-    elif beta is not None:
-        log_odds = cell_log_rate[:, None] + (gene_log_rate - log_alpha)[None, :] + pt.dot(covariates, beta.T)
-        per_gene = pt.sum(pt.log1p(pt.exp(log_odds)), axis=0)
+        covariate_parts = [] if beta is None else [pt.cast(beta, "float32"), pt.cast(covariates, "float32")]
+        zero_part = -dense_zero_part(pt.cast(gene_log_rate - log_alpha, "float32"), pt.cast(cell_log_rate, "float32"),
+                                     pt.broadcast_to(alpha, gene_log_rate.shape), *covariate_parts)
     else:
-        # mu/alpha factorises as exp(cell) * exp(gene - log alpha): one log1p per entry, the
-        # fastest form for PyTensor's C backend.
-        odds = pt.exp(cell_log_rate)[:, None] * pt.exp(gene_log_rate - log_alpha)[None, :]
-        per_gene = pt.sum(pt.log1p(odds), axis=0)
-    zero_part = -pt.sum(alpha * per_gene)
+        if beta is not None:
+            log_odds = cell_log_rate[:, None] + (gene_log_rate - log_alpha)[None, :] + pt.dot(covariates, beta.T)
+            per_gene = pt.sum(pt.log1p(pt.exp(log_odds)), axis=0)
+        else:
+            # mu/alpha factorises as exp(cell) * exp(gene - log alpha): one log1p per entry, the
+            # fastest form for PyTensor's C backend.
+            odds = pt.exp(cell_log_rate)[:, None] * pt.exp(gene_log_rate - log_alpha)[None, :]
+            per_gene = pt.sum(pt.log1p(odds), axis=0)
+        zero_part = -pt.sum(alpha * per_gene)
     nz_log_mu = cell_log_rate[nz_row] + gene_log_rate[nz_gene]
     if beta is not None:
         # Per non-zero entry from the few covariates, not gathered from a dense block.

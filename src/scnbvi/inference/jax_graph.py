@@ -12,7 +12,7 @@ import functools
 import pymc as pm
 import pytensor.tensor as pt
 
-from scnbvi.model import DenseSoftplus
+from scnbvi.model import DenseZeroPart
 
 
 def batch_inputs(model: pm.Model, container_names) -> dict:
@@ -25,7 +25,7 @@ def batch_inputs(model: pm.Model, container_names) -> dict:
 
 def jaxify(inputs, outputs):
     """A PyTensor graph as a JAX function, like ``pymc.sampling.jax.get_jaxified_graph``, with
-    the dense part's softplus in its own JAX form (:func:`jax_dense_softplus`)."""
+    the dense part of the likelihood in its own JAX forms (:func:`register_dense_part`)."""
     from pytensor.compile.mode import JAX
     from pytensor.compile.sharedvalue import SharedVariable
     from pytensor.graph import FunctionGraph
@@ -36,26 +36,34 @@ def jaxify(inputs, outputs):
     # Shared variables left in the graph (dimension lengths) become constants.
     shared = [v for v in graph_inputs(outputs) if isinstance(v, SharedVariable)]
     outputs = clone_replace(outputs, replace={v: pt.constant(v.get_value(borrow=True)) for v in shared})
-    register_dense_softplus()
+    register_dense_part()
     fgraph = FunctionGraph(inputs=inputs, outputs=outputs, clone=True)
     JAX.optimizer.rewrite(fgraph)
     return jax_funcify(fgraph)
 
 
 @functools.cache
-def register_dense_softplus() -> None:
-    """Give PyTensor's JAX linker the dense softplus's JAX form, once per process."""
+def register_dense_part() -> None:
+    """Give PyTensor's JAX linker the JAX forms of the dense part (:func:`jax_dense_zero_part`),
+    once per process: in tiles on CPU, as one program on other devices."""
     from pytensor.link.jax.dispatch import jax_funcify
 
-    jax_funcify.register(DenseSoftplus, lambda op, **kwargs: jax_dense_softplus())
+    def dense_zero_part(op, **kwargs):
+        import jax
+
+        whole, tiled = jax_dense_zero_part()
+        return tiled if jax.default_backend() == "cpu" else whole
+
+    jax_funcify.register(DenseZeroPart, dense_zero_part)
 
 
 @functools.cache
-def jax_dense_softplus():
-    """log(1 + exp(x)) for the dense part of the likelihood, with hand-written derivatives.
+def jax_dense_activations():
+    """The softplus of the dense part of the likelihood and its derivative, the sigmoid, with
+    hand-written derivatives.
 
-    It cannot overflow: float32 ``exp`` overflows past x = 88, and a draw of a weakly informed
-    gene's log dispersion far in its tail gives such an x. Its derivative is a sigmoid with a
+    The softplus cannot overflow: float32 ``exp`` overflows past x = 88, and a draw of a weakly
+    informed gene's log dispersion far in its tail gives such an x. The sigmoid has a
     closed-form derivative of its own: the cells' Newton refit takes the gradient and the
     curvature of every entry of the block, and from the plain form XLA derives them with
     several more exponentials per entry; this form takes under half the time on CPU.
@@ -65,7 +73,9 @@ def jax_dense_softplus():
 
     @jax.custom_jvp
     def sigmoid(x):
-        return 1.0 / (1.0 + jnp.exp(-x))
+        # Below -80 the sigmoid is under 2e-35, zero for every sum it enters; bounded there, no
+        # derivative of it can meet exp's overflow.
+        return 1.0 / (1.0 + jnp.exp(-jnp.maximum(x, -80.0)))
 
     @sigmoid.defjvp
     def sigmoid_jvp(primals, tangents):
@@ -81,7 +91,80 @@ def jax_dense_softplus():
     def softplus_jvp(primals, tangents):
         return softplus(primals[0]), sigmoid(primals[0]) * tangents[0]
 
-    return softplus
+    return sigmoid, softplus
+
+
+# Genes x cells entries in one tile of the dense part on CPU: 2^17 float32 values (512 KB) per
+# intermediate stay in a core's L2 cache, where a whole atlas block (128 cells x 39,241 genes)
+# is 20 MB per intermediate, which XLA writes out and reads back for each derivative.
+DENSE_TILE_ENTRIES = 2**17
+
+
+@functools.cache
+def jax_dense_zero_part():
+    """``sum_g w_g sum_i softplus(x_gi)``, ``x_gi = a_g + b_i (+ beta_g . z_i)``: the JAX forms
+    of :class:`scnbvi.model.DenseZeroPart`, functions of ``(a, b, w[, beta, z])``.
+
+    Returns ``(whole, tiled)``. ``whole`` is the plain form, one program that XLA
+    differentiates (for GPUs). ``tiled`` (for CPUs) has its derivatives written out as sums
+    over the same entries: ``w_g sum_i sigmoid(x_gi)`` in ``a_g``, ``sum_g w_g sigmoid(x_gi)``
+    in ``b_i``, the value's per-gene sums in ``w_g`` and ``w_g sum_i sigmoid(x_gi) z_ik`` in
+    ``beta_gk``, all from one pass over tiles of genes that each stay in cache; XLA writes the
+    genes x cells intermediates of each derivative of ``whole`` to memory. A step of 128 cells
+    x 39,241 genes took 32 ms instead of 51 on one core. The covariates ``z`` are data: neither
+    form is differentiated in them.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    sigmoid, softplus = jax_dense_activations()
+
+    def tile_sums(a, b, w, *covariate_parts):
+        """Per gene the sums of softplus and sigmoid over the cells, per cell the w-weighted
+        sum of sigmoids over the genes, and per gene and coefficient sum_i sigmoid z_ik."""
+        n_genes, n_cells = a.shape[0], b.shape[0]
+        tile = max(1, min(n_genes, DENSE_TILE_ENTRIES // max(n_cells, 1)))
+        n_tiles = -(-n_genes // tile)
+
+        def tiles(value):  # padded genes get a = 0 and w = 0 (beta = 0): they add nothing
+            padding = [(0, n_tiles * tile - n_genes)] + [(0, 0)] * (value.ndim - 1)
+            return jnp.pad(value, padding).reshape(n_tiles, tile, *value.shape[1:])
+
+        def one_tile(per_cell, parts):
+            a_tile, w_tile, *beta_tile = parts
+            x = a_tile[:, None] + b[None, :]
+            if covariate_parts:
+                x = x + beta_tile[0] @ covariate_parts[1].T
+            s = sigmoid(x)
+            per_cell = per_cell + (w_tile.astype(s.dtype) @ s).astype(per_cell.dtype)
+            sums = (jnp.sum(softplus(x), axis=1), jnp.sum(s, axis=1))
+            return per_cell, sums + ((s @ covariate_parts[1],) if covariate_parts else ())
+
+        per_cell, sums = jax.lax.scan(one_tile, jnp.zeros(n_cells, w.dtype),
+                                      (tiles(a), tiles(w), *([tiles(covariate_parts[0])] if covariate_parts else [])))
+        return per_cell, *(value.reshape(n_tiles * tile, *value.shape[2:])[:n_genes].astype(w.dtype) for value in sums)
+
+    def whole(a, b, w, *covariate_parts):
+        x = a[:, None] + b[None, :]
+        if covariate_parts:
+            x = x + covariate_parts[0] @ covariate_parts[1].T
+        return jnp.sum(w * jnp.sum(softplus(x), axis=1).astype(w.dtype))
+
+    @jax.custom_jvp
+    def zero_part(a, b, w, *covariate_parts):
+        return jnp.sum(w * tile_sums(a, b, w, *covariate_parts)[1])
+
+    @zero_part.defjvp
+    def zero_part_jvp(primals, tangents):
+        a, b, w, *covariate_parts = primals
+        per_cell, per_gene, slope, *per_coefficient = tile_sums(*primals)
+        tangent = (jnp.sum(tangents[2] * per_gene) + jnp.sum(tangents[0] * w * slope)
+                   + jnp.sum(tangents[1] * per_cell))
+        if covariate_parts:
+            tangent = tangent + jnp.sum(tangents[3] * w[:, None] * per_coefficient[0])
+        return jnp.sum(w * per_gene), tangent
+
+    return whole, zero_part
 
 
 def jax_logp(model: pm.Model, container_names):
