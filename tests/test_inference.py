@@ -222,6 +222,7 @@ def test_a_plateau_shrinks_the_learning_rate_before_the_fit_stops():
     assert [monitor.update(-900.0) for _ in range(3)] == [False, False, True]
     assert monitor.learning_rate_scale == 0.25
 
+
 def test_progress_promises_no_stop_that_a_zero_tolerance_never_makes(caplog):
     """With ``tolerance`` 0 (run to ``max_iterations``) the gains never fall below it: the
     progress line must say so instead of estimating when (log 0 raised here once)."""
@@ -235,7 +236,6 @@ def test_progress_promises_no_stop_that_a_zero_tolerance_never_makes(caplog):
             rule.update(elbo)
             progress.check(10 * check, -elbo, rule)
     assert caplog.records[-1].getMessage().endswith("eta: after more checks")
-
 
 
 # A few steps on the small data set: 400 cells in blocks of 128 give a check every 4 steps.
