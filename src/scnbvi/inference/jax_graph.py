@@ -119,6 +119,11 @@ def jax_dense_zero_part():
 
     sigmoid, softplus = jax_dense_activations()
 
+    def log_odds(a, b, beta=None, z=None):
+        """Genes x cells ``a_g + b_i (+ beta_g . z_i)``."""
+        x = a[:, None] + b[None, :]
+        return x if beta is None else x + beta @ z.T
+
     def tile_sums(a, b, w, *covariate_parts):
         """Per gene the sums of softplus and sigmoid over the cells, per cell the w-weighted
         sum of sigmoids over the genes, and per gene and coefficient sum_i sigmoid z_ik."""
@@ -132,9 +137,7 @@ def jax_dense_zero_part():
 
         def one_tile(per_cell, parts):
             a_tile, w_tile, *beta_tile = parts
-            x = a_tile[:, None] + b[None, :]
-            if covariate_parts:
-                x = x + beta_tile[0] @ covariate_parts[1].T
+            x = log_odds(a_tile, b, *beta_tile, *covariate_parts[1:])
             s = sigmoid(x)
             per_cell = per_cell + (w_tile.astype(s.dtype) @ s).astype(per_cell.dtype)
             sums = (jnp.sum(softplus(x), axis=1), jnp.sum(s, axis=1))
@@ -145,10 +148,7 @@ def jax_dense_zero_part():
         return per_cell, *(value.reshape(n_tiles * tile, *value.shape[2:])[:n_genes].astype(w.dtype) for value in sums)
 
     def whole(a, b, w, *covariate_parts):
-        x = a[:, None] + b[None, :]
-        if covariate_parts:
-            x = x + covariate_parts[0] @ covariate_parts[1].T
-        return jnp.sum(w * jnp.sum(softplus(x), axis=1).astype(w.dtype))
+        return jnp.sum(w * jnp.sum(softplus(log_odds(a, b, *covariate_parts)), axis=1).astype(w.dtype))
 
     @jax.custom_jvp
     def zero_part(a, b, w, *covariate_parts):
