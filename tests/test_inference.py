@@ -387,7 +387,7 @@ def test_jax_closing_sweep_settles_every_cell_in_fewer_passes_than_a_fixed_count
     adata, (cell_offset, gene_offset) = simulated
     counts = adata.X.tocsr()
     model = build_model(cell_log_offset=cell_offset, gene_log_offset=gene_offset, batch_size=32,
-                        dense_float32=True, cell_centring=cell_centring_weights(counts, cell_offset))
+                        jax_forms=True, cell_centring=cell_centring_weights(counts, cell_offset))
     target = jax_engine.objective(model, "cells")
     start = jax_engine.init(model, target, 0.05, __import__("optax").adam(1.0)).params
     start = {**start, "cell_mean": jax.numpy.zeros_like(start["cell_mean"])}
@@ -418,7 +418,7 @@ def test_jax_refit_of_a_block_puts_each_cell_at_its_laplace_approximation(simula
     adata, (cell_offset, gene_offset) = simulated
     counts = adata.X.tocsr()
     model = build_model(cell_log_offset=cell_offset, gene_log_offset=gene_offset, batch_size=16,
-                        dense_float32=True, cell_centring=cell_centring_weights(counts, cell_offset))
+                        jax_forms=True, cell_centring=cell_centring_weights(counts, cell_offset))
     target = jax_engine.objective(model, "cells")
     state = jax_engine.init(model, target, 0.05, __import__("optax").adam(1.0))
     block = np.arange(40, 56)
@@ -462,7 +462,7 @@ def test_a_jax_step_keeps_the_types_of_its_state_so_the_chunk_program_compiles_o
     adata, (cell_offset, gene_offset) = simulated
     counts = adata.X.tocsr()
     model = build_model(cell_log_offset=cell_offset, gene_log_offset=gene_offset, batch_size=16,
-                        dense_float32=True, cell_centring=cell_centring_weights(counts, cell_offset))
+                        jax_forms=True, cell_centring=cell_centring_weights(counts, cell_offset))
     target = jax_engine.objective(model, "cells")
     optimizer = optax.adam(1.0)
     state = jax_engine.init(model, target, 0.05, optimizer)
@@ -470,7 +470,7 @@ def test_a_jax_step_keeps_the_types_of_its_state_so_the_chunk_program_compiles_o
     program = jax.jit(partial(jax_engine.run_chunk, target, optimizer, jax.random.PRNGKey(0), True))
     capacity = 0
     for first_step in (0, 5, 10):
-        batches, capacity = jax_engine.stack_batches([sampler.next() for _ in range(5)], "cells", capacity)
+        batches, capacity = sampler.next_stack(5, capacity)
         before = jax.tree.map(jax.typeof, state)
         state, _, _ = program(state, first_step, batches, 0.05)
         assert jax.tree.map(jax.typeof, state) == before
@@ -502,7 +502,7 @@ def test_a_steps_block_estimate_of_the_cells_prior_averages_to_the_sum_over_ever
     adata, (cell_offset, gene_offset) = simulated
     counts = adata.X.tocsr()
     model = build_model(cell_log_offset=cell_offset, gene_log_offset=gene_offset, batch_size=20,
-                        dense_float32=True, cell_centring=cell_centring_weights(counts, cell_offset))
+                        jax_forms=True, cell_centring=cell_centring_weights(counts, cell_offset))
     target = jax_engine.objective(model, "cells")
     state = jax_engine.init(model, target, 0.05, optax.adam(1.0))
     rng = np.random.default_rng(4)

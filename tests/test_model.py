@@ -105,7 +105,7 @@ def test_jax_log_density_and_gradient_stay_finite_at_extreme_dispersions():
     counts = _counts()
     n_cells, n_genes = counts.shape
     model = build_model(cell_log_offset=np.linspace(-1, 1, n_cells), gene_log_offset=np.zeros(n_genes),
-                        batch_size=3, dense_float32=True)
+                        batch_size=3, jax_forms=True)
     batch = cell_block(counts, np.arange(3))
     load_batch(model, batch)
     point = model.initial_point()
@@ -142,12 +142,58 @@ def test_jax_dense_softplus_and_its_two_derivatives_match_the_exact_forms(dtype)
 
     counts = _counts()
     model = build_model(cell_log_offset=np.zeros(counts.shape[0]), gene_log_offset=np.zeros(counts.shape[1]),
-                        batch_size=3, dense_float32=True)
+                        batch_size=3, jax_forms=True)
     batch = cell_block(counts, np.arange(3))
     values = [model.initial_point()[v.name] for v in model.value_vars]
     logp = jax_logp(model, BATCH_LAYOUT["cells"])
     graph = str(jax.make_jaxpr(lambda *v: logp(*v, *(batch[n] for n in BATCH_LAYOUT["cells"])))(*values))
     assert "custom_jvp_call" in graph
+
+
+def test_positive_log_gamma_and_its_derivative_match_scipy():
+    """The count part's log-gamma for positive arguments, and JAX's derivative of it (the
+    digamma), agree with SciPy's from 1e-8 to 1e10, at integers and between them."""
+    import jax
+    import pytensor.link.jax.dispatch  # noqa: F401  (float64 in JAX, as in the engine)
+    from scipy import special
+
+    from scnbvi.inference.jax_graph import positive_gammaln
+
+    x = np.concatenate([np.logspace(-8, 10, 2001), np.arange(1.0, 3000.0), np.arange(1.0, 3000.0) - 0.37])
+    value = np.asarray(jax.jit(positive_gammaln)(x))
+    derivative = np.asarray(jax.jit(jax.vmap(jax.grad(positive_gammaln)))(x))
+    assert value.dtype == np.float64
+    for got, exact in ((value, special.gammaln(x)), (derivative, special.digamma(x))):
+        assert np.max(np.abs(got - exact) / np.maximum(1.0, np.abs(exact))) < 5e-14
+
+
+@pytest.mark.parametrize("per_gene", [False, True])
+def test_jax_count_part_and_its_gradient_match_pytensor(per_gene):
+    """The JAX form of the count part is the PyTensor graph's sum of per-entry terms, in value
+    and in gradient, with one dispersion or one per entry; padding entries add exactly zero."""
+    import jax
+    import pytensor
+    import pytensor.link.jax.dispatch  # noqa: F401  (float64 in JAX, as in the engine)
+    import pytensor.tensor as pt
+
+    from scnbvi.inference.jax_graph import jax_count_part
+    from scnbvi.model import count_terms
+
+    rng = np.random.default_rng(2)
+    counts = np.r_[rng.integers(1, 400, 30), 0.0, 0.0]
+    log_mu = rng.normal(1.0, 2.0, 32)
+    log_alpha = rng.normal(0.0, 3.0, 32) if per_gene else np.asarray(0.7)
+    symbols = [pt.vector("log_mu"), pt.vector("log_alpha") if per_gene else pt.scalar("log_alpha"), pt.vector("y")]
+    total = pt.sum(count_terms(symbols[0], pt.exp(symbols[1]), symbols[1], symbols[2]))
+    reference = pytensor.function(symbols, [total, *pt.grad(total, symbols[:2])])(log_mu, log_alpha, counts)
+    jax_form = jax.value_and_grad(lambda m, a: jax_count_part()(m, jax.numpy.exp(a), a, counts), argnums=(0, 1))
+    value, gradient = jax_form(log_mu, log_alpha)
+    np.testing.assert_allclose(value, reference[0], rtol=1e-12)
+    for got, exact in zip(gradient, reference[1:]):
+        # alpha (psi(y + alpha) - psi(alpha)) cancels for large alpha in either form
+        np.testing.assert_allclose(got, exact, rtol=1e-9)
+    padding_only = jax_count_part()(log_mu, np.exp(log_alpha), log_alpha, np.zeros(32))
+    assert float(padding_only) == 0.0
 
 
 @pytest.mark.parametrize("with_covariates", [False, True])
@@ -245,6 +291,25 @@ def test_streaming_from_sparse_equals_the_dense_matrix_path():
             np.testing.assert_array_equal(a[name], b[name])
 
 
+def test_a_stack_of_blocks_is_the_blocks_padded_one_by_one():
+    """A chunk's blocks staged at once are the sampler's blocks, each padded to the stack's
+    capacity, which grows past the one asked for only when a block needs more."""
+    counts = _counts(n_cells=50, n_genes=9, seed=5)
+    one_by_one, stacked = BatchSampler(counts, "cells", 16, seed=2), BatchSampler(counts, "cells", 16, seed=2)
+    for asked in (0, 2048):
+        blocks = [one_by_one.next() for _ in range(7)]
+        stack, capacity = stacked.next_stack(7, asked)
+        assert capacity == max(asked, nonzero_capacity(max(len(b["nz_count"]) for b in blocks)))
+        for row, block in enumerate(blocks):
+            padded = pad_nonzeros(block, capacity)
+            for name, dtype in BATCH_LAYOUT["cells"].items():
+                assert stack[name].dtype == dtype
+                np.testing.assert_array_equal(stack[name][row], padded[name])
+    entries = BatchSampler(counts, "entries", 32, seed=1)
+    stack, capacity = entries.next_stack(3)
+    assert capacity == 0 and stack["counts"].shape == (3, 32)
+
+
 def test_padding_adds_only_zero_counts():
     block = cell_block(_counts(), np.arange(5))
     assert nonzero_capacity(3, minimum=4) == 4 and nonzero_capacity(8, minimum=4) == 8
@@ -264,7 +329,7 @@ def test_jax_minibatch_log_density_and_closed_form_cell_prior_make_up_the_model_
 
     counts = _counts(n_cells=12, n_genes=7)
     model = build_model(cell_log_offset=np.linspace(-1, 1, 12), gene_log_offset=np.zeros(7), batch_size=12,
-                        dense_float32=True, gene_dispersion=True, design=_design(12).matrix, cell_centring=centring)
+                        jax_forms=True, gene_dispersion=True, design=_design(12).matrix, cell_centring=centring)
     batch = cell_block(counts, np.arange(12))
     load_batch(model, batch)
     rng = np.random.default_rng(3)

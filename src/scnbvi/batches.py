@@ -69,6 +69,15 @@ class BatchSampler:
         self._rng.bit_generator.state = state["rng"]
         self._queue = state["queue"].copy()
 
+    def next_stack(self, length: int, capacity: int = 0) -> tuple[dict[str, np.ndarray], int]:
+        """The next ``length`` minibatches stacked, one per row, as a scan over steps takes
+        them. ``cells`` blocks are padded to one non-zero capacity, at least ``capacity`` (grown
+        only if a block needs more). Returns the stack and the capacity used."""
+        if self.mode == "cells":
+            return stack_cell_blocks(self.counts, [self._next_cells() for _ in range(length)], capacity)
+        batches = [self.next() for _ in range(length)]
+        return {name: np.stack([b[name] for b in batches]) for name in batches[0]}, capacity
+
     def next(self) -> dict[str, np.ndarray]:
         """The next minibatch, as arrays named after the model's data containers."""
         if self.mode == "cells":
@@ -96,16 +105,41 @@ class BatchSampler:
         )
 
 
+def nonzero_entries(counts: sp.csr_matrix, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The non-zero entries of ``cells``, in order: for each, the position of its cell in
+    ``cells`` and its index into ``counts.indices`` and ``counts.data``. Index arithmetic on
+    ``indptr``, several times faster than slicing the matrix."""
+    starts = counts.indptr[cells]
+    lengths = counts.indptr[np.asarray(cells) + 1] - starts
+    owner = np.repeat(np.arange(len(lengths)), lengths)
+    return owner, starts[owner] + np.arange(len(owner)) - (np.cumsum(lengths) - lengths)[owner]
+
+
 def cell_block(counts: sp.csr_matrix, cells: np.ndarray) -> dict[str, np.ndarray]:
     """The given cells in the ``cells`` layout: their indices and their non-zero entries."""
-    rows = counts[cells]
-    return make_batch(
-        "cells",
-        cell_index=cells,
-        nz_row=np.repeat(np.arange(len(cells)), np.diff(rows.indptr)),
-        nz_gene=rows.indices,
-        nz_count=rows.data,
-    )
+    owner, source = nonzero_entries(counts, cells)
+    return make_batch("cells", cell_index=cells, nz_row=owner, nz_gene=counts.indices[source],
+                      nz_count=counts.data[source])
+
+
+def stack_cell_blocks(counts: sp.csr_matrix, blocks: list[np.ndarray], capacity: int = 0) -> tuple[dict, int]:
+    """Blocks of equally many cells as stacked ``cells`` batches, each block's non-zero entries
+    padded with zero counts to one capacity, at least ``capacity``: what :func:`cell_block` and
+    :func:`pad_nonzeros` give block by block, built in one pass over all the blocks' entries.
+    Returns the stack and the capacity used."""
+    size = len(blocks[0])
+    cells = np.concatenate(blocks)
+    owner, source = nonzero_entries(counts, cells)
+    block = owner // size
+    per_block = np.bincount(block, minlength=len(blocks))
+    capacity = max(capacity, nonzero_capacity(int(per_block.max())))
+    slot = block * capacity + np.arange(len(owner)) - (np.cumsum(per_block) - per_block)[block]
+    stack = {"cell_index": cells.reshape(len(blocks), size)}
+    for name, values in (("nz_row", owner % size), ("nz_gene", counts.indices[source]), ("nz_count", counts.data[source])):
+        stack[name] = np.zeros(len(blocks) * capacity, dtype=BATCH_LAYOUT["cells"][name])
+        stack[name][slot] = values
+    return {name: stack[name].reshape(len(blocks), -1).astype(dtype, copy=False)
+            for name, dtype in BATCH_LAYOUT["cells"].items()}, capacity
 
 
 def nonzero_capacity(nnz: int, minimum: int = 1024) -> int:

@@ -66,7 +66,7 @@ def build_model(
     cell_names=None,
     gene_names=None,
     initvals: dict[str, np.ndarray] | None = None,
-    dense_float32: bool = False,
+    jax_forms: bool = False,
     design: np.ndarray | None = None,
     coefficient_names=None,
     cell_centring: np.ndarray | None = None,
@@ -74,7 +74,7 @@ def build_model(
     """Build the model for a data set of ``len(cell_log_offset)`` cells x ``len(gene_log_offset)`` genes.
 
     The likelihood is scaled by ``total_size`` so that a minibatch stands for the whole data set.
-    ``dense_float32``: see :func:`sparse_block_nb_logp` (the ``jax`` engine sets it).
+    ``jax_forms``: see :func:`sparse_block_nb_logp` (the ``jax`` engine sets it).
     ``design``: cells x coefficients covariates (see :mod:`scnbvi.design`), each with one
     effect per gene. ``cell_centring``: per cell, how centred its effect is parameterised
     (:func:`cell_centring_weights`; None: fully centred).
@@ -114,7 +114,7 @@ def build_model(
         if mode == "cells":
             block_logp = sparse_block_nb_logp(
                 cell_log_rate, gene_log_rate, alpha, data["nz_row"], data["nz_gene"], data["nz_count"],
-                dense_float32=dense_float32,
+                jax_forms=jax_forms,
                 covariates=covariates,
                 beta=beta,
             )
@@ -231,7 +231,26 @@ def dense_zero_part(gene_log_odds, cell_log_rate, alpha, beta=None, covariates=N
     return DenseZeroPart(inputs, [total], name="dense_zero_part")(*arguments)
 
 
-def sparse_block_nb_logp(cell_log_rate, gene_log_rate, alpha, nz_row, nz_gene, nz_count, dense_float32=False,
+class CountPart(OpFromGraph):
+    """The count-dependent part of the NB log likelihood over a block's non-zero entries, as
+    one op: its log-gamma functions only ever see positive arguments, and the JAX engine
+    evaluates them in a form for those alone (:func:`scnbvi.inference.jax_graph.jax_count_part`)."""
+
+
+def count_terms(log_mu, alpha, log_alpha, counts):
+    """Per non-zero entry ``lgamma(y+alpha) - lgamma(alpha) - lgamma(y+1) + y*(log mu - log(alpha + mu))``."""
+    return (pt.gammaln(counts + alpha) - pt.gammaln(alpha) - pt.gammaln(counts + 1.0)
+            + counts * (log_mu - pt.logaddexp(log_alpha, log_mu)))
+
+
+def count_part(log_mu, alpha, log_alpha, counts):
+    """The sum of :func:`count_terms` as a :class:`CountPart` (``alpha`` and ``log_alpha``
+    per entry or scalars)."""
+    inputs = [v.type() for v in (log_mu, alpha, log_alpha, counts)]
+    return CountPart(inputs, [pt.sum(count_terms(*inputs))], name="count_part")(log_mu, alpha, log_alpha, counts)
+
+
+def sparse_block_nb_logp(cell_log_rate, gene_log_rate, alpha, nz_row, nz_gene, nz_count, jax_forms=False,
                          covariates=None, beta=None):
     """Sum of NB(y | mu, alpha) log-probabilities over a block of cells x genes, zeros included,
     where ``log mu_ig = cell_log_rate_i + gene_log_rate_g (+ covariates_i . beta_g)``.
@@ -241,12 +260,12 @@ def sparse_block_nb_logp(cell_log_rate, gene_log_rate, alpha, nz_row, nz_gene, n
     ``lgamma(y+alpha) - lgamma(alpha) - lgamma(y+1) + y*(log mu - log(alpha + mu))`` for the
     non-zero entries only. ``alpha`` is a scalar or one value per gene, capped at
     ``exp(MAX_LOG_ALPHA)`` (the Poisson limit). Padding entries with
-    count 0 add exactly zero. ``dense_float32`` picks the form of the dense part that is
-    fastest under JAX; the default is fastest in C.
+    count 0 add exactly zero. ``jax_forms`` puts the dense part (in float32) and the count
+    part in the ops that the JAX engine gives forms of its own; the plain graph is fastest in C.
     """
     log_alpha = pt.minimum(pt.log(alpha), MAX_LOG_ALPHA)
     alpha = pt.exp(log_alpha)
-    if dense_float32:
+    if jax_forms:
         covariate_parts = [] if beta is None else [pt.cast(beta, "float32"), pt.cast(covariates, "float32")]
         zero_part = -dense_zero_part(pt.cast(gene_log_rate - log_alpha, "float32"), pt.cast(cell_log_rate, "float32"),
                                      pt.broadcast_to(alpha, gene_log_rate.shape), *covariate_parts)
@@ -265,10 +284,6 @@ def sparse_block_nb_logp(cell_log_rate, gene_log_rate, alpha, nz_row, nz_gene, n
         # Per non-zero entry from the few covariates, not gathered from a dense block.
         nz_log_mu = nz_log_mu + pt.sum(covariates[nz_row] * beta[nz_gene], axis=1)
     nz_alpha, nz_log_alpha = (alpha[nz_gene], log_alpha[nz_gene]) if alpha.ndim else (alpha, log_alpha)
-    count_part = pt.sum(
-        pt.gammaln(nz_count + nz_alpha)
-        - pt.gammaln(nz_alpha)
-        - pt.gammaln(nz_count + 1.0)
-        + nz_count * (nz_log_mu - pt.logaddexp(nz_log_alpha, nz_log_mu))
-    )
-    return zero_part + count_part
+    nz_terms = (nz_log_mu, nz_alpha, nz_log_alpha, nz_count)
+    counted = count_part(*nz_terms) if jax_forms else pt.sum(count_terms(*nz_terms))
+    return zero_part + counted

@@ -86,7 +86,7 @@ def fit(
         cell_names=cell_names,
         gene_names=gene_names,
         initvals=data_driven_initvals(counts, cell_log_offset, gene_log_offset) if settings.init == "data" else None,
-        dense_float32=engine == "jax",
+        jax_forms=engine == "jax",
         design=None if design is None else design.matrix,
         coefficient_names=None if design is None else design.names,
         cell_centring=cell_centring_weights(counts, cell_log_offset),

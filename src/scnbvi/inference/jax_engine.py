@@ -251,15 +251,14 @@ def trained(target: Objective, params: dict) -> dict:
     return {name: params[name] for name in target.trained}
 
 
-def step(target: Objective, optimizer, key, learning_rate, state: ADVIState, step_index, batch):
-    """One ADVI step on one minibatch; returns the new state and the step's loss (-ELBO)."""
+def step(target: Objective, optimizer, learning_rate, state: ADVIState, noise, batch):
+    """One ADVI step on one minibatch with its standard normal ``noise`` (global, cells);
+    returns the new state and the step's loss (-ELBO)."""
     import jax
-    import jax.numpy as jnp
     import optax
 
-    global_key, cell_key = jax.random.split(jax.random.fold_in(key, step_index))
     dtype = state.params["mean"].dtype
-    noise = (_normal(global_key, target.layout.size, dtype), _normal(cell_key, batch["cell_index"].shape[0], dtype))
+    noise = tuple(n.astype(dtype) for n in noise)
     params = state.params if target.refit_cells is None else target.refit_cells(state.params, batch)
     moved = trained(target, params)
     loss, grads = jax.value_and_grad(lambda t: -target.step_elbo({**params, **t}, *noise, batch))(moved)
@@ -268,21 +267,27 @@ def step(target: Objective, optimizer, key, learning_rate, state: ADVIState, ste
     return ADVIState({**params, **moved}, opt_state), loss
 
 
-def _normal(key, size, dtype):
-    """float32 noise is ample for a Monte-Carlo gradient and several times cheaper on CPU."""
+def step_noise(key, n_global: int, n_read: int, step_index):
+    """The standard normal draws of one step, keyed by its index (a rerun, or a resumed fit,
+    draws the same). float32 noise is ample for a Monte-Carlo gradient and several times
+    cheaper on CPU."""
     import jax
     import jax.numpy as jnp
 
-    return jax.random.normal(key, (size,), jnp.float32).astype(dtype)
+    global_key, cell_key = jax.random.split(jax.random.fold_in(key, step_index))
+    return jax.random.normal(global_key, (n_global,), jnp.float32), jax.random.normal(cell_key, (n_read,), jnp.float32)
 
 
 def run_chunk(target: Objective, optimizer, key, averaging: bool, state: ADVIState, first_step, batches, learning_rate):
     """Consecutive steps in one ``lax.scan``; returns the state, the sum of the trained
-    params' iterates (for the iterate average, when ``averaging``) and the losses."""
+    params' iterates (for the iterate average, when ``averaging``) and the losses.
+
+    The chunk's noise is drawn before the scan, in one vectorised call: drawn inside each
+    step, the random number generator's small loops cost a third of a small step on CPU."""
     import jax
     import jax.numpy as jnp
 
-    one_step = partial(step, target, optimizer, key, learning_rate)
+    one_step = partial(step, target, optimizer, learning_rate)
 
     def scan_step(carry, inputs):
         state, total = carry
@@ -291,28 +296,23 @@ def run_chunk(target: Objective, optimizer, key, averaging: bool, state: ADVISta
             total = jax.tree.map(jnp.add, total, trained(target, state.params))
         return (state, total), loss
 
-    steps = first_step + jnp.arange(next(iter(batches.values())).shape[0])
+    steps = first_step + jnp.arange(batches["cell_index"].shape[0])
+    noise = jax.vmap(partial(step_noise, key, target.layout.size, batches["cell_index"].shape[1]))(steps)
     total = jax.tree.map(jnp.zeros_like, trained(target, state.params)) if averaging else None
-    (state, total), losses = jax.lax.scan(scan_step, (state, total), (steps, batches))
+    (state, total), losses = jax.lax.scan(scan_step, (state, total), (noise, batches))
     return state, total, losses
 
 
-def stack_batches(batches: list[dict[str, np.ndarray]], mode: str, capacity: int = 0) -> tuple[dict, int]:
-    """Stack a chunk of batches; ``cells`` blocks are padded to one non-zero capacity, at least
-    ``capacity`` (grown only if a block needs more). Returns the stack and the capacity used."""
-    if mode == "cells":
-        capacity = max(capacity, nonzero_capacity(max(len(b["nz_count"]) for b in batches)))
-        batches = [pad_nonzeros(b, capacity) for b in batches]
-    return {name: np.stack([b[name] for b in batches]) for name in batches[0]}, capacity
-
-
-def chunk_length(sampler: BatchSampler, settings: InferenceSettings, budget_bytes: float = 256e6) -> int:
-    """Steps per jitted scan: one check interval, split so the staged batches fit the budget."""
+def chunk_length(sampler: BatchSampler, settings: InferenceSettings, noise_size: int,
+                 budget_bytes: float = 256e6) -> int:
+    """Steps per jitted scan: one check interval, split so that the staged batches and the
+    steps' noise (``noise_size`` float32 values a step) fit the budget."""
     if sampler.mode == "cells":
         block_nnz = sampler.counts.nnz / sampler.n_cells * sampler.batch_size
         bytes_per_step = 2 * 16 * max(block_nnz, 1024) + 4 * sampler.batch_size
     else:
         bytes_per_step = 16 * sampler.batch_size
+    bytes_per_step += 4 * noise_size
     pieces = max(1, math.ceil(settings.check_every * bytes_per_step / budget_bytes))
     return max(1, settings.check_every // pieces)
 
@@ -320,12 +320,17 @@ def chunk_length(sampler: BatchSampler, settings: InferenceSettings, budget_byte
 def use_compilation_cache() -> None:
     """Keep XLA's compiled programs on disk, as PyTensor keeps its C: a rerun of a fit on the
     same data (after a change of settings, say) skips compilation, several seconds of it.
-    ``JAX_COMPILATION_CACHE_DIR`` picks the place; by default the user's cache directory."""
+    ``JAX_COMPILATION_CACHE_DIR`` picks the place; by default the user's cache directory.
+    JAX keeps by default only programs that took a second or more to compile: the fit's
+    programs each take less on small data, and together most of a warm start's compile time
+    (``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` still sets the threshold)."""
     import jax
 
     if jax.config.jax_compilation_cache_dir is None:
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scnbvi" / "jax"
         jax.config.update("jax_compilation_cache_dir", str(cache))
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, backend: str,
@@ -370,7 +375,7 @@ def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, bac
     compile_seconds = time.perf_counter() - t0
 
     constant = target.constant
-    chunk = chunk_length(sampler, settings)
+    chunk = chunk_length(sampler, settings, target.layout.size + sampler.batch_size)
     capacity = block_capacity(sampler.counts, sampler.batch_size) if sampler.mode == "cells" else 0
     average = IterateAverage()
     rule = stopping_rule(settings)
@@ -402,7 +407,7 @@ def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, bac
     with checkpoint.stop_on_signals() if checkpoint is not None else contextlib.nullcontext():
         while steps < settings.max_iterations and not converged:
             length = min(chunk, settings.max_iterations - steps, settings.check_every - steps % settings.check_every)
-            batches, capacity = stack_batches([sampler.next() for _ in range(length)], sampler.mode, capacity)
+            batches, capacity = sampler.next_stack(length, capacity)
             learning_rate = settings.learning_rate * rule.learning_rate_scale
             if steps == first_step:
                 compiling = time.perf_counter()

