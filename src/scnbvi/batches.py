@@ -135,7 +135,8 @@ def stack_cell_blocks(counts: sp.csr_matrix, blocks: list[np.ndarray], capacity:
     capacity = max(capacity, nonzero_capacity(int(per_block.max())))
     slot = block * capacity + np.arange(len(owner)) - (np.cumsum(per_block) - per_block)[block]
     stack = {"cell_index": cells.reshape(len(blocks), size)}
-    for name, values in (("nz_row", owner % size), ("nz_gene", counts.indices[source]), ("nz_count", counts.data[source])):
+    entries = {"nz_row": owner % size, "nz_gene": counts.indices[source], "nz_count": counts.data[source]}
+    for name, values in entries.items():
         stack[name] = np.zeros(len(blocks) * capacity, dtype=BATCH_LAYOUT["cells"][name])
         stack[name][slot] = values
     return {name: stack[name].reshape(len(blocks), -1).astype(dtype, copy=False)

@@ -283,7 +283,7 @@ def run_chunk(target: Objective, optimizer, key, averaging: bool, state: ADVISta
     params' iterates (for the iterate average, when ``averaging``) and the losses.
 
     The chunk's noise is drawn before the scan, in one vectorised call: drawn inside each
-    step, the random number generator's small loops cost a third of a small step on CPU."""
+    step, the random number generator's small loops took up to a quarter of a small step on CPU."""
     import jax
     import jax.numpy as jnp
 
