@@ -237,10 +237,11 @@ class CountPart(OpFromGraph):
     evaluates them in a form for those alone (:func:`scnbvi.inference.jax_graph.jax_count_part`)."""
 
 
-def count_terms(log_mu, alpha, log_alpha, counts):
-    """Per non-zero entry ``lgamma(y+alpha) - lgamma(alpha) - lgamma(y+1) + y*(log mu - log(alpha + mu))``."""
-    return (pt.gammaln(counts + alpha) - pt.gammaln(alpha) - pt.gammaln(counts + 1.0)
-            + counts * (log_mu - pt.logaddexp(log_alpha, log_mu)))
+def count_terms(log_mu, alpha, log_alpha, counts, gammaln=pt.gammaln, logaddexp=pt.logaddexp):
+    """Per non-zero entry ``lgamma(y+alpha) - lgamma(alpha) - lgamma(y+1) + y*(log mu - log(alpha + mu))``;
+    the JAX form of the count part passes its own ``gammaln`` and ``logaddexp``."""
+    return (gammaln(counts + alpha) - gammaln(alpha) - gammaln(counts + 1.0)
+            + counts * (log_mu - logaddexp(log_alpha, log_mu)))
 
 
 def count_part(log_mu, alpha, log_alpha, counts):

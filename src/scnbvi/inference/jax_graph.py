@@ -12,7 +12,7 @@ import functools
 import pymc as pm
 import pytensor.tensor as pt
 
-from scnbvi.model import CountPart, DenseZeroPart
+from scnbvi.model import CountPart, DenseZeroPart, count_terms
 
 
 def batch_inputs(model: pm.Model, container_names) -> dict:
@@ -94,8 +94,7 @@ def jax_count_part():
     import jax.numpy as jnp
 
     def count_part(log_mu, alpha, log_alpha, counts):
-        terms = (positive_gammaln(counts + alpha) - positive_gammaln(alpha) - positive_gammaln(counts + 1.0)
-                 + counts * (log_mu - jnp.logaddexp(log_alpha, log_mu)))
+        terms = count_terms(log_mu, alpha, log_alpha, counts, gammaln=positive_gammaln, logaddexp=jnp.logaddexp)
         return jnp.sum(jnp.where(counts > 0, terms, 0.0))
 
     return count_part
