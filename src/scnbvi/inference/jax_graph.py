@@ -174,12 +174,14 @@ def jax_dense_zero_part():
         """Per gene the sums of softplus and sigmoid over the cells, per cell the w-weighted
         sum of sigmoids over the genes, and per gene and coefficient sum_i sigmoid z_ik."""
         n_genes, n_cells = a.shape[0], b.shape[0]
-        passes = max(1, -(-n_genes * n_cells // (DENSE_LANES * DENSE_TILE_ENTRIES)))
-        tile = -(-n_genes // (passes * DENSE_LANES))
+        n_tiles = max(1, -(-n_genes * n_cells // DENSE_TILE_ENTRIES))
+        lanes = min(DENSE_LANES, n_tiles)
+        passes = -(-n_tiles // lanes)
+        tile = -(-n_genes // (passes * lanes))
 
         def tiles(value):  # padded genes get a = 0 and w = 0 (beta = 0): they add nothing
-            padding = [(0, passes * DENSE_LANES * tile - n_genes)] + [(0, 0)] * (value.ndim - 1)
-            return jnp.pad(value, padding).reshape(passes, DENSE_LANES, tile, *value.shape[1:])
+            padding = [(0, passes * lanes * tile - n_genes)] + [(0, 0)] * (value.ndim - 1)
+            return jnp.pad(value, padding).reshape(passes, lanes, tile, *value.shape[1:])
 
         def one_tile(parts):
             a_tile, w_tile, *beta_tile = parts
