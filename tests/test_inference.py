@@ -374,6 +374,14 @@ def test_inputs_that_make_the_density_non_finite_are_named_before_fitting(simula
         fit(counts, cell_offset, gene_offset, QUICK, backend="c")
 
 
+@pytest.mark.parametrize(("n_genes", "cells"), [(39_241, 256), (10_000, 400), (3_000, 1_024), (500, 1_024)])
+def test_closing_sweep_blocks_hold_about_four_million_entries_within_bounds(n_genes, cells):
+    """Blocks of the checks' size (101 cells of a whole atlas) swept it 1.5x slower."""
+    from scnbvi.inference.jax_engine import sweep_block_size
+
+    assert sweep_block_size(n_genes) == cells
+
+
 def test_jax_closing_sweep_settles_every_cell_in_fewer_passes_than_a_fixed_count(simulated, monkeypatch):
     """From a start far from the optimum (every cell at zero, most of them sds away), the sweep leaves
     every cell within ``SETTLED_ERROR`` sds of the mode that twelve refits reach, and spends

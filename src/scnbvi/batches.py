@@ -131,7 +131,8 @@ def stack_cell_blocks(counts: sp.csr_matrix, blocks: list[np.ndarray], capacity:
     per_block = np.diff(bounds)
     capacity = max(capacity, nonzero_capacity(int(per_block.max())))
     stack = {"cell_index": cells.reshape(len(blocks), size).astype(np.int32)}
-    entries = {"nz_row": entry_positions(rows, np.tile(np.arange(size), len(blocks))), "nz_gene": rows.indices, "nz_count": rows.data}
+    entries = {"nz_row": entry_positions(rows, np.tile(np.arange(size), len(blocks))),
+               "nz_gene": rows.indices, "nz_count": rows.data}
     for name, values in entries.items():
         stack[name] = np.zeros((len(blocks), capacity), dtype=BATCH_LAYOUT["cells"][name])
         for block, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):

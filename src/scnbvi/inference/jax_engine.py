@@ -84,6 +84,16 @@ REFITS_TO_CONVERGE = 3
 # left is below this fraction of its posterior sd; passes at most.
 SETTLED_ERROR = 1e-2
 MAX_CLOSING_PASSES = 10
+# Cells per block of the closing sweep: about 4 million genes x cells entries, within these
+# bounds. On 2 cores a whole atlas (39,241 genes) sweeps 1.5x faster in blocks of 256 cells
+# than of 101, and 3,000 HVGs fastest in blocks of 1,024.
+SWEEP_BLOCK_CELLS = (256, 1024)
+
+
+def sweep_block_size(n_genes: int) -> int:
+    """The closing sweep's cells per block for ``n_genes`` genes."""
+    low, high = SWEEP_BLOCK_CELLS
+    return int(min(high, max(low, 4_000_000 // max(n_genes, 1))))
 
 
 def objective(model: pm.Model, mode: str) -> Objective:
@@ -347,9 +357,7 @@ def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, bac
     averaging = settings.convergence == "elbo"
     chunk_program = jax.jit(partial(run_chunk, target, optimizer, jax.random.PRNGKey(settings.seed), averaging))
 
-    # The fixed cells of the checks; the closing sweep refits every cell in blocks of as many.
-    sweep_cells = evaluation_cells(settings, sampler.n_genes)
-    eval_batch = sampler.evaluation_batch(sweep_cells, settings.seed)
+    eval_batch = sampler.evaluation_batch(evaluation_cells(settings, sampler.n_genes), settings.seed)
     eval_batch = {k: jnp.asarray(v) for k, v in eval_batch.items()}
     n_global, n_read = target.layout.size, int(eval_batch["cell_index"].shape[0])
     eval_draws = jnp.asarray(fixed_normal_draws(settings.eval_samples, n_global + n_read, settings.seed))
@@ -364,6 +372,7 @@ def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, bac
         return jnp.mean(values)
 
     sweep = closing_refit(target) if target.refit_cells is not None else None
+    sweep_cells = sweep_block_size(sampler.n_genes)
     t0 = time.perf_counter()
     if averaging:
         evaluate(state.params).block_until_ready()
