@@ -55,9 +55,19 @@ def fixed_normal_draws(n_samples: int, dim: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, 7]).standard_normal((n_samples, dim))
 
 
+# Genes x cells entries of a block of whole cells that a check, or a step of the closing
+# sweep, takes at once.
+BLOCK_ENTRIES = 4_000_000
+
+
+def cells_per_block(n_genes: int, low: int, high: int) -> int:
+    """Cells whose genes x cells entries come to about :data:`BLOCK_ENTRIES`, within bounds."""
+    return int(min(high, max(low, BLOCK_ENTRIES // max(n_genes, 1))))
+
+
 def evaluation_cells(settings: InferenceSettings, n_genes: int) -> int:
     """Cells for the fixed-cells ELBO, capped so the check stays cheap for wide matrices."""
-    return int(min(settings.eval_cells, max(32, 4_000_000 // max(n_genes, 1))))
+    return cells_per_block(n_genes, 32, settings.eval_cells)
 
 
 def full_data_elbo(counts: sp.csr_matrix, cell_log_offset, gene_log_offset, result: FitResult, *,

@@ -37,7 +37,7 @@ from scnbvi.batches import (BATCH_LAYOUT, BatchSampler, block_capacity, cell_blo
 from scnbvi.inference.averaging import IterateAverage
 from scnbvi.inference.checkpoint import Checkpoint, restore_schedule
 from scnbvi.inference.divergence import divergence_error
-from scnbvi.inference.elbo import ParameterLayout, evaluation_cells, fixed_normal_draws
+from scnbvi.inference.elbo import ParameterLayout, cells_per_block, evaluation_cells, fixed_normal_draws
 from scnbvi.inference.initialization import initial_std
 from scnbvi.inference.jax_graph import minibatch_logp
 from scnbvi.inference.plateau import stopping_rule
@@ -92,8 +92,7 @@ SWEEP_BLOCK_CELLS = (256, 1024)
 
 def sweep_block_size(n_genes: int) -> int:
     """The closing sweep's cells per block for ``n_genes`` genes."""
-    low, high = SWEEP_BLOCK_CELLS
-    return int(min(high, max(low, 4_000_000 // max(n_genes, 1))))
+    return cells_per_block(n_genes, *SWEEP_BLOCK_CELLS)
 
 
 def objective(model: pm.Model, mode: str) -> Objective:
