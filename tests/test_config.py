@@ -85,7 +85,7 @@ def test_covariate_defaults_match_schema(dataset_defaults):
 
 def test_simulation_defaults_match_schema(dataset_defaults):
     section = dict(dataset_defaults["simulate"])
-    effects = {key: section.pop(key) for key in ("condition_effect_sd", "batch_effect_sd")}
+    effects = {key: section.pop(key) for key in ("condition_effect_sd", "batch_effect_sd", "donors", "donor_effect_sd")}
     assert_defaults(simulate_counts, section, optional=True)
     truth = SimulationTruth()
     assert effects == {key: getattr(truth, key) for key in effects}

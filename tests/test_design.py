@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 from scipy import stats
 
-from scnbvi.de import contrast_table, level_mask
+from scnbvi.de import contrast_table
 from scnbvi.design import build_design, contrast_name, design_from_config, read_design, write_design
 from scnbvi.errors import InputError
 
@@ -87,30 +87,131 @@ def test_design_round_trips_through_its_files(tmp_path):
     again = read_design(tmp_path / "design.json", cells)
     assert again.names == design.names and again.factors == design.factors
     np.testing.assert_array_equal(again.matrix, design.matrix)
-    np.testing.assert_array_equal(level_mask(again, "batch", "b1"), obs["batch"].eq("b1").to_numpy())
+    np.testing.assert_array_equal(again.level_mask("batch", "b1"), obs["batch"].eq("b1").to_numpy())
 
 
-def test_contrast_table_reads_log2_fold_changes_and_sign_rates_off_the_draws():
+def _draws_idata(means, sds, coefficients, draws=2000, seed=0):
+    """A posterior of beta (genes x coefficients) with independent normal draws."""
+    rng = np.random.default_rng(seed)
+    means, sds = np.atleast_2d(means), np.atleast_2d(sds)
+    beta = rng.normal(means[None], sds[None], (draws, *means.shape))[None]
+    genes = [f"g{i}" for i in range(means.shape[0])]
+    return az.from_dict(posterior={"beta": beta}, coords={"gene": genes, "coefficient": list(coefficients)},
+                        dims={"beta": ["gene", "coefficient"]})
+
+
+def test_contrast_table_shrinks_null_genes_and_keeps_real_effects():
     obs = _obs()
     design = build_design(obs, categorical=["condition"])
     rng = np.random.default_rng(0)
-    draws = 4000
-    # gene a: clearly up (log fold change 1.0 +- 0.1); gene b: centred at zero; gene c: down.
-    beta = np.stack([rng.normal(m, 0.1, draws) for m in (1.0, 0.0, -0.3)])[None, :, :, None].transpose(0, 2, 1, 3)
-    idata = az.from_dict(posterior={"beta": beta}, coords={"gene": ["a", "b", "c"], "coefficient": ["condition[drug]"]},
-                         dims={"beta": ["gene", "coefficient"]})
-    counts = sp.csr_matrix(np.r_[np.tile([[1, 0, 2]], (7, 1)), np.tile([[3, 1, 0]], (5, 1))])
-    table = contrast_table(idata, design, ("condition", "drug", "ctrl"), counts, np.full(12, 2.0), lfc_threshold=0.5)
-    assert list(table.index) == ["a", "c", "b"]  # sorted by lfsr
-    assert table.loc["a", "log2_fold_change"] == pytest.approx(1.0 / np.log(2), abs=0.01)
-    assert table.loc["a", "lfsr"] < 1e-20 and table.loc["a", "prob_large_change"] == pytest.approx(1.0)
-    assert 0.4 < table.loc["b", "lfsr"] <= 0.5 and table.loc["c", "lfsr"] < 0.01
-    # the Gaussian tail of gene c: mean -0.3, sd 0.1 on the natural-log scale
-    assert table.loc["c", "lfsr"] == pytest.approx(stats.norm.cdf(-3.0), rel=0.1)
-    assert table.loc["a", "ci95_low"] < table.loc["a", "log2_fold_change"] < table.loc["a", "ci95_high"]
-    assert table.loc["a", "cells_expressing_drug"] == 5 and table.loc["a", "cells_expressing_ctrl"] == 7
-    assert table.loc["b", "cells_expressing_ctrl"] == 0
-    assert table.loc["c", "base_mean"] == pytest.approx(14 / 12)
-    flipped = contrast_table(idata, design, ("condition", "ctrl", "drug"), counts, np.full(12, 2.0))
-    assert flipped.loc["a", "log2_fold_change"] == pytest.approx(-table.loc["a", "log2_fold_change"])
+    n_genes = 400
+    effect = np.where(np.arange(n_genes) < 20, 1.0, 0.0)  # natural log: 20 genes up by e
+    means = (effect + rng.normal(0.0, 0.05, n_genes))[:, None]
+    idata = _draws_idata(means, np.full((n_genes, 1), 0.05), ["condition[drug]"])
+    counts = sp.csr_matrix(rng.poisson(1.0, (12, n_genes)))
+    result = contrast_table(idata, design, ("condition", "drug", "ctrl"), counts, np.full(12, 2.0))
+    table = result.table
+    assert result.replicates == "cells" and result.units == {"drug": 5, "ctrl": 7}
+    assert table["lfsr"].is_monotonic_increasing
+    called = table.index[table["lfsr"] < 0.05]
+    assert set(called) == {f"g{i}" for i in range(20)}
+    # The unshrunk estimate is the draws' mean in log2 (after the median shift, near 0 here).
+    draws = idata.posterior["beta"].values[0, :, :, 0] / np.log(2)
+    unshrunk = table["log2_fold_change_unshrunk"].reindex([f"g{i}" for i in range(n_genes)])
+    np.testing.assert_allclose(unshrunk + result.composition_shift, draws.mean(axis=0), atol=1e-9)
+    assert abs(result.composition_shift) < 0.02
+    # Real effects keep their size; null genes shrink towards zero.
+    assert table.loc["g0", "log2_fold_change"] == pytest.approx(1 / np.log(2), abs=0.1)
+    nulls = table.index[~table.index.isin(called)]
+    assert (table.loc[nulls, "log2_fold_change"].abs() <= table.loc[nulls, "log2_fold_change_unshrunk"].abs()).all()
+    hits = table.loc[called]
+    assert ((hits["ci95_low"] < hits["log2_fold_change"]) & (hits["log2_fold_change"] < hits["ci95_high"])).all()
+    # A null gene's interval holds 0 (for most, it is the point mass: 0 to 0).
+    assert ((table.loc[nulls, "ci95_low"] <= 1e-9) & (table.loc[nulls, "ci95_high"] >= -1e-9)).all()
+    assert table.loc["g0", "prob_large_change"] > 0.99 and table.loc[nulls, "prob_large_change"].max() < 0.05
+    # expressed cells and base means from the counts
+    assert table.loc["g3", "cells_expressing_drug"] == int((counts[7:, 3].toarray() > 0).sum())
+    assert table.loc["g3", "base_mean"] == pytest.approx(counts[:, 3].mean())
+    flipped = contrast_table(idata, design, ("condition", "ctrl", "drug"), counts, np.full(12, 2.0)).table
+    assert flipped.loc["g0", "log2_fold_change"] == pytest.approx(-table.loc["g0", "log2_fold_change"], rel=1e-6)
     assert contrast_name("cell type", "T/NK", "B") == "cell_type_T_NK_vs_B"
+
+
+def test_a_shift_shared_by_every_gene_gives_no_calls():
+    """Composition: when a few genes change, every other gene's depth-normalised level moves by the
+    same small amount; with thousands of cells that shift is 'significant' for every gene."""
+    design = build_design(_obs(), categorical=["condition"])
+    rng = np.random.default_rng(1)
+    n_genes = 500
+    shift = 0.05 + rng.normal(0.0, 0.01, n_genes)
+    idata = _draws_idata(shift[:, None], np.full((n_genes, 1), 0.01), ["condition[drug]"])
+    counts = sp.csr_matrix(np.ones((12, n_genes)))
+    args = (idata, design, ("condition", "drug", "ctrl"), counts, np.full(12, 2.0))
+    kept = contrast_table(*args, centre="none").table
+    assert (kept["lfsr"] < 0.05).mean() > 0.9
+    centred = contrast_table(*args)
+    assert (centred.table["lfsr"] < 0.05).sum() == 0
+    assert centred.composition_shift == pytest.approx(0.05 / np.log(2), abs=0.005)
+
+
+def _donor_obs(n_donors=6, cells_per_donor=20):
+    donor = np.repeat([f"d{i}" for i in range(n_donors)], cells_per_donor)
+    return pd.DataFrame({
+        "donor": donor,
+        "condition": np.where(np.repeat(np.arange(n_donors), cells_per_donor) < n_donors // 2, "ctrl", "drug"),
+        "batch": np.tile(["b1", "b2"], len(donor) // 2),
+        "age": np.repeat(np.linspace(20, 70, n_donors), cells_per_donor),
+    }, index=[f"c{i}" for i in range(len(donor))])
+
+
+def test_columns_constant_within_samples_move_to_the_sample_level():
+    obs = _donor_obs()
+    design = build_design(obs, categorical=["condition", "batch"], continuous=["age"], random=["donor"])
+    assert design.names == ("batch[b2]", "donor[d1]", "donor[d2]", "donor[d3]", "donor[d4]", "donor[d5]")
+    assert design.n_sample_coefficients == 5
+    samples = design.samples
+    assert samples.levels == ("d0", "d1", "d2", "d3", "d4", "d5") and samples.names == ("condition[drug]", "age")
+    np.testing.assert_array_equal(samples.matrix[:, 0], [0, 0, 0, 1, 1, 1])
+    assert design.is_sample_level("condition") and not design.is_sample_level("batch")
+    np.testing.assert_array_equal(design.sample_of_cells(), np.repeat(np.arange(6), 20))
+    np.testing.assert_array_equal(design.level_mask("condition", "drug"), obs["condition"].eq("drug").to_numpy())
+    np.testing.assert_array_equal(design.contrast_weights("condition", "ctrl", "drug"), [-1.0, 0.0])
+
+
+def test_a_sample_design_round_trips_through_its_file(tmp_path):
+    obs = _donor_obs()
+    design = build_design(obs, categorical=["condition", "batch"], random=["donor"])
+    write_design(design, tmp_path / "design.json")
+    again = read_design(tmp_path / "design.json", design.table(obs.index))
+    assert (again.samples.column, again.samples.levels, again.samples.names, again.samples.factors) == (
+        design.samples.column, design.samples.levels, design.samples.names, design.samples.factors)
+    np.testing.assert_array_equal(again.samples.matrix, design.samples.matrix)
+    np.testing.assert_array_equal(again.level_mask("condition", "ctrl"), design.level_mask("condition", "ctrl"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"categorical": ["condition", "donor"]}, r"constant within each level of obs\['donor'\].*design.random"),
+        ({"categorical": ["condition"], "random": ["donor", "batch"]}, "one sample column is supported"),
+        ({"categorical": ["condition"], "random": ["batch"]}, "2 samples"),
+        ({"categorical": ["condition"], "continuous": ["age"], "random": ["donor"], "n_donors": 3},
+         "no spread between samples"),
+    ],
+    ids=["nested-as-fixed", "two-random", "too-few-samples", "no-residual-df"],
+)
+def test_sample_designs_that_cannot_be_fitted_stop_with_one_line(kwargs, message):
+    kwargs = dict(kwargs)
+    obs = _donor_obs(kwargs.pop("n_donors", 6))
+    with pytest.raises(InputError, match=message) as error:
+        build_design(obs, **kwargs)
+    assert "\n" not in str(error.value) and "fix:" in str(error.value)
+
+
+def test_a_condition_nested_in_an_unnamed_sample_column_is_warned_about(caplog):
+    obs = _donor_obs()
+    settings = {"categorical": ["condition"], "continuous": [], "reference": {}}
+    with caplog.at_level("WARNING", logger="scnbvi.progress"):
+        design_from_config(obs, settings)
+    assert "obs['condition'] is constant within each level of obs['donor']" in caplog.text
+    assert "design.random" in caplog.text

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.fit
 
 
 def _fit_design(counts, depth, design, gene_names, gene_dispersion=False, seed=0):
+    """Posterior draws of the model with ``design``, fitted to convergence by the jax engine."""
     model, result = fit(counts, np.log(depth / 1e5), np.zeros(counts.shape[1]), InferenceSettings(seed=seed),
                         backend="jax", gene_names=gene_names, design=design, gene_dispersion=gene_dispersion)
     assert result.converged
@@ -57,5 +58,26 @@ def test_a_permuted_label_calls_almost_no_gene_on_real_cells():
     # Real genes differ in dispersion: one shared alpha would make the model overconfident for
     # the most variable ones.
     idata = _fit_design(adata.X, depth, design, adata.var_names, gene_dispersion=True)
-    table = contrast_table(idata, design, ("label", "b", "a"), adata.X, depth)
+    table = contrast_table(idata, design, ("label", "b", "a"), adata.X, depth).table
     assert np.mean(table["lfsr"] < 0.05) <= 0.05, table.head()
+
+
+def test_donors_as_random_effect_recover_their_spread_and_stop_pseudoreplication():
+    """Simulated donors (3 control, 3 treated) that shift every gene by N(0, 0.4) and a condition
+    without any effect: with the donor named, the spread between donors is recovered and almost
+    nothing is called; with cells as replicates, the donors' differences become calls."""
+    truth = SimulationTruth(donors=6, donor_effect_sd=0.4)
+    adata = simulate_counts(1200, 150, seed=4, truth=truth)
+    depth = adata.obs["depth"].to_numpy()
+    contrast = ("condition", "treated", "control")
+    design = build_design(adata.obs, categorical=["condition"], random=["donor"], reference={"condition": "control"})
+    assert design.is_sample_level("condition")
+    result = contrast_table(_fit_design(adata.X, depth, design, adata.var_names), design, contrast, adata.X, depth,
+                            centre="none")
+    assert result.replicates == "samples" and result.units == {"treated": 3, "control": 3}
+    assert result.sample_sd == pytest.approx(0.4 / np.log(2), rel=0.25)
+    assert np.mean(result.table["lfsr"] < 0.05) <= 0.05
+    cells = build_design(adata.obs, categorical=["condition"], reference={"condition": "control"})
+    pseudoreplicated = contrast_table(_fit_design(adata.X, depth, cells, adata.var_names), cells, contrast, adata.X,
+                                      depth, centre="none")
+    assert np.mean(pseudoreplicated.table["lfsr"] < 0.05) > 0.3

@@ -221,3 +221,24 @@ def test_invalid_config_gives_one_clear_line(workflow_copy, setting, where):
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("config: ")]
     assert len(lines) == 1 and lines[0].startswith(f"config: {where}:"), result.stderr
     assert not (workflow_copy / "results").exists()
+
+
+def test_donors_as_random_effect_with_the_pseudobulk_cross_check(workflow_copy):
+    config = {"backend": "jax", "datasets": {"donors": {
+        "simulate": {"n_cells": 600, "n_genes": 60, "seed": 5, "donors": 6, "donor_effect_sd": 0.3},
+        "covariates": {"depth": {"source": "obs", "column": "depth", "per_cell": True},
+                       "gene_length": {"source": "var", "column": "length"}},
+        "design": {"categorical": ["condition"], "random": ["donor"], "reference": {"condition": "control"}},
+        "contrasts": [["condition", "treated", "control"]],
+        "inference": {"max_iterations": 3000, "draws": 200}}}}
+    result = snakemake(workflow_copy, "--configfile", write_config(workflow_copy, config))
+    assert result.returncode == 0, result.stderr
+    out = workflow_copy / "results" / "donors" / "de"
+    de = pd.read_csv(out / "condition_treated_vs_control.tsv", sep="\t", index_col=0)
+    assert {"svalue", "sample_sd", "df", "log2_fold_change_unshrunk"} <= set(de.columns) and len(de) == 60
+    pseudobulk = pd.read_csv(out / "pseudobulk" / "condition_treated_vs_control.tsv", sep="\t", index_col=0)
+    assert {"log2FoldChange", "padj"} <= set(pseudobulk.columns) and set(pseudobulk.index) == set(de.index)
+    agreement = pd.read_csv(out / "pseudobulk" / "condition_treated_vs_control_agreement.tsv", sep="\t")
+    assert agreement.loc[0, "genes_compared"] == 60 and agreement.loc[0, "spearman_log2_fold_change"] > 0.5
+    log = (workflow_copy / "results" / "donors" / "logs" / "de" / "condition_treated_vs_control.log").read_text()
+    assert "replicates: samples (3 treated vs 3 control)" in log

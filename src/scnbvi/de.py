@@ -1,24 +1,52 @@
-"""Bayesian differential expression: a contrast between two levels of a design column, per gene,
-read off the posterior draws of the covariate effects."""
+"""Bayesian differential expression: a contrast between two levels of a design column, per gene.
+
+Three steps, each a documented choice (docs in the README's DE section):
+
+1. The unshrunk estimate and its standard error. For a column that varies between cells, from
+   the posterior of the covariate effects (cells are the replicates); for a column constant
+   within samples (with ``design.random``), from the samples' fitted effects, between-sample
+   spread included (:mod:`scnbvi.samples`).
+2. Composition: a shift shared by nearly every gene (a few strong changes move every cell's
+   total, and with it every other gene's depth-normalised level) is removed by centring the
+   contrast on the median of its better-measured half of the genes, the assumption behind
+   DESeq2's median-of-ratios and edgeR's TMM (``de.centre: none`` keeps it).
+3. Adaptive shrinkage across genes (:mod:`scnbvi.shrinkage`): lfsr, s-values and shrunk fold
+   changes that keep their error rate when most genes do not change.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import arviz as az
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from scipy import stats
 
 from scnbvi.design import Design
+from scnbvi.samples import sample_contrast
+from scnbvi.shrinkage import adaptive_shrinkage
 
 
-def level_mask(design: Design, column: str, level: str) -> np.ndarray:
-    """The cells at ``level`` of a categorical design column (the reference: no other level)."""
-    reference, levels = design.factors[column]
-    indicators = {name: design.matrix[:, design.names.index(f"{column}[{name}]")] > 0.5 for name in levels}
-    if level == reference:
-        return ~np.any(list(indicators.values()), axis=0) if indicators else np.ones(len(design.matrix), bool)
-    return indicators[level]
+@dataclass(frozen=True)
+class ContrastResult:
+    """The per-gene table and what the log and the plots say about the contrast as a whole."""
+
+    table: pd.DataFrame
+    replicates: str  # "cells" or "samples"
+    units: dict  # level -> cells or samples at that level
+    composition_shift: float  # log2, removed from every gene (0 with centre: none)
+    null_share: float  # the shrinkage prior's share of genes without change
+    sample_sd: float | None = None  # log2, the typical sd of a gene between samples
+
+    def describe(self) -> str:
+        numerator, denominator = self.units
+        line = (f"replicates: {self.replicates} ({self.units[numerator]:,} {numerator} vs "
+                f"{self.units[denominator]:,} {denominator}); composition shift removed: "
+                f"{self.composition_shift:+.3f} log2; genes estimated unchanged: {self.null_share:.1%}")
+        if self.sample_sd is not None:
+            line += f"; typical sd between samples: {self.sample_sd:.3f} log2"
+        return line
 
 
 def contrast_table(
@@ -30,24 +58,45 @@ def contrast_table(
     *,
     lfc_threshold: float = 0.5,
     credible_mass: float = 0.95,
-) -> pd.DataFrame:
+    centre: str = "median",
+) -> ContrastResult:
     """One row per gene, sorted by local false sign rate.
 
-    ``log2_fold_change`` is numerator vs denominator, from the draws of ``beta``; ``lfsr`` is
-    the posterior probability of the less likely sign (Stephens 2017), the Bayesian
-    counterpart of a p-value adjusted for sign errors; ``prob_large_change`` is
+    ``log2_fold_change`` is numerator vs denominator, shrunk; ``lfsr`` is the posterior
+    probability of the less likely sign (Stephens 2017), ``svalue`` the mean lfsr of all genes
+    at least as significant (the expected share of sign errors among them: call genes with
+    ``svalue < 0.05`` for a 5 % false sign rate over the list); ``prob_large_change`` is
     P(|log2FC| > ``lfc_threshold``). ``base_mean`` is the gene's mean count per cell after
     scaling each cell to the mean depth, as DESeq2's baseMean.
     """
     column, numerator, denominator = contrast
     weights = design.contrast_weights(column, numerator, denominator)
     beta = idata.posterior["beta"].stack(sample=("chain", "draw")).transpose("gene", "coefficient", "sample")
-    log2_fc = np.einsum("gks,k->gs", beta.values.astype(np.float64), weights) / np.log(2.0)
-    # Under the fitted q a contrast is a linear function of Gaussian coordinates, so it is
-    # Gaussian itself: tail probabilities come from its mean and sd, and stay exact far beyond
-    # the resolution (1 / draws) of counting draws.
-    mean, sd = log2_fc.mean(axis=1), log2_fc.std(axis=1)
-    half_width = stats.norm.ppf(0.5 + credible_mass / 2) * sd
+    draws = beta.values.astype(np.float64) / np.log(2.0)
+    extra, sample_sd = {}, None
+    if design.is_sample_level(column):
+        samples = design.samples
+        effects = np.zeros((draws.shape[0], len(samples.levels)))
+        effects[:, 1:] = draws[:, [design.names.index(name) for name in samples.indicator_names]].mean(axis=2)
+        expression = np.log(np.asarray(sp.csr_matrix(counts).mean(axis=0)).ravel() + 1e-3)
+        result = sample_contrast(effects, samples.matrix, weights, expression)
+        estimate, se, test_se = result.estimate, result.se, result.normal_se()
+        extra = {"sample_sd": result.sample_sd, "df": np.full(len(estimate), result.df)}
+        sample_sd = result.prior_sd
+        replicates = "samples"
+        units = {level: int(samples.at_level(column, level).sum()) for level in (numerator, denominator)}
+    else:
+        log2_fc = np.einsum("gks,k->gs", draws, weights)
+        # Under the fitted q a contrast is a linear function of Gaussian coordinates, so it is
+        # Gaussian itself: its mean and sd say all.
+        estimate, se = log2_fc.mean(axis=1), log2_fc.std(axis=1)
+        test_se = se
+        replicates = "cells"
+        units = {level: int(design.level_mask(column, level).sum()) for level in (numerator, denominator)}
+    shift = composition_shift(estimate, se) if centre == "median" else 0.0
+    estimate = estimate - shift
+    shrunk = adaptive_shrinkage(estimate, test_se, lfc_threshold=lfc_threshold, credible_mass=credible_mass)
+
     counts = sp.csr_matrix(counts)
     size_factor = np.asarray(depth, dtype=np.float64) / np.mean(depth)
     normalised_mean = np.asarray((sp.diags(1.0 / size_factor) @ counts).mean(axis=0)).ravel()
@@ -56,18 +105,29 @@ def contrast_table(
     table = pd.DataFrame(
         {
             "base_mean": normalised_mean,
-            "log2_fold_change": mean,
-            "log2_fold_change_sd": sd,
-            f"ci{label}_low": mean - half_width,
-            f"ci{label}_high": mean + half_width,
-            "lfsr": stats.norm.cdf(-np.abs(mean) / sd),
-            "prob_large_change": stats.norm.sf((lfc_threshold - mean) / sd) + stats.norm.cdf((-lfc_threshold - mean) / sd),
-            f"cells_expressing_{numerator}": _cells_expressing(expressed, level_mask(design, column, numerator)),
-            f"cells_expressing_{denominator}": _cells_expressing(expressed, level_mask(design, column, denominator)),
+            "log2_fold_change": shrunk.mean,
+            "log2_fold_change_sd": shrunk.sd,
+            f"ci{label}_low": shrunk.ci_low,
+            f"ci{label}_high": shrunk.ci_high,
+            "lfsr": shrunk.lfsr,
+            "svalue": shrunk.svalue,
+            "prob_large_change": shrunk.prob_large_change,
+            "log2_fold_change_unshrunk": estimate,
+            "log2_fold_change_unshrunk_sd": se,
+            **extra,
+            f"cells_expressing_{numerator}": _cells_expressing(expressed, design.level_mask(column, numerator)),
+            f"cells_expressing_{denominator}": _cells_expressing(expressed, design.level_mask(column, denominator)),
         },
         index=pd.Index(beta["gene"].values, name="gene"),
     )
-    return table.sort_values(["lfsr", "prob_large_change"], ascending=[True, False], kind="stable")
+    table = table.sort_values(["lfsr", "prob_large_change"], ascending=[True, False], kind="stable")
+    return ContrastResult(table, replicates, units, float(shift), shrunk.null_share, sample_sd)
+
+
+def composition_shift(estimate: np.ndarray, se: np.ndarray) -> float:
+    """The median log2 fold change of the better-measured half of the genes: the shift most genes
+    share when only a minority truly change."""
+    return float(np.median(estimate[se <= np.median(se)]))
 
 
 def _cells_expressing(expressed: sp.csr_matrix, cells: np.ndarray) -> np.ndarray:

@@ -36,6 +36,9 @@ PRIOR_MU_SD = 1.0
 PRIOR_SIGMA_SD = 1.0
 PRIOR_ALPHA_BETA = 2.0
 PRIOR_TAU_SD = 1.0
+# Prior sd of each sample's effect (design.random): wide, so a sample's effect is its data's,
+# not pulled towards the reference sample; the spread between samples is modelled afterwards.
+PRIOR_SAMPLE_EFFECT_SD = 2.0
 PRIOR_LOG_ALPHA_MEAN_SD = 2.5
 PRIOR_LOG_ALPHA_SD_SD = 1.0
 # Beyond this dispersion the NB is the Poisson to float precision, and PyMC's NegativeBinomial
@@ -69,6 +72,7 @@ def build_model(
     jax_forms: bool = False,
     design: np.ndarray | None = None,
     coefficient_names=None,
+    sample_coefficients: int = 0,
     cell_centring: np.ndarray | None = None,
 ) -> pm.Model:
     """Build the model for a data set of ``len(cell_log_offset)`` cells x ``len(gene_log_offset)`` genes.
@@ -76,7 +80,8 @@ def build_model(
     The likelihood is scaled by ``total_size`` so that a minibatch stands for the whole data set.
     ``jax_forms``: see :func:`sparse_block_nb_logp` (the ``jax`` engine sets it).
     ``design``: cells x coefficients covariates (see :mod:`scnbvi.design`), each with one
-    effect per gene. ``cell_centring``: per cell, how centred its effect is parameterised
+    effect per gene; its last ``sample_coefficients`` columns are sample indicators
+    (:class:`scnbvi.design.SampleDesign`). ``cell_centring``: per cell, how centred its effect is parameterised
     (:func:`cell_centring_weights`; None: fully centred).
     """
     if mode not in MINIBATCH_MODES:
@@ -90,6 +95,8 @@ def build_model(
     if design.shape[1]:
         coords["coefficient"] = list(coefficient_names) if coefficient_names is not None else [
             f"x{k}" for k in range(design.shape[1])]
+        if sample_coefficients:
+            coords["shrunk_coefficient"] = coords["coefficient"][: design.shape[1] - sample_coefficients]
     batch = empty_batch(mode, batch_size)
     with pm.Model(coords=coords) as model:
         data = {name: pm.Data(name, value) for name, value in batch.items()}
@@ -109,7 +116,7 @@ def build_model(
         # covariates, nearly uncorrelated a posteriori with its covariate effects: a mean-field
         # q then keeps the effects' uncertainty instead of losing it to that correlation.
         centred = design - design.mean(axis=0)
-        beta = covariate_effects(centred) if design.shape[1] else None
+        beta = covariate_effects(centred, sample_coefficients) if design.shape[1] else None
         covariates = pt.as_tensor(centred)[cells] if beta is not None else None
         if mode == "cells":
             block_logp = sparse_block_nb_logp(
@@ -189,8 +196,11 @@ def gene_alpha():
     return pm.Deterministic("alpha", pt.exp(log_alpha), dims="gene")
 
 
-def covariate_effects(centred_design: np.ndarray):
-    """Per-gene effects of each covariate (genes x coefficients), beta_gk ~ N(0, tau_k).
+def covariate_effects(centred_design: np.ndarray, sample_coefficients: int = 0):
+    """Per-gene effects of each covariate (genes x coefficients), beta_gk ~ N(0, tau_k); the
+    last ``sample_coefficients`` (samples' effects) have the fixed prior N(0, PRIOR_SAMPLE_EFFECT_SD)
+    instead: shrunk towards the reference sample, they would carry less of a condition that
+    differs between samples, and :mod:`scnbvi.samples` models their spread.
 
     The free variable is ``gamma = beta @ R.T``, where ``R`` comes from the QR decomposition of
     the centred design: in these coordinates the covariates are orthonormal, so the
@@ -200,10 +210,14 @@ def covariate_effects(centred_design: np.ndarray):
     itself, added as a potential.
     """
     _, upper = np.linalg.qr(centred_design / np.sqrt(len(centred_design)))
-    tau = pm.HalfNormal("tau", PRIOR_TAU_SD, dims="coefficient")
+    shrunk = centred_design.shape[1] - sample_coefficients
+    scale = pt.as_tensor(np.full(sample_coefficients, PRIOR_SAMPLE_EFFECT_SD))
+    if shrunk:
+        tau = pm.HalfNormal("tau", PRIOR_TAU_SD, dims="shrunk_coefficient" if sample_coefficients else "coefficient")
+        scale = pt.concatenate([tau, scale])
     gamma = pm.Flat("gamma", dims=("gene", "coefficient"))
     beta = pm.Deterministic("beta", pt.dot(gamma, pt.as_tensor(np.linalg.inv(upper)).T), dims=("gene", "coefficient"))
-    pm.Potential("beta_prior", pt.sum(pm.logp(pm.Normal.dist(0.0, tau), beta)))
+    pm.Potential("beta_prior", pt.sum(pm.logp(pm.Normal.dist(0.0, scale), beta)))
     return beta
 
 

@@ -129,6 +129,7 @@ def nuts_model(subset: Subset, gene_dispersion: bool) -> pm.Model:
         gene_names=subset.gene_names,
         design=None if subset.design is None else subset.design.matrix,
         coefficient_names=None if subset.design is None else subset.design.names,
+        sample_coefficients=0 if subset.design is None else subset.design.n_sample_coefficients,
         cell_centring=cell_centring_weights(subset.counts, subset.cell_log_offset),
     )
     load_batch(model, cell_block(subset.counts, np.arange(n_cells)))
@@ -193,9 +194,11 @@ def quantity_groups(posterior: xr.Dataset) -> dict[str, Quantity]:
         if name in posterior:
             groups[name] = Quantity(draws(name)[:, None], [name])
     coefficients = posterior["coefficient"].values if "coefficient" in posterior.coords else []
+    shrunk = list(posterior["tau"][posterior["tau"].dims[-1]].values) if "tau" in posterior else []
     for k, coefficient in enumerate(coefficients):
-        if "tau" in posterior:
-            groups[f"tau[{coefficient}]"] = Quantity(draws("tau", "coefficient")[:, [k]], [f"tau[{coefficient}]"])
+        if coefficient in shrunk:
+            groups[f"tau[{coefficient}]"] = Quantity(draws("tau", posterior["tau"].dims[-1])[:, [shrunk.index(coefficient)]],
+                                                     [f"tau[{coefficient}]"])
         if "beta" in posterior:
             groups[f"beta[{coefficient}]"] = Quantity(draws("beta", "gene", "coefficient")[:, :, k],
                                                       labels(f"beta[{{}},{coefficient}]", "gene"))

@@ -24,6 +24,10 @@ class SimulationTruth:
     length_ref: float = 2000.0
     condition_effect_sd: float = 0.0
     batch_effect_sd: float = 0.0
+    # Samples (donors): with donors > 0 the condition is given per donor (the first half
+    # control), and each donor shifts each gene by N(0, donor_effect_sd).
+    donors: int = 0
+    donor_effect_sd: float = 0.0
 
 
 # Simulated covariates: obs column -> levels, the first is the reference (effect zero).
@@ -39,7 +43,8 @@ def simulate_counts(n_cells: int, n_genes: int, seed: int, truth: SimulationTrut
     (none by default), stored as ``var['true_alpha']``.
     Every cell gets a ``condition`` and a ``batch`` (uniformly at random); each non-reference
     level has a per-gene effect drawn from N(0, sd) with the truth's ``*_effect_sd`` (zero by
-    default), stored as ``var['true_beta_<column>[<level>]']``.
+    default), stored as ``var['true_beta_<column>[<level>]']``. With ``truth.donors``, cells
+    also get a ``donor`` whose condition they share (see :class:`SimulationTruth`).
     """
     rng = np.random.default_rng(seed)
     gene_effect = truth.mu_gene + truth.sigma_gene * rng.standard_normal(n_genes)
@@ -52,6 +57,13 @@ def simulate_counts(n_cells: int, n_genes: int, seed: int, truth: SimulationTrut
     )
     covariate_rng = np.random.default_rng([seed, 2])  # a stream of its own: the rest stays as without covariates
     factors = {column: covariate_rng.integers(0, len(levels), n_cells) for column, levels in SIMULATED_FACTORS.items()}
+    obs_extra = {}
+    if truth.donors:
+        donor_rng = np.random.default_rng([seed, 4])
+        donor = donor_rng.integers(0, truth.donors, n_cells)
+        factors["condition"] = (donor >= truth.donors // 2).astype(np.int64)
+        log_mu += truth.donor_effect_sd * donor_rng.standard_normal((truth.donors, n_genes))[donor]
+        obs_extra["donor"] = pd.Categorical([f"donor{d}" for d in donor])
     effect_sd = {"condition": truth.condition_effect_sd, "batch": truth.batch_effect_sd}
     true_beta = {}
     for column, levels in SIMULATED_FACTORS.items():
@@ -71,6 +83,7 @@ def simulate_counts(n_cells: int, n_genes: int, seed: int, truth: SimulationTrut
                 "true_cell_effect": cell_effect,
                 **{column: pd.Categorical(np.asarray(levels)[factors[column]], categories=levels)
                    for column, levels in SIMULATED_FACTORS.items()},
+                **obs_extra,
             },
             index=[f"cell{i:06d}" for i in range(n_cells)],
         ),

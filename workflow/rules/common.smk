@@ -157,6 +157,9 @@ def all_outputs():
     for d in DATASETS:
         if "nuts" in config["datasets"][d]["check"]:
             outputs += [f"{RESULTS}/{d}/check_nuts.{suffix}" for suffix in ("tsv", "json", "png")]
+        pseudobulk = config["datasets"][d]["design"]["random"] and config["datasets"][d]["de"]["pseudobulk"]
         for name in contrasts(d):
             outputs += [f"{RESULTS}/{d}/de/{name}{suffix}" for suffix in (".tsv", "_ma.png", "_volcano.png")]
+            if pseudobulk:
+                outputs += [f"{RESULTS}/{d}/de/pseudobulk/{name}{suffix}" for suffix in (".tsv", "_agreement.tsv")]
     return outputs

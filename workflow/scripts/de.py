@@ -2,6 +2,8 @@ from _runner import run
 
 
 def main(snakemake):
+    import logging
+
     import anndata as ad
     import arviz as az
 
@@ -11,23 +13,26 @@ def main(snakemake):
     from scnbvi.outputs import atomic_output, write_table
     from scnbvi.plotting import plot_contrast
 
+    settings = snakemake.params.settings
     adata = ad.read_h5ad(snakemake.input.h5ad)
     cells, genes = aligned_covariates(snakemake.input.cells, snakemake.input.genes, adata)
     design = read_design(snakemake.input.design, cells)
     contrast = tuple(str(part) for part in snakemake.params.contrast)
-    table = contrast_table(
+    result = contrast_table(
         az.from_netcdf(snakemake.input.trace),
         design,
         contrast,
         adata.X,
         cells["depth"].to_numpy(),
-        lfc_threshold=snakemake.params.settings["lfc_threshold"],
-        credible_mass=snakemake.params.settings["credible_mass"],
+        lfc_threshold=settings["lfc_threshold"],
+        credible_mass=settings["credible_mass"],
+        centre=settings["centre"],
     )
-    write_table(table, snakemake.output.table)
-    title = f"{snakemake.wildcards.dataset}: {contrast[0]} {contrast[1]} vs {contrast[2]}"
+    logging.getLogger("scnbvi.progress").info("%s %s vs %s: %s", *contrast, result.describe())
+    write_table(result.table, snakemake.output.table)
+    title = f"{snakemake.wildcards.dataset}: {contrast[0]} {contrast[1]} vs {contrast[2]}\nreplicates: {result.replicates}"
     with atomic_output(snakemake.output.ma) as ma, atomic_output(snakemake.output.volcano) as volcano:
-        plot_contrast(table, ma, volcano, title=title, lfsr_level=snakemake.params.settings["lfsr_level"])
+        plot_contrast(result.table, ma, volcano, title=title, lfsr_level=settings["lfsr_level"])
 
 
 run(snakemake, main)

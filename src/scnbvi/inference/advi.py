@@ -89,6 +89,7 @@ def fit(
         jax_forms=engine == "jax",
         design=None if design is None else design.matrix,
         coefficient_names=None if design is None else design.names,
+        sample_coefficients=0 if design is None else design.n_sample_coefficients,
         cell_centring=cell_centring_weights(counts, cell_log_offset),
     )
     checkpoint = None

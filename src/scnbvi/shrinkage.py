@@ -1,0 +1,135 @@
+"""Adaptive shrinkage of per-gene effects (Stephens 2017, "False discovery rates: a new deal").
+
+A contrast's estimate b_g with standard error s_g is taken as b_g ~ N(beta_g, s_g^2), and the
+true effects beta_g share one prior learned from all genes: a point mass at zero plus normals
+of a grid of scales. Genes with no effect then shrink to zero, genes with a real effect keep
+their size, and the posterior's sign errors (lfsr) hold their nominal rate once most genes are
+null; a single Gaussian prior cannot do both, because the real effects widen it for everyone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import optimize, special, stats
+
+# Dirichlet weight of the point mass at zero (ashr's "nullbiased" penalty): in doubt, a gene is null.
+NULL_PENALTY = 10.0
+GRID_FACTOR = np.sqrt(2.0)
+
+
+@dataclass(frozen=True)
+class Shrunk:
+    """Each gene's posterior under the fitted prior (arrays over genes)."""
+
+    mean: np.ndarray
+    sd: np.ndarray
+    lfsr: np.ndarray
+    svalue: np.ndarray
+    null_probability: np.ndarray
+    prob_large_change: np.ndarray
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+    # The fitted prior: its scales (0 for the point mass) and weights.
+    scales: np.ndarray
+    weights: np.ndarray
+
+    @property
+    def null_share(self) -> float:
+        """The prior's weight at zero: the estimated share of genes with no effect."""
+        return float(self.weights[0])
+
+
+def scale_grid(estimate: np.ndarray, se: np.ndarray) -> np.ndarray:
+    """ashr's grid: from a tenth of the smallest standard error to twice the largest effect the
+    data could hold, in steps of sqrt(2); a leading 0 is the point mass."""
+    low = np.min(se) / 10.0
+    high = 2.0 * np.sqrt(max(np.max(estimate**2 - se**2), 0.0))
+    if high <= low:
+        high = 8.0 * low
+    steps = int(np.ceil(np.log(high / low) / np.log(GRID_FACTOR)))
+    return np.concatenate([[0.0], low * GRID_FACTOR ** np.arange(steps + 1)])
+
+
+def fit_weights(log_likelihood: np.ndarray, penalty: np.ndarray) -> np.ndarray:
+    """Mixture weights maximising sum_g log sum_k w_k L_gk + sum_k (penalty_k - 1) log w_k.
+
+    The objective is concave in w; it is maximised over a softmax parameterisation by L-BFGS
+    with the exact gradient (milliseconds for 40,000 genes and 30 scales)."""
+    shift = log_likelihood.max(axis=1, keepdims=True)
+    likelihood = np.exp(log_likelihood - shift)
+    prior = penalty - 1.0
+
+    def objective(logits):
+        weights = special.softmax(logits)
+        mixture = likelihood @ weights
+        value = np.sum(np.log(mixture)) + np.sum(prior * np.log(weights))
+        gradient_w = likelihood.T @ (1.0 / mixture) + prior / weights
+        gradient = weights * (gradient_w - weights @ gradient_w)
+        return -value, -gradient
+
+    start = np.full(likelihood.shape[1], 1.0 / likelihood.shape[1])
+    start[0] = 0.5 + start[0] / 2  # begin mostly null, as ashr does
+    logits = np.log(start / start.sum())
+    solution = optimize.minimize(objective, logits, jac=True, method="L-BFGS-B",
+                                 options={"maxiter": 2000, "ftol": 1e-12, "gtol": 1e-8})
+    return special.softmax(solution.x)
+
+
+def adaptive_shrinkage(estimate, se, *, lfc_threshold: float = 0.5, credible_mass: float = 0.95) -> Shrunk:
+    """Fit the prior to all genes at once, then each gene's posterior: its mean and sd, the
+    local false sign rate, the s-value (the mean lfsr of every gene at least as significant:
+    the Bayesian FDR of calling them all), P(|effect| > lfc_threshold) and a credible interval."""
+    estimate = np.asarray(estimate, dtype=np.float64)
+    se = np.asarray(se, dtype=np.float64)
+    if np.any(~np.isfinite(estimate)) or np.any(~(se > 0)):
+        raise ValueError("adaptive shrinkage needs finite estimates and positive standard errors")
+    scales = scale_grid(estimate, se)
+    total_sd = np.sqrt(se[:, None] ** 2 + scales[None, :] ** 2)
+    log_likelihood = stats.norm.logpdf(estimate[:, None], scale=total_sd)
+    penalty = np.ones(len(scales))
+    penalty[0] = NULL_PENALTY
+    weights = fit_weights(log_likelihood, penalty)
+
+    # Posterior: component k with responsibility r_gk; given it, beta is normal (0 for the null).
+    log_joint = np.log(np.maximum(weights, 1e-300))[None, :] + log_likelihood
+    responsibility = np.exp(log_joint - special.logsumexp(log_joint, axis=1, keepdims=True))
+    shrink = scales**2 / (scales**2 + se[:, None] ** 2)
+    component_mean = shrink * estimate[:, None]
+    component_sd = np.sqrt(shrink) * se[:, None]
+    mean = np.sum(responsibility * component_mean, axis=1)
+    second = np.sum(responsibility * (component_sd**2 + component_mean**2), axis=1)
+    sd = np.sqrt(np.maximum(second - mean**2, 0.0))
+
+    slab = responsibility[:, 1:]
+    below_zero = np.sum(slab * special.ndtr(-component_mean[:, 1:] / component_sd[:, 1:]), axis=1)
+    null = responsibility[:, 0]
+    lfsr = np.minimum(null + below_zero, null + (1.0 - null - below_zero))
+    lfsr = np.clip(lfsr, 0.0, 1.0)
+    order = np.argsort(lfsr, kind="stable")
+    svalue = np.empty_like(lfsr)
+    svalue[order] = np.cumsum(lfsr[order]) / np.arange(1, len(lfsr) + 1)
+
+    def cdf(x):
+        """Posterior P(beta <= x) per gene; x is an array over genes."""
+        inside = special.ndtr((x[:, None] - component_mean[:, 1:]) / component_sd[:, 1:])
+        return null * (x >= 0) + np.sum(slab * inside, axis=1)
+
+    large = 1.0 - cdf(np.full_like(mean, lfc_threshold)) + cdf(np.full_like(mean, -lfc_threshold) - 1e-12)
+    tail = (1.0 - credible_mass) / 2
+    return Shrunk(mean, sd, lfsr, svalue, null, np.clip(large, 0.0, 1.0),
+                  _quantile(cdf, tail, estimate, se), _quantile(cdf, 1.0 - tail, estimate, se), scales, weights)
+
+
+def _quantile(cdf, level: float, estimate: np.ndarray, se: np.ndarray, iterations: int = 40) -> np.ndarray:
+    """The level-quantile of each gene's posterior by bisection: the posterior lies within the
+    span of 0 and the estimate widened by ten standard errors either side."""
+    low = np.minimum(estimate, 0.0) - 10 * se
+    high = np.maximum(estimate, 0.0) + 10 * se
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        above = cdf(middle) >= level
+        high = np.where(above, middle, high)
+        low = np.where(above, low, middle)
+    return (low + high) / 2

@@ -1,0 +1,28 @@
+from _runner import run
+
+
+def main(snakemake):
+    import logging
+
+    import anndata as ad
+    import pandas as pd
+
+    from scnbvi.covariates import aligned_covariates
+    from scnbvi.design import read_design
+    from scnbvi.outputs import write_table
+    from scnbvi.pseudobulk import agreement, pseudobulk_counts, pydeseq2_table
+
+    adata = ad.read_h5ad(snakemake.input.h5ad)
+    cells, _ = aligned_covariates(snakemake.input.cells, snakemake.input.genes, adata)
+    design = read_design(snakemake.input.design, cells)
+    contrast = tuple(str(part) for part in snakemake.params.contrast)
+    summed, groups = pseudobulk_counts(adata.X, design, contrast[0], adata.var_names)
+    table = pydeseq2_table(summed, groups, contrast, paired=not design.is_sample_level(contrast[0]))
+    ours = pd.read_csv(snakemake.input.table, sep="\t", index_col="gene")
+    agreed = agreement(ours, table, snakemake.params.lfsr_level)
+    logging.getLogger("scnbvi.progress").info("pseudobulk (PyDESeq2, %d groups) against scnbvi: %s", len(groups), agreed)
+    write_table(table, snakemake.output.table)
+    write_table(pd.DataFrame([agreed]).set_index("genes_compared"), snakemake.output.agreement)
+
+
+run(snakemake, main)
