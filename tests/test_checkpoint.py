@@ -87,3 +87,30 @@ def test_a_checkpoint_of_another_version_of_the_code_is_never_used(data, monkeyp
     assert checkpoint.fingerprint(*arguments) == before
     monkeypatch.setattr(checkpoint, "source_hash", lambda: "another-version")
     assert checkpoint.fingerprint(*arguments) != before
+
+
+@pytest.mark.parametrize("backend", ["jax", "c"])
+def test_a_checkpoint_that_cannot_be_written_or_removed_costs_only_a_warning(data, tmp_path, monkeypatch, caplog,
+                                                                             backend):
+    """A full disk while saving, and results made read-only before the checkpoint is removed: the
+    fit ends with the same numbers as without checkpoints, and leaves no temporary file."""
+    import errno
+    from pathlib import Path
+
+    clean = _fit(data, backend)
+
+    def full_disk(self, content):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def read_only(self, missing_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with caplog.at_level("WARNING", logger="scnbvi"):
+        result = _fit(data, backend, checkpoint_path=tmp_path / "fit.checkpoint")
+    monkeypatch.undo()
+    np.testing.assert_array_equal(result.means["gene_effect"], clean.means["gene_effect"])
+    assert "checkpoint not saved" in caplog.text and "No space left on device" in caplog.text
+    assert "could not remove the finished fit's checkpoint" in caplog.text
+    assert list(tmp_path.iterdir()) == []

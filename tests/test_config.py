@@ -164,8 +164,8 @@ def test_data_set_name_read_as_a_number_or_boolean_is_one_config_line(tmp_path, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [".", ".."])
-def test_data_set_name_of_only_dots_is_one_config_line(tmp_path, name):
+@pytest.mark.parametrize("name", [".", "..", "n" * 300], ids=["dot", "dots", "300-characters"])
+def test_data_set_name_of_only_dots_or_too_long_is_one_config_line(tmp_path, name):
     workdir, result = _dry_run_with_config_text(tmp_path, f'datasets:\n  "{name}":\n    simulate: {{n_cells: 50}}\n')
 
     output = result.stdout + result.stderr

@@ -144,6 +144,18 @@ def test_read_counts_reports_missing_and_unreadable_files(tmp_path):
     (tmp_path / "text.h5ad").write_text("not hdf5")
     with pytest.raises(InputError, match="not a readable .h5ad file"):
         read_counts(tmp_path / "text.h5ad")
+    (tmp_path / "folder.h5ad").mkdir()
+    with pytest.raises(InputError, match="folder.h5ad: file: is a directory"):
+        read_counts(tmp_path / "folder.h5ad")
+    with pytest.raises(InputError, match="/dev/zero: file: is not a regular file"):
+        read_counts("/dev/zero")
+
+
+def test_float16_counts_read_as_the_same_integers(tmp_path):
+    """float16 holds every integer up to 2,048 exactly, and scipy has no float16 sparse matrix."""
+    matrix = np.random.default_rng(0).poisson(3.0, (20, 8))
+    ad.AnnData(X=matrix.astype(np.float16)).write_h5ad(tmp_path / "half.h5ad")
+    np.testing.assert_array_equal(read_counts(tmp_path / "half.h5ad").X.toarray(), matrix)
 
 
 def test_qc_report_counts_zero_and_duplicate_cells():

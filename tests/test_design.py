@@ -215,3 +215,15 @@ def test_a_condition_nested_in_an_unnamed_sample_column_is_warned_about(caplog):
         design_from_config(obs, settings)
     assert "obs['condition'] is constant within each level of obs['donor']" in caplog.text
     assert "design.random" in caplog.text
+
+
+def test_a_column_with_a_level_for_every_few_cells_is_refused_and_many_levels_warned_about(caplog):
+    obs = pd.DataFrame({"barcode": [f"b{i // 2}" for i in range(1000)], "type": [f"t{i % 60}" for i in range(1000)]},
+                       index=[f"c{i}" for i in range(1000)])
+    with pytest.raises(InputError, match=r"obs\['barcode'\] has 500 levels for 1000 cells.*design.random"):
+        build_design(obs, categorical=["barcode"])
+    with pytest.raises(InputError, match="500 levels"):
+        build_design(obs.assign(condition=["a", "b"] * 500), categorical=["condition"], random=["barcode"])
+    with caplog.at_level("WARNING", logger="scnbvi.progress"):
+        design = build_design(obs, categorical=["type"])
+    assert design.n_coefficients == 59 and "obs['type'] has 60 levels, 59 coefficients per gene" in caplog.text

@@ -525,3 +525,18 @@ def test_a_steps_block_estimate_of_the_cells_prior_averages_to_the_sum_over_ever
     assert np.std(differences) > 1.0
     assert np.mean(differences) == pytest.approx(0.0, abs=1e-6 * np.std(differences))
     assert target.trained == ("mean", "log_sd")
+
+
+def test_generated_jax_code_leaves_no_file_behind(tmp_path, monkeypatch):
+    """PyTensor writes each generated function's source to a temporary file of its own."""
+    import tempfile
+
+    import pytensor.tensor as pt
+
+    from scnbvi.inference.jax_graph import jaxify
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    x = pt.vector("x")
+    function = jaxify([x], [pt.sum(pt.exp(x) * 2.0 + pt.log1p(x))])
+    assert float(function(np.array([0.0, 1.0]))[0]) == pytest.approx(2 + 2 * np.e + np.log(2.0), rel=1e-6)
+    assert list(tmp_path.iterdir()) == []

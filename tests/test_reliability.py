@@ -355,6 +355,8 @@ def test_a_failed_rerun_leaves_the_last_finished_results_in_previous(workflow_co
         assert _inode_and_bytes(out / "previous" / name) == _inode_and_bytes(out / name), name
     first_config = yaml.safe_load((out / "previous" / "config.yaml").read_text())
     assert first_config["datasets"]["sim"]["de"]["lfc_threshold"] == 0.5
+    # as readable as results/ itself (group members included), not private like a fresh mkdtemp
+    assert (out / "previous").stat().st_mode & 0o777 == out.stat().st_mode & 0o777
 
     # A setting that changes no result still takes a new copy, so that its config stays the results' own.
     second = preset("small_simulated")

@@ -212,6 +212,10 @@ def test_empty_slice_names_the_setting(workflow_copy):
         ({"inference": {"batch_size": "many"}}, "datasets.bad.inference.batch_size"),
         ({"inference": {"learning_rte": 0.1}}, "datasets.bad.inference"),
         ({"slice": {"genes": {"method": "best"}}}, "datasets.bad.slice.genes.method"),
+        # No cell draws would leave the posterior predictive check nothing to replicate.
+        ({"inference": {"cell_draws_max_cells": 0}}, "datasets.bad.inference.cell_draws_max_cells"),
+        # Two contrasts whose file names would be the same: refused before anything runs.
+        ({"contrasts": [["cond", "a/b", "c"], ["cond", "a_b", "c"]]}, "datasets.bad.contrasts"),
     ],
 )
 def test_invalid_config_gives_one_clear_line(workflow_copy, setting, where):
@@ -242,3 +246,17 @@ def test_donors_as_random_effect_with_the_pseudobulk_cross_check(workflow_copy):
     assert agreement.loc[0, "genes_compared"] == 60 and agreement.loc[0, "spearman_log2_fold_change"] > 0.5
     log = (workflow_copy / "results" / "donors" / "logs" / "de" / "condition_treated_vs_control.log").read_text()
     assert "replicates: samples (3 treated vs 3 control)" in log
+
+
+def test_an_input_replaced_by_other_counts_with_an_older_time_reruns_load(workflow_copy):
+    """cp -p, rsync -t or a restore from backup give the new file an old modification time."""
+    path = write_h5ad(workflow_copy / "data.h5ad", _good_counts())
+    config = write_config(workflow_copy, {"datasets": {"mine": {"path": path, "inference": {"max_iterations": 300}}}})
+    assert snakemake(workflow_copy, "--configfile", config, "--until", "load").returncode == 0
+    unchanged = snakemake(workflow_copy, "--configfile", config, "--until", "load", "-n")
+    assert "rule load:" not in unchanged.stdout + unchanged.stderr
+    before = os.stat(path)
+    write_h5ad(workflow_copy / "data.h5ad", sp.csr_matrix(_good_counts().toarray()[::-1]))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns - 10**12))
+    rerun = snakemake(workflow_copy, "--configfile", config, "--until", "load", "-n")
+    assert "rule load:" in rerun.stdout + rerun.stderr, rerun.stdout

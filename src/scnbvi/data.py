@@ -65,8 +65,13 @@ def read_counts_with_renames(path, block_entries: int = 50_000_000, duplicate_na
         raise InputError("config", "load.duplicate_names", f"unknown action {duplicate_names!r}",
                          f"use one of {list(DUPLICATE_NAME_ACTIONS)}")
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise InputError(path, "file", "is a directory, not an .h5ad file", "give the path of the .h5ad file itself")
+    if not path.exists():
         raise InputError(path, "file", "file not found", "check the path, or create the file before running")
+    if not path.is_file():
+        raise InputError(path, "file", "is not a regular file (a device, pipe or socket)",
+                         "give the path of an .h5ad file on disk")
     try:
         file = h5py.File(path, "r")
     except OSError as error:
@@ -388,7 +393,9 @@ def _as_csr(matrix) -> sp.csr_matrix:
         return matrix
     if sp.issparse(matrix):
         return sp.csr_matrix(matrix.tocsr())
-    return sp.csr_matrix(np.asarray(matrix))
+    values = np.asarray(matrix)
+    # scipy's sparse matrices have no float16; every integer count float16 holds, float32 holds too.
+    return sp.csr_matrix(values.astype(np.float32) if values.dtype == np.float16 else values)
 
 
 def _canonical_csr(matrix) -> sp.csr_matrix:

@@ -24,6 +24,9 @@ import pandas as pd
 from scnbvi.errors import InputError
 from scnbvi.outputs import write_json
 
+# More levels than this in a categorical design column are warned about.
+MANY_LEVELS = 50
+
 
 @dataclass(frozen=True)
 class SampleDesign:
@@ -175,6 +178,7 @@ def _columns(obs, categorical, continuous, reference, source):
     for column in categorical:
         values = _column(obs, column, source).astype(str)
         counts = values.value_counts()
+        _require_few_levels(column, len(counts), len(values), source)
         if len(counts) < 2:
             raise InputError("config", f"{source}.categorical", f"obs[{column!r}] has one level only "
                              f"({counts.index[0]!r}), so its effect is not identified",
@@ -208,6 +212,21 @@ def _columns(obs, categorical, continuous, reference, source):
     return matrix, names, factors, scales
 
 
+def _require_few_levels(column, levels: int, rows: int, source) -> None:
+    """One coefficient per gene and level: a column with a level for every few cells (a
+    barcode, a well) costs a coefficient per level and informs none of them."""
+    if levels <= MANY_LEVELS:
+        return
+    if levels > rows // 10:
+        raise InputError("config", source, f"obs[{column!r}] has {levels} levels for {rows} cells, fewer than 10 "
+                         "cells each, so each level's per-gene effect is barely informed",
+                         "remove it from the design; if its levels are samples (donors, wells) of more than 10 "
+                         "cells each, name it under design.random; else group its levels")
+    logging.getLogger("scnbvi.progress").warning(
+        "obs[%r] has %d levels, %d coefficients per gene (fit time grows with them)%s", column, levels, levels - 1,
+        "" if source.endswith("random") else "; if its levels are samples (donors, wells), name it under design.random")
+
+
 def _most_frequent(counts: pd.Series) -> str:
     return sorted(counts.index, key=lambda level: (-counts[level], level))[0]
 
@@ -220,6 +239,7 @@ def _sample_design(obs, samples, column, categorical, continuous, reference, sou
     """One row per sample (the reference sample first) with its sample-level covariates; the
     samples must outnumber those covariates, or their spread cannot be estimated."""
     counts = samples.value_counts()
+    _require_few_levels(column, len(counts), len(samples), f"{source}.random")
     if len(counts) < 3:
         raise InputError("config", f"{source}.random", f"obs[{column!r}] has {len(counts)} samples; a sample "
                          "effect needs at least 3", "name a column with more samples, or remove design.random")

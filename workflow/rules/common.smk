@@ -1,4 +1,5 @@
 import copy
+import hashlib
 import os
 import re
 import sys
@@ -30,7 +31,7 @@ except WorkflowError as error:
     if "propertyNames" in cause.schema_path:
         problem = (
             f"{cause.instance!r} is not a valid data set name (it becomes results/{{name}}/: use only "
-            "A-Z a-z 0-9 _ . - and not only dots)"
+            "A-Z a-z 0-9 _ . -, not only dots, at most 100 characters)"
         )
     raise WorkflowError(
         f"config: {where}: {problem}; fix: see workflow/schemas/config.schema.yaml "
@@ -75,6 +76,23 @@ def input_h5ad(wildcards):
     return path if path else f"{RESULTS}/{wildcards.dataset}/simulated.h5ad"
 
 
+def input_identity(wildcards):
+    """The input's size and a hash of 64 evenly spaced 64 KiB pieces of it (4 MiB read at most):
+    a file replaced by other counts with an older modification time (cp -p, rsync -t, a restore
+    from backup) still reruns load. The simulated data set is made by the workflow: no identity."""
+    path = dataset_config(wildcards).get("path")
+    if not path or not os.path.isfile(path):
+        return ""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(str(size).encode())
+    piece = 1 << 16
+    with open(path, "rb") as file:
+        for index in range(64):
+            file.seek(index * max(size - piece, 0) // 63)
+            digest.update(file.read(piece))
+    return f"{size} bytes, sha256 of 64 pieces {digest.hexdigest()[:16]}"
+
+
 def covariate_files(wildcards):
     lengths = dataset_config(wildcards)["covariates"]["gene_length"]
     if lengths["source"] in ("table", "gtf"):
@@ -117,7 +135,22 @@ def fit_runtime(wildcards, input, attempt):
 
 def contrasts(dataset):
     """The data set's contrasts by file name: name -> [column, numerator, denominator]."""
-    return {contrast_name(*parts): [str(part) for part in parts] for parts in config["datasets"][dataset]["contrasts"]}
+    named = {}
+    for parts in config["datasets"][dataset]["contrasts"]:
+        parts = [str(part) for part in parts]
+        name = contrast_name(*parts)
+        if name in named and named[name] != parts:
+            raise WorkflowError(
+                f"config: datasets.{dataset}.contrasts: {named[name]} and {parts} would both write "
+                f"de/{name}.tsv (names are made file-safe); fix: rename the levels in obs, or drop one contrast"
+            )
+        named[name] = parts
+    return named
+
+
+# Refused before any job runs: contrasts whose result files would overwrite each other.
+for _dataset in DATASETS:
+    contrasts(_dataset)
 
 
 def contrast_of(wildcards):

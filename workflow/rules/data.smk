@@ -36,6 +36,8 @@ rule load:
     params:
         code=CODE_VERSION,
         settings=section("load"),
+        # Not only its modification time: its content, cheaply (see input_identity).
+        identity=input_identity,
     script:
         "../scripts/load.py"
 

@@ -8,7 +8,7 @@ def main(snakemake):
     import tempfile
     from pathlib import Path
 
-    from scnbvi.outputs import atomic_output, write_json
+    from scnbvi.outputs import atomic_output, current_umask, write_json
 
     def link_or_copy(source: Path, destination: Path) -> str:
         # A hard link costs no space and keeps its content when Snakemake replaces the result
@@ -27,6 +27,8 @@ def main(snakemake):
     for leftover in results.glob(".previous-*"):
         shutil.rmtree(leftover)
     staging = Path(tempfile.mkdtemp(prefix=".previous-new-", dir=results))
+    # mkdtemp makes it private (0700); the kept results are as readable as the others.
+    os.chmod(staging, 0o777 & ~current_umask())
     try:
         files = {}
         for source in map(Path, snakemake.input):

@@ -85,20 +85,36 @@ class Checkpoint:
         return self.stop_requested is not None or time.monotonic() - self.last_save >= self.every_seconds
 
     def save(self, progress: dict) -> None:
-        """Write atomically, so a kill while saving leaves the previous checkpoint intact."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Write atomically, so a kill while saving leaves the previous checkpoint intact. A
+        failed write (a full disk, a read-only directory) costs only the checkpoint: the fit
+        goes on, with one warning."""
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        temporary.write_bytes(pickle.dumps({"fingerprint": self.fingerprint, "progress": progress}))
-        os.replace(temporary, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_bytes(pickle.dumps({"fingerprint": self.fingerprint, "progress": progress}))
+            os.replace(temporary, self.path)
+            saved = True
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
+            log.warning("checkpoint not saved to %s (%s); the fit goes on without it", self.path,
+                        error.strerror or error)
+            saved = False
         self.last_save = time.monotonic()
         if self.stop_requested:
+            where = f"its progress is saved in {self.path}" if saved else "its progress could not be saved"
             raise FitInterrupted(
-                f"fit stopped by {self.stop_requested} at step {progress['steps']}; its progress is saved in "
-                f"{self.path}; fix: rerun the same command to resume (a longer time limit avoids the stop)"
+                f"fit stopped by {self.stop_requested} at step {progress['steps']}; {where}; fix: rerun the same "
+                "command to resume (a longer time limit avoids the stop)"
             )
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
+        """Once the fit's results are written; a checkpoint that cannot be removed is only reported."""
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as error:
+            log.warning("could not remove the finished fit's checkpoint %s (%s); delete it by hand", self.path,
+                        error.strerror or error)
 
     @contextlib.contextmanager
     def stop_on_signals(self):

@@ -8,6 +8,7 @@ becomes an input too, so a step touches only the minibatch's cells.
 from __future__ import annotations
 
 import functools
+import tempfile
 
 import pymc as pm
 import pytensor.tensor as pt
@@ -39,7 +40,14 @@ def jaxify(inputs, outputs):
     register_likelihood_parts()
     fgraph = FunctionGraph(inputs=inputs, outputs=outputs, clone=True)
     JAX.optimizer.rewrite(fgraph)
-    return jax_funcify(fgraph)
+    # PyTensor writes the source of each function it generates to a temporary file that it never
+    # deletes; made in a directory of its own, they go with it.
+    with tempfile.TemporaryDirectory(prefix="scnbvi-jax-") as scratch:
+        default, tempfile.tempdir = tempfile.tempdir, scratch
+        try:
+            return jax_funcify(fgraph)
+        finally:
+            tempfile.tempdir = default
 
 
 @functools.cache
