@@ -64,8 +64,8 @@ def contrast_table(
 
     ``log2_fold_change`` is numerator vs denominator, shrunk; ``lfsr`` is the posterior
     probability of the less likely sign (Stephens 2017), ``svalue`` the mean lfsr of all genes
-    at least as significant (the expected share of sign errors among them: call genes with
-    ``svalue < 0.05`` for a 5 % false sign rate over the list); ``prob_large_change`` is
+    at least as significant (the share of sign errors among them that the model expects; on
+    real cells ``lfsr < 0.05`` is the call that held its rate); ``prob_large_change`` is
     P(|log2FC| > ``lfc_threshold``). ``base_mean`` is the gene's mean count per cell after
     scaling each cell to the mean depth, as DESeq2's baseMean.
     """
