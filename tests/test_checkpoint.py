@@ -32,7 +32,8 @@ def _fit(data, backend="jax", **kwargs):
 
 
 @pytest.mark.parametrize(("backend", "fifth_check"), [("jax", 5), ("c", 20)])  # the jax and the pymc engine
-def test_a_fit_stopped_by_sigterm_resumes_to_the_same_numbers(data, tmp_path, monkeypatch, backend, fifth_check):
+def test_a_fit_stopped_by_sigterm_resumes_to_the_same_numbers(data, tmp_path, monkeypatch, caplog, backend,
+                                                              fifth_check):
     clean = _fit(data, backend)
     path = tmp_path / "fit.checkpoint"
     checks_seen = []
@@ -51,7 +52,10 @@ def test_a_fit_stopped_by_sigterm_resumes_to_the_same_numbers(data, tmp_path, mo
     monkeypatch.setattr(Progress, "check", original_check)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
 
-    resumed = _fit(data, backend, checkpoint_path=path)
+    with caplog.at_level("INFO", logger="scnbvi"):
+        resumed = _fit(data, backend, checkpoint_path=path)
+    # It did resume, from where it stopped, rather than happen to start over to the same numbers.
+    assert f"resuming from checkpoint {path} at step {fifth_check}" in caplog.text
     assert not path.exists()  # removed once the fit finished
     assert resumed.steps == clean.steps and resumed.checks == clean.checks
     np.testing.assert_array_equal(resumed.losses, clean.losses)

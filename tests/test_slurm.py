@@ -311,6 +311,8 @@ def test_cancelled_fit_is_resumed_without_rerunning_upstream_jobs(slurm_cluster,
     assert jobs_before[fit_job]["state"] == "CANCELLED", jobs_before
     assert all(job["state"] == "COMPLETED" for i, job in jobs_before.items() if i != fit_job), jobs_before
     assert not (results / "trace.nc").exists()
+    # scancel sends SIGTERM first: the fit saved its progress before it was stopped.
+    assert (results / "fit.checkpoint").is_file(), tail((results / "logs" / "fit.log").read_text())
     mtimes = {name: (results / name).stat().st_mtime_ns for name in UPSTREAM_OUTPUTS}
 
     # The very same command again: only the cancelled job and what depends on it run.
@@ -327,3 +329,6 @@ def test_cancelled_fit_is_resumed_without_rerunning_upstream_jobs(slurm_cluster,
         assert (results / name).stat().st_size > 0, name
     stats = json.loads((results / "fit_stats.json").read_text())
     assert stats["steps"] >= SLOW_FIT["datasets"]["sim"]["inference"]["max_iterations"] - 1, stats
+    # The rerun resumed from the checkpoint (not a fresh start), then removed it.
+    assert "resuming from checkpoint" in (results / "logs" / "fit.log").read_text()
+    assert not (results / "fit.checkpoint").exists()
