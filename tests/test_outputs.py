@@ -215,3 +215,13 @@ def test_current_umask_without_proc(monkeypatch):
         assert os.umask(0o027) == 0o027  # left as it was
     finally:
         os.umask(previous)
+
+
+def test_gene_table_names_dispersion_as_deseq2_and_its_inverse_as_scvi_tools():
+    alpha = np.array([[[0.5, 2.0], [1.0, 4.0], [2.0, 4.0]]])  # 1 chain x 3 draws x 2 genes
+    idata = az.from_dict(posterior={"gene_effect": np.zeros((1, 3, 2)), "alpha": alpha},
+                         coords={"gene": ["g0", "g1"]}, dims={"gene_effect": ["gene"], "alpha": ["gene"]})
+    genes = gene_table(idata, sp.csr_matrix(np.ones((2, 2))), ["g0", "g1"])
+    np.testing.assert_allclose(genes["dispersion_mean"], [np.mean([2.0, 1.0, 0.5]), np.mean([0.5, 0.25, 0.25])])
+    np.testing.assert_allclose(genes["inverse_dispersion_mean"], [3.5 / 3, 10.0 / 3])
+    np.testing.assert_allclose(genes["dispersion_sd"], [np.std([2.0, 1.0, 0.5]), np.std([0.5, 0.25, 0.25])])

@@ -44,9 +44,13 @@ def gene_table(idata: az.InferenceData, counts: sp.spmatrix, var_names) -> pd.Da
     )
     alpha = posterior["alpha"]
     if "gene" in alpha.dims:
-        alpha = alpha.stack(sample=("chain", "draw"))
-        table["dispersion_mean"] = alpha.mean("sample").values
-        table["dispersion_sd"] = alpha.std("sample").values
+        # Named as the field does: DESeq2, edgeR and glmGamPoi's dispersion is 1/alpha
+        # (Var = mu + dispersion mu^2); scvi-tools' theta is alpha itself, an inverse dispersion.
+        alpha = alpha.stack(sample=("chain", "draw")).astype(np.float64)
+        table["dispersion_mean"] = (1.0 / alpha).mean("sample").values
+        table["dispersion_sd"] = (1.0 / alpha).std("sample").values
+        table["inverse_dispersion_mean"] = alpha.mean("sample").values
+        table["inverse_dispersion_sd"] = alpha.std("sample").values
     if "beta" in posterior:
         beta = posterior["beta"].stack(sample=("chain", "draw"))
         for name in beta["coefficient"].values:
