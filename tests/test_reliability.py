@@ -321,7 +321,7 @@ def test_keep_going_finishes_the_good_data_sets_when_one_is_bad(workflow_copy):
     result = snakemake(workflow_copy, "--keep-going", "--configfile", write_config(workflow_copy, config))
 
     assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("scnbvi")]
+    errors = list(dict.fromkeys(line for line in result.stderr.splitlines() if line.startswith("scnbvi")))
     assert len(errors) == 1, result.stderr[-3000:]
     assert errors[0].startswith(
         f"scnbvi error in rule load: {bad_path}: X: 1 negative values (first: cell 'c1', gene 'g2' = -3); fix: ")
