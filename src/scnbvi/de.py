@@ -73,12 +73,14 @@ def contrast_table(
     weights = design.contrast_weights(column, numerator, denominator)
     beta = idata.posterior["beta"].stack(sample=("chain", "draw")).transpose("gene", "coefficient", "sample")
     draws = beta.values.astype(np.float64) / np.log(2.0)
+    counts = sp.csr_matrix(counts)
+    masks = {level: design.level_mask(column, level) for level in (numerator, denominator)}
     extra, sample_sd = {}, None
     if design.is_sample_level(column):
         samples = design.samples
         effects = np.zeros((draws.shape[0], len(samples.levels)))
         effects[:, 1:] = draws[:, [design.names.index(name) for name in samples.indicator_names]].mean(axis=2)
-        expression = np.log(np.asarray(sp.csr_matrix(counts).mean(axis=0)).ravel() + 1e-3)
+        expression = np.log(np.asarray(counts.mean(axis=0)).ravel() + 1e-3)
         result = sample_contrast(effects, samples.matrix, weights, expression)
         estimate, se, test_se = result.estimate, result.se, result.normal_se()
         extra = {"sample_sd": result.sample_sd, "df": np.full(len(estimate), result.df)}
@@ -92,12 +94,11 @@ def contrast_table(
         estimate, se = log2_fc.mean(axis=1), log2_fc.std(axis=1)
         test_se = se
         replicates = "cells"
-        units = {level: int(design.level_mask(column, level).sum()) for level in (numerator, denominator)}
+        units = {level: int(mask.sum()) for level, mask in masks.items()}
     shift = composition_shift(estimate, se) if centre == "median" else 0.0
     estimate = estimate - shift
     shrunk = adaptive_shrinkage(estimate, test_se, lfc_threshold=lfc_threshold, credible_mass=credible_mass)
 
-    counts = sp.csr_matrix(counts)
     size_factor = np.asarray(depth, dtype=np.float64) / np.mean(depth)
     normalised_mean = np.asarray((sp.diags(1.0 / size_factor) @ counts).mean(axis=0)).ravel()
     expressed = counts > 0
@@ -115,8 +116,7 @@ def contrast_table(
             "log2_fold_change_unshrunk": estimate,
             "log2_fold_change_unshrunk_sd": se,
             **extra,
-            f"cells_expressing_{numerator}": _cells_expressing(expressed, design.level_mask(column, numerator)),
-            f"cells_expressing_{denominator}": _cells_expressing(expressed, design.level_mask(column, denominator)),
+            **{f"cells_expressing_{level}": _cells_expressing(expressed, mask) for level, mask in masks.items()},
         },
         index=pd.Index(beta["gene"].values, name="gene"),
     )

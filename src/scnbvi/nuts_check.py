@@ -194,10 +194,12 @@ def quantity_groups(posterior: xr.Dataset) -> dict[str, Quantity]:
         if name in posterior:
             groups[name] = Quantity(draws(name)[:, None], [name])
     coefficients = posterior["coefficient"].values if "coefficient" in posterior.coords else []
-    shrunk = list(posterior["tau"][posterior["tau"].dims[-1]].values) if "tau" in posterior else []
+    # tau's dim is "coefficient", or "shrunk_coefficient" when samples' effects have no tau.
+    tau_dim = posterior["tau"].dims[-1] if "tau" in posterior else None
+    shrunk = list(posterior[tau_dim].values) if tau_dim else []
     for k, coefficient in enumerate(coefficients):
         if coefficient in shrunk:
-            groups[f"tau[{coefficient}]"] = Quantity(draws("tau", posterior["tau"].dims[-1])[:, [shrunk.index(coefficient)]],
+            groups[f"tau[{coefficient}]"] = Quantity(draws("tau", tau_dim)[:, [shrunk.index(coefficient)]],
                                                      [f"tau[{coefficient}]"])
         if "beta" in posterior:
             groups[f"beta[{coefficient}]"] = Quantity(draws("beta", "gene", "coefficient")[:, :, k],

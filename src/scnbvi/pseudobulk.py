@@ -39,7 +39,6 @@ def pydeseq2_table(summed: pd.DataFrame, metadata: pd.DataFrame, contrast: tuple
     from pydeseq2.ds import DeseqStats
 
     column, numerator, denominator = contrast
-    metadata = metadata.copy()
     # PyDESeq2's formula reads column names as Python names; the real name is only in the labels.
     metadata = metadata.rename(columns={column: "level"})
     kept = summed.columns[summed.sum(axis=0) > 0]

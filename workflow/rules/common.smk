@@ -150,7 +150,8 @@ def fit_runtime(wildcards, input, attempt):
 
 
 def contrasts(dataset):
-    """The data set's contrasts by file name: name -> [column, numerator, denominator]."""
+    """The data set's contrasts by file name: name -> [column, numerator, denominator]. Two whose
+    files would overwrite each other stop the run before any job (rule all's targets call this)."""
     named = {}
     for parts in config["datasets"][dataset]["contrasts"]:
         parts = [str(part) for part in parts]
@@ -162,11 +163,6 @@ def contrasts(dataset):
             )
         named[name] = parts
     return named
-
-
-# Refused before any job runs: contrasts whose result files would overwrite each other.
-for _dataset in DATASETS:
-    contrasts(_dataset)
 
 
 def contrast_of(wildcards):
