@@ -36,7 +36,7 @@ def shared_data(name: str) -> Path:
     if not path.is_file():
         pytest.fail(
             f"../shared/data/{name} is missing: the real test data lives next to the repository in "
-            "../shared/data (see the README's Development section); copy or link it there",
+            "../shared/data (see docs/development.md); copy or link it there",
             pytrace=False,
         )
     return path
