@@ -1,5 +1,5 @@
 """The Negative-Binomial likelihood, in one place: its log density in PyTensor (the model's graph)
-and in JAX (the engine's forms of the graph's two parts), and its sampler.
+and in JAX (the engine's forms of the graph's two parts), and its samplers.
 
 y ~ NB(mu, alpha) has mean ``mu`` and variance ``mu + mu^2 / alpha``: scipy's ``nbinom`` with
 ``n = alpha`` and ``p = alpha / (alpha + mu)``. A variant of the likelihood changes this module
@@ -105,7 +105,6 @@ def sparse_block_nb_logp(cell_log_rate, gene_log_rate, alpha, nz_row, nz_gene, n
     return zero_part + counted
 
 
-
 def observed_entries(name, log_mu, alpha, counts, total_size):
     """The NB likelihood of a minibatch of (gene, cell, count) entries, as PyMC's observed
     ``NegativeBinomial`` scaled to ``total_size`` entries (the ``entries`` layout)."""
@@ -127,7 +126,6 @@ def register_likelihood_parts() -> None:
 
     jax_funcify.register(DenseZeroPart, dense_zero_part)
     jax_funcify.register(CountPart, lambda op, **kwargs: jax_count_part())
-
 
 
 # Stirling's series of log Gamma(z): the coefficients B_2k / (2k (2k - 1)) of z^(1 - 2k), k = 1..7.
