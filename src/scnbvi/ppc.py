@@ -17,6 +17,7 @@ import scipy.sparse as sp
 
 from scnbvi.design import Design
 from scnbvi.errors import InputError
+from scnbvi.likelihood import sample_counts
 
 BAND = 0.9  # mass of the band of replicated statistics
 BLOCK_ENTRIES = 2_000_000  # cells x genes replicated at once: memory stays bounded at any size
@@ -108,11 +109,6 @@ def centred_covariates(design: Design, coefficients) -> np.ndarray:
     return matrix - matrix.mean(axis=0)
 
 
-def negative_binomial(rng: np.random.Generator, mu: np.ndarray, alpha) -> np.ndarray:
-    """Counts with mean ``mu`` and variance ``mu + mu^2 / alpha``."""
-    return rng.negative_binomial(alpha, alpha / (alpha + mu))
-
-
 def replicate(
     draws: PosteriorDraws,
     cell_log_offset: np.ndarray,
@@ -145,7 +141,7 @@ def replicate(
             log_mu = cell_rate[rows, None] + gene_rate[None, :]
             if draws.beta is not None:
                 log_mu = log_mu + covariates[rows] @ draws.beta[d].T
-            counts = negative_binomial(rng, np.exp(log_mu), draws.alpha[d]).astype(np.float64)
+            counts = sample_counts(rng, np.exp(log_mu), draws.alpha[d]).astype(np.float64)
             zeros[d] += (counts == 0).sum(axis=0)
             sums[d] += counts.sum(axis=0)
             squares[d] += (counts**2).sum(axis=0)

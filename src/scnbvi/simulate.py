@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scnbvi.likelihood import sample_counts_in_two_passes
+
 
 @dataclass(frozen=True)
 class SimulationTruth:
@@ -73,8 +75,7 @@ def simulate_counts(n_cells: int, n_genes: int, seed: int, truth: SimulationTrut
             true_beta[f"true_beta_{column}[{level}]"] = beta
     mu = np.exp(log_mu)
     alpha = truth.alpha * np.exp(truth.log_alpha_sd * np.random.default_rng([seed, 3]).standard_normal(n_genes))
-    # NB(mu, alpha) as a Gamma-Poisson mixture: rate ~ Gamma(alpha, mu/alpha).
-    counts = rng.poisson(rng.gamma(alpha, mu / alpha))
+    counts = sample_counts_in_two_passes(rng, mu, alpha)
     adata = ad.AnnData(
         X=sp.csr_matrix(counts.astype(np.int32)),
         obs=pd.DataFrame(
