@@ -11,16 +11,9 @@ import pytest
 import scipy.sparse as sp
 
 from scnbvi import data
-from scnbvi.data import (
-    apply_qc_actions,
-    qc_report,
-    read_counts,
-    read_counts_with_renames,
-    slice_counts,
-    validate_counts,
-    write_counts,
-)
+from scnbvi.data import read_counts, read_counts_with_renames, validate_counts, write_counts
 from scnbvi.errors import InputError
+from scnbvi.qc import apply_qc_actions, qc_report, slice_counts
 
 SEED_DEMO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "seed_demo_1000x500.h5ad"
 N_VARIABLE_GENES = 5

@@ -44,7 +44,8 @@ def test_known_covariate_effects_are_recovered_with_calibrated_intervals():
 def test_a_permuted_label_calls_almost_no_gene_on_real_cells():
     """Calibration under the null: a condition label shuffled at random over real droplet cells
     has no effect, so at most 5 % of genes may get lfsr < 0.05."""
-    from scnbvi.data import read_counts, slice_counts
+    from scnbvi.data import read_counts
+    from scnbvi.qc import slice_counts
 
     adata = read_counts(shared_data("microglia_20k.h5ad"))
     adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).ravel().astype(float)  # depth over all genes

@@ -19,10 +19,10 @@ import scipy.sparse as sp
 from hypothesis import HealthCheck, event, example, given, note, settings
 from hypothesis import strategies as st
 
-from scnbvi.covariates import aligned_covariates, covariate_tables, write_covariates
-from scnbvi.data import apply_qc_actions, read_counts_with_renames, slice_counts, write_counts
+from scnbvi.data import read_counts_with_renames, write_counts
 from scnbvi.errors import InputError
 from scnbvi.inference import InferenceSettings, fit
+from scnbvi.offsets import aligned_covariates, covariate_tables, write_covariates
 
 DTYPES = ("int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64")
 # Names that trip up text formats, pandas or HDF5: repeats, unicode, empty, number-like, NA-like, separators.
