@@ -246,6 +246,11 @@ def test_slice_hvg_keeps_original_gene_order():
     assert positions == sorted(positions)
 
 
+def test_slice_hvg_on_too_few_varying_genes_stops_before_the_loess_fit():
+    with pytest.raises(InputError, match="hvg needs at least 10 genes that vary among the selected cells, found 4"):
+        slice_counts(simulated_counts()[:, :4], genes_method="hvg", n_genes=2)
+
+
 def test_slice_obs_filters_keep_only_allowed_values():
     sliced = slice_counts(simulated_counts(), cells_method="all", obs_filters={"batch": ["A", "C"]})
 

@@ -15,6 +15,7 @@ from scnbvi.errors import InputError
 QC_ACTIONS = ("keep", "drop")
 CELL_METHODS = ("all", "first", "random")
 GENE_METHODS = ("all", "first", "random", "hvg")
+HVG_MIN_VARYING_GENES = 10
 
 
 def qc_report(adata: ad.AnnData) -> dict:
@@ -175,7 +176,18 @@ def _highly_variable_gene_index(adata, cell_index, n_genes, field) -> np.ndarray
         raise InputError("config", f"{field}.method", "hvg needs at least 2 selected cells",
                          "select more cells or use genes.method: first or random")
     selected = ad.AnnData(X=as_csr(adata.X)[cell_index].astype(np.float64))
-    ranking = sc.pp.highly_variable_genes(selected, flavor="seurat_v3", n_top_genes=n_wanted, inplace=False)
+    # Seurat v3 fits a loess (span 0.3, degree 2) to the genes that vary: with fewer than 10 of them a
+    # neighbourhood holds under 3 genes, and the fit fails or crashes the process.
+    varying = int(np.count_nonzero(selected.X.max(axis=0).toarray() != selected.X.min(axis=0).toarray()))
+    if varying < HVG_MIN_VARYING_GENES:
+        raise InputError("config", f"{field}.method", f"hvg needs at least {HVG_MIN_VARYING_GENES} genes that vary "
+                         f"among the selected cells, found {varying}", "select more cells or genes, or use "
+                         "genes.method: first or random")
+    try:
+        ranking = sc.pp.highly_variable_genes(selected, flavor="seurat_v3", n_top_genes=n_wanted, inplace=False)
+    except ValueError as error:  # the loess fit failing on degenerate means and variances
+        raise InputError("config", f"{field}.method", f"hvg could not rank the genes ({error})",
+                         "select more cells or genes, or use genes.method: first or random") from error
     return np.flatnonzero(ranking["highly_variable"].to_numpy())
 
 
