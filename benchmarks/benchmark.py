@@ -76,7 +76,7 @@ def microglia(n_genes: int | None):
     if not selected.exists():
         import anndata as ad
 
-        from scnbvi.data import slice_counts
+        from scnbvi.qc import slice_counts
 
         adata = ad.AnnData(counts, var={"gene": np.arange(counts.shape[1]).astype(str)})
         adata.var_names = adata.var["gene"]
@@ -100,7 +100,7 @@ def case_counts(case: dict):
 
 def offsets(counts):
     """As the workflow's defaults: median total counts as the scalar depth, imputed lengths."""
-    from scnbvi.covariates import impute_gene_lengths, log_offsets
+    from scnbvi.offsets import impute_gene_lengths, log_offsets
 
     depth = np.asarray(counts.sum(axis=1)).ravel().astype(float)
     depth[depth <= 0] = np.median(depth)

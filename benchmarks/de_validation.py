@@ -80,9 +80,10 @@ def recovery() -> str:
 
 
 def null() -> str:
-    from scnbvi.data import read_counts, slice_counts
+    from scnbvi.data import read_counts
     from scnbvi.de import contrast_table
     from scnbvi.design import build_design
+    from scnbvi.qc import slice_counts
 
     adata = read_counts(DATA / "microglia_20k.h5ad")
     depth_all = np.asarray(adata.X.sum(axis=1)).ravel().astype(float)
@@ -135,7 +136,8 @@ R_SCRIPT = REPO / "benchmarks" / "de_glmgampoi.R"
 
 def droplet_cells(n_cells=5000, n_genes=3000, seed=0):
     """Real droplet cells and their most variable genes, as int CSR counts."""
-    from scnbvi.data import read_counts, slice_counts
+    from scnbvi.data import read_counts
+    from scnbvi.qc import slice_counts
 
     adata = read_counts(DATA / "microglia_20k.h5ad")
     adata = adata[adata.obs["study_inferred"] == "S2_droplet"].copy()

@@ -45,8 +45,9 @@ VARIANTS = {"shared": False, "per-gene": True}
 
 def load_data_sets():
     """(name, counts CSR, depth per cell, design or None) of each data set."""
-    from scnbvi.data import read_counts, slice_counts
+    from scnbvi.data import read_counts
     from scnbvi.design import build_design
+    from scnbvi.qc import slice_counts
 
     def with_depth(adata):
         # The slice keeps obs, so the depth over all genes travels with each cell.

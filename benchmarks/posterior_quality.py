@@ -92,9 +92,10 @@ def stability() -> str:
 
 
 def nuts(tune: int, draws: int) -> str:
-    from scnbvi.data import read_counts, slice_counts
+    from scnbvi.data import read_counts
     from scnbvi.inference import InferenceSettings
     from scnbvi.nuts_check import NutsSettings, check_nuts
+    from scnbvi.qc import slice_counts
 
     microglia = read_counts(DATA / "microglia_20k.h5ad")
     microglia.obs["depth"] = np.asarray(microglia.X.sum(axis=1), dtype=np.float64).ravel()

@@ -9,10 +9,11 @@ import pytest
 import yaml
 from conftest import copy_workflow, snakemake, write_config
 
-from scnbvi.covariates import impute_gene_lengths, log_offsets, sequencing_depth
-from scnbvi.data import apply_qc_actions, read_counts, read_counts_with_renames, slice_counts
+from scnbvi.data import read_counts, read_counts_with_renames
+from scnbvi.offsets import impute_gene_lengths, log_offsets, sequencing_depth
 from scnbvi.inference import InferenceSettings
 from scnbvi.nuts_check import NutsSettings
+from scnbvi.qc import apply_qc_actions, slice_counts
 from scnbvi.simulate import SimulationTruth, simulate_counts
 
 SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"

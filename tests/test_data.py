@@ -11,16 +11,9 @@ import pytest
 import scipy.sparse as sp
 
 from scnbvi import data
-from scnbvi.data import (
-    apply_qc_actions,
-    qc_report,
-    read_counts,
-    read_counts_with_renames,
-    slice_counts,
-    validate_counts,
-    write_counts,
-)
+from scnbvi.data import read_counts, read_counts_with_renames, validate_counts, write_counts
 from scnbvi.errors import InputError
+from scnbvi.qc import apply_qc_actions, qc_report, slice_counts
 
 SEED_DEMO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "seed_demo_1000x500.h5ad"
 N_VARIABLE_GENES = 5
@@ -251,6 +244,11 @@ def test_slice_hvg_keeps_original_gene_order():
     assert selected.n_vars == 12
     positions = [int(name[1:]) for name in selected.var_names]
     assert positions == sorted(positions)
+
+
+def test_slice_hvg_on_too_few_varying_genes_stops_before_the_loess_fit():
+    with pytest.raises(InputError, match="hvg needs at least 10 genes that vary among the selected cells, found 4"):
+        slice_counts(simulated_counts()[:, :4], genes_method="hvg", n_genes=2)
 
 
 def test_slice_obs_filters_keep_only_allowed_values():

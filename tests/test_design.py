@@ -173,8 +173,11 @@ def test_columns_constant_within_samples_move_to_the_sample_level():
     assert samples.levels == ("d0", "d1", "d2", "d3", "d4", "d5") and samples.names == ("condition[drug]", "age")
     np.testing.assert_array_equal(samples.matrix[:, 0], [0, 0, 0, 1, 1, 1])
     assert design.is_sample_level("condition") and not design.is_sample_level("batch")
+    assert design.sample_indicator_positions() == [1, 2, 3, 4, 5]
     np.testing.assert_array_equal(design.sample_of_cells(), np.repeat(np.arange(6), 20))
     np.testing.assert_array_equal(design.level_mask("condition", "drug"), obs["condition"].eq("drug").to_numpy())
+    for column in ("condition", "batch"):
+        np.testing.assert_array_equal(design.level_of_cells(column), obs[column].to_numpy())
     np.testing.assert_array_equal(design.contrast_weights("condition", "ctrl", "drug"), [-1.0, 0.0])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import shared_data
@@ -23,13 +24,23 @@ def _fit_design(counts, depth, design, gene_names, gene_dispersion=False, seed=0
     return draw_posterior(model, result, 1000, seed)
 
 
+def _true_log2_fold_change(adata, column, numerator, denominator) -> np.ndarray:
+    """The simulated contrast: each level's true effect (the reference's is zero), in log2."""
+    def effect(level):
+        name = f"true_beta_{column}[{level}]"
+        return adata.var[name].to_numpy() if name in adata.var else np.zeros(adata.n_vars)
+
+    return (effect(numerator) - effect(denominator)) / np.log(2.0)
+
+
 def test_known_covariate_effects_are_recovered_with_calibrated_intervals():
     truth = SimulationTruth(condition_effect_sd=0.7, batch_effect_sd=0.3)
     adata = simulate_counts(2000, 300, seed=1, truth=truth)
     design = build_design(adata.obs, categorical=["condition", "batch"],
                           reference={"condition": "control", "batch": "b1"})
     # Gene lengths are left out: a per-gene constant, absorbed by the gene effects.
-    idata = _fit_design(adata.X, adata.obs["depth"].to_numpy(), design, adata.var_names)
+    depth = adata.obs["depth"].to_numpy()
+    idata = _fit_design(adata.X, depth, design, adata.var_names)
     beta = idata.posterior["beta"].values[0]
     for k, name in enumerate(design.names):
         true = adata.var[f"true_beta_{name}"].to_numpy()
@@ -37,14 +48,25 @@ def test_known_covariate_effects_are_recovered_with_calibrated_intervals():
         coverage = np.mean((low < true) & (true < high))
         assert 0.85 <= coverage <= 0.95, (name, coverage)
         large = np.abs(true) >= 0.5
-        if large.any():
-            assert np.mean(np.sign(beta[:, large, k].mean(axis=0)) == np.sign(true[large])) >= 0.95, name
+        assert large.sum() >= 10, name
+        assert np.mean(np.sign(beta[:, large, k].mean(axis=0)) == np.sign(true[large])) >= 0.95, name
+    # A level against the reference, and two levels that are both coefficients.
+    for contrast in (("condition", "treated", "control"), ("batch", "b3", "b2")):
+        table = contrast_table(idata, design, contrast, adata.X, depth, centre="none").table
+        true = pd.Series(_true_log2_fold_change(adata, *contrast), index=adata.var_names).loc[table.index]
+        large = np.abs(true) >= 1.0
+        assert large.sum() >= 20, contrast
+        assert np.mean(np.sign(table["log2_fold_change"][large]) == np.sign(true[large])) >= 0.95, contrast
+        called = table["lfsr"] < 0.05
+        assert called[large].mean() >= 0.8, contrast
+        assert np.mean(np.sign(table["log2_fold_change"][called]) == np.sign(true[called])) >= 0.95, contrast
 
 
 def test_a_permuted_label_calls_almost_no_gene_on_real_cells():
     """Calibration under the null: a condition label shuffled at random over real droplet cells
     has no effect, so at most 5 % of genes may get lfsr < 0.05."""
-    from scnbvi.data import read_counts, slice_counts
+    from scnbvi.data import read_counts
+    from scnbvi.qc import slice_counts
 
     adata = read_counts(shared_data("microglia_20k.h5ad"))
     adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).ravel().astype(float)  # depth over all genes

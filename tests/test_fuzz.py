@@ -1,10 +1,12 @@
 """Property-based fuzzing of the path every data set takes (load, slice, covariates, fit) with small,
 odd .h5ad files and random valid settings: each case ends in finite offsets and a finite loss, or
-in one InputError line naming the source, the field and the fix. Nothing else may escape, and no
-count that the file does not hold may reach the fit."""
+in one InputError line naming the source, the field and the fix, from a step that had a reason to
+stop (valid input must go through). Nothing else may escape, and no count that the file does not
+hold may reach the fit."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import tempfile
 import warnings
@@ -19,10 +21,11 @@ import scipy.sparse as sp
 from hypothesis import HealthCheck, event, example, given, note, settings
 from hypothesis import strategies as st
 
-from scnbvi.covariates import aligned_covariates, covariate_tables, write_covariates
-from scnbvi.data import apply_qc_actions, read_counts_with_renames, slice_counts, write_counts
+from scnbvi.data import read_counts_with_renames, write_counts
 from scnbvi.errors import InputError
 from scnbvi.inference import InferenceSettings, fit
+from scnbvi.offsets import aligned_covariates, covariate_tables, write_covariates
+from scnbvi.qc import apply_qc_actions, slice_counts
 
 DTYPES = ("int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64")
 # Names that trip up text formats, pandas or HDF5: repeats, unicode, empty, number-like, NA-like, separators.
@@ -160,7 +163,8 @@ def write_h5ad(case: dict, path: Path) -> list[float]:
 
 
 def expected_counts(case: dict, stored: list) -> np.ndarray | None:
-    """The counts the file means (repeats summed exactly), or None where it holds a value that is no count."""
+    """The counts the file means (repeats summed exactly), or None where it holds a value that is no count
+    or a count beyond what a 64-bit integer holds."""
     if any(not np.isfinite(value) or value < 0 or value != np.round(value) for value in stored):
         return None
     counts = np.zeros(case["shape"], dtype=object)
@@ -169,7 +173,44 @@ def expected_counts(case: dict, stored: list) -> np.ndarray | None:
     else:
         for (row, column, _), value in zip(case["entries"], stored):
             counts[row, column] += int(value)
-    return counts
+    return None if counts.size and counts.max() > np.iinfo(np.int64).max else counts
+
+
+def load_must_stop(case: dict, expected, duplicate_names: str) -> bool:
+    """Whether the file cannot be loaded as counts: no cell or gene, a value that is no count, or a
+    repeated name where repeats are refused."""
+    n_cells, n_genes = case["shape"]
+    repeated = any(len(set(case[names])) < len(case[names]) for names in ("obs_names", "var_names"))
+    return n_cells * n_genes == 0 or expected is None or (duplicate_names == "error" and repeated)
+
+
+def slice_cannot_stop(settings: dict) -> bool:
+    """Settings under which slicing always keeps some cells and genes: no filter, no size that method
+    all would ignore, no HVG (which needs two cells) and nothing dropped afterwards."""
+    ignored_size = any(settings[f"{axis}_method"] == "all" and settings[f"n_{axis}"] is not None
+                       for axis in ("cells", "genes"))
+    return not (settings["obs_filters"] or ignored_size or settings["genes_method"] == "hvg"
+                or settings["drop_zero_cells"] or settings["drop_zero_genes"])
+
+
+def offsets_cannot_stop(settings: dict) -> bool:
+    """Settings under which the offsets never depend on the file's values: a constant depth and no or
+    imputed lengths, all within exp(30) of their references."""
+    return settings["depth"]["source"] == "constant" and settings["gene_length"]["source"] in ("none", "impute")
+
+
+@contextlib.contextmanager
+def stops_only(when: bool | None, blaming: str = ""):
+    """Around one step: it must stop with an InputError where ``when`` is True and must go through
+    where it is False; where it is None (the step's outcome depends on more than the case says),
+    a stop must blame the settings under ``blaming``."""
+    try:
+        yield
+    except InputError as error:
+        assert when is not False, f"the step refused valid input: {error}"
+        assert blaming in f"{error.source}: {error.field}", f"the stop blames another step: {error}"
+        raise
+    assert when is not True, "the step went through input it must refuse"
 
 
 def assert_one_line_input_error(error: InputError):
@@ -185,19 +226,27 @@ def through_disk(adata: ad.AnnData, directory: Path, name: str) -> ad.AnnData:
     return ad.read_h5ad(directory / name)
 
 
-def load_slice_covariates(path: Path, config: dict, expected):
-    """The package calls of the load, slice and covariates rules, with their files in between."""
+def load_slice_covariates(path: Path, case: dict, config: dict, expected):
+    """The package calls of the load, slice and covariates rules, with their files in between; each
+    stops only where the case gives it a reason to."""
     load = dict(config["load"])
-    adata, _ = read_counts_with_renames(path, duplicate_names=load.pop("duplicate_names"))
-    assert expected is not None, "values that are no counts were loaded"
+    duplicate_names = load.pop("duplicate_names")
+    with stops_only(load_must_stop(case, expected, duplicate_names)):
+        adata, _ = read_counts_with_renames(path, duplicate_names=duplicate_names)
     assert sp.issparse(adata.X) and adata.X.format == "csr" and adata.X.has_canonical_format
     assert adata.X.dtype.kind == "i"
     assert adata.X.nnz == 0 or adata.X.data.min() > 0
     assert np.array_equal(adata.X.toarray().astype(object), expected), "the loaded counts are not the file's"
-    adata = through_disk(apply_qc_actions(adata, **load), path.parent, "validated.h5ad")
+    # Dropping all-zero cells or genes empties the matrix only when every count is zero.
+    with stops_only(adata.X.nnz == 0 and "drop" in (load["zero_cells"], load["zero_genes"])):
+        validated = apply_qc_actions(adata, **load)
+    adata = through_disk(validated, path.parent, "validated.h5ad")
     adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).ravel()  # as the slice rule records it
-    adata = through_disk(slice_counts(adata, **config["slice"]), path.parent, "sliced.h5ad")
-    cells, genes = covariate_tables(adata, config["covariates"])
+    with stops_only(False if slice_cannot_stop(config["slice"]) else None, blaming="slice."):
+        sliced = slice_counts(adata, **config["slice"])
+    adata = through_disk(sliced, path.parent, "sliced.h5ad")
+    with stops_only(False if offsets_cannot_stop(config["covariates"]) else None, blaming="covariates"):
+        cells, genes = covariate_tables(adata, config["covariates"])
     return adata, cells, genes
 
 
@@ -215,7 +264,7 @@ def test_any_small_file_and_valid_settings_fit_or_stop_with_one_input_error_line
         path = Path(directory) / "counts.h5ad"
         expected = expected_counts(case, write_h5ad(case, path))
         try:
-            adata, cells, genes = load_slice_covariates(path, config, expected)
+            adata, cells, genes = load_slice_covariates(path, case, config, expected)
         except InputError as error:
             note(f"InputError: {error}")
             event(f"InputError in {error.field}")

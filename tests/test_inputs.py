@@ -14,9 +14,9 @@ import scipy.sparse as sp
 
 from conftest import snakemake, write_config
 from scnbvi import data
-from scnbvi.covariates import covariate_tables, gene_identifiers, gene_lengths_from_gtf
 from scnbvi.data import RAW_COUNTS_FIX, read_counts
 from scnbvi.errors import InputError
+from scnbvi.offsets import covariate_tables, gene_identifiers, gene_lengths_from_gtf
 
 N_CELLS, N_GENES = 60, 30
 SYMBOLS = [f"Gene{j}" for j in range(N_GENES)]

@@ -13,7 +13,6 @@ import scipy.sparse as sp
 
 from conftest import preset, snakemake, write_config
 from scnbvi.batches import make_batch
-from scnbvi.covariates import log_offsets
 from scnbvi.design import design_from_config
 from scnbvi.inference import InferenceSettings
 from scnbvi.model import build_model, cell_centring_weights, load_batch
@@ -29,6 +28,7 @@ from scnbvi.nuts_check import (
     quantity_groups,
     select_subset,
 )
+from scnbvi.offsets import log_offsets
 from scnbvi.simulate import SimulationTruth, simulate_counts
 
 

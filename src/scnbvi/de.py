@@ -79,7 +79,7 @@ def contrast_table(
     if design.is_sample_level(column):
         samples = design.samples
         effects = np.zeros((draws.shape[0], len(samples.levels)))
-        effects[:, 1:] = draws[:, [design.names.index(name) for name in samples.indicator_names]].mean(axis=2)
+        effects[:, 1:] = draws[:, design.sample_indicator_positions()].mean(axis=2)
         expression = np.log(np.asarray(counts.mean(axis=0)).ravel() + 1e-3)
         result = sample_contrast(effects, samples.matrix, weights, expression)
         estimate, se, test_se = result.estimate, result.se, result.normal_se()

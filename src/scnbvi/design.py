@@ -86,9 +86,13 @@ class Design:
             return _level_weights(self.samples.factors, self.samples.names, column, numerator, denominator, source)
         return _level_weights(self.factors, self.names, column, numerator, denominator, source)
 
+    def sample_indicator_positions(self) -> list[int]:
+        """Where the samples' indicators (``samples.levels`` after the reference) lie among the coefficients."""
+        return [self.names.index(name) for name in self.samples.indicator_names]
+
     def sample_of_cells(self) -> np.ndarray:
         """Each cell's position in ``samples.levels``."""
-        indicators = self.matrix[:, [self.names.index(name) for name in self.samples.indicator_names]]
+        indicators = self.matrix[:, self.sample_indicator_positions()]
         return (indicators @ np.arange(1, indicators.shape[1] + 1)).round().astype(np.int64)
 
     def level_mask(self, column: str, level: str) -> np.ndarray:
@@ -97,6 +101,14 @@ class Design:
             return self.samples.at_level(column, level)[self.sample_of_cells()]
         reference, levels = self.factors[column]
         return _indicator_rows(self.matrix, self.names, column, reference, levels, level)
+
+    def level_of_cells(self, column: str) -> np.ndarray:
+        """Each cell's level of a categorical design column, cell- or sample-level alike."""
+        reference, levels = (self.samples.factors if self.is_sample_level(column) else self.factors)[column]
+        level = np.full(len(self.matrix), reference, dtype=object)
+        for name in levels:
+            level[self.level_mask(column, name)] = name
+        return level
 
 
 def _level_weights(factors, names, column, numerator, denominator, source) -> np.ndarray:

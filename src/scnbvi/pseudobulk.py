@@ -15,12 +15,8 @@ def pseudobulk_counts(counts: sp.spmatrix, design: Design, column: str, gene_nam
     """Counts summed per sample and level of ``column`` (one group per sample for a column
     constant within samples; sample x level for one that varies within them, a paired design):
     (groups x genes counts, groups' sample and level)."""
-    samples = design.samples
-    sample = np.asarray(samples.levels)[design.sample_of_cells()]
-    reference, levels = (samples.factors if design.is_sample_level(column) else design.factors)[column]
-    level = np.full(len(sample), reference, dtype=object)
-    for name in levels:
-        level[design.level_mask(column, name)] = name
+    sample = np.asarray(design.samples.levels)[design.sample_of_cells()]
+    level = design.level_of_cells(column)
     groups = pd.Series(sample, dtype=str).str.cat(pd.Series(level, dtype=str), sep="|")
     codes, names = pd.factorize(groups, sort=True)
     membership = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(len(names), len(codes)))

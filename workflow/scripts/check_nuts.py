@@ -4,10 +4,10 @@ from _runner import run
 def main(snakemake):
     import anndata as ad
 
-    from scnbvi.covariates import aligned_covariates
     from scnbvi.design import read_design
     from scnbvi.inference import InferenceSettings
     from scnbvi.nuts_check import INTERVAL_MASS, NutsSettings, check_nuts
+    from scnbvi.offsets import aligned_covariates
     from scnbvi.outputs import atomic_output, code_version, write_json, write_table
     from scnbvi.plotting import plot_nuts_check
 

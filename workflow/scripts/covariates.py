@@ -5,8 +5,8 @@ def main(snakemake):
     import anndata as ad
     import pandas as pd
 
-    from scnbvi.covariates import covariate_tables, write_covariates
     from scnbvi.design import design_from_config, write_design
+    from scnbvi.offsets import covariate_tables, write_covariates
 
     adata = ad.read_h5ad(snakemake.input.h5ad)
     obs = adata.obs

@@ -7,9 +7,9 @@ def main(snakemake):
     import anndata as ad
     import arviz as az
 
-    from scnbvi.covariates import aligned_covariates
     from scnbvi.de import contrast_table
     from scnbvi.design import read_design
+    from scnbvi.offsets import aligned_covariates
     from scnbvi.outputs import atomic_output, write_table
     from scnbvi.plotting import plot_contrast
 

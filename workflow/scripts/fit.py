@@ -4,9 +4,9 @@ from _runner import run
 def main(snakemake):
     import anndata as ad
 
-    from scnbvi.covariates import aligned_covariates
     from scnbvi.design import read_design
     from scnbvi.inference import InferenceSettings, fit
+    from scnbvi.offsets import aligned_covariates
     from scnbvi.outputs import atomic_output, code_version, write_json, write_table
     from scnbvi.posterior import sample_posterior, write_trace
 

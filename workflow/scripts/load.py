@@ -5,8 +5,9 @@ def main(snakemake):
     import json
     import logging
 
-    from scnbvi.data import apply_qc_actions, qc_report, read_counts_with_renames, write_counts
+    from scnbvi.data import read_counts_with_renames, write_counts
     from scnbvi.outputs import code_version, write_json
+    from scnbvi.qc import apply_qc_actions, qc_report
 
     settings = dict(snakemake.params.settings)
     duplicate_names, layer = settings.pop("duplicate_names"), settings.pop("layer")

@@ -7,8 +7,8 @@ def main(snakemake):
     import anndata as ad
     import arviz as az
 
-    from scnbvi.covariates import aligned_covariates
     from scnbvi.design import read_design
+    from scnbvi.offsets import aligned_covariates
     from scnbvi.outputs import atomic_output, write_json, write_table
     from scnbvi.plotting import plot_ppc_library_size, plot_ppc_mean_variance, plot_ppc_zero_fraction
     from scnbvi.ppc import (

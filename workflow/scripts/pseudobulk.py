@@ -7,8 +7,8 @@ def main(snakemake):
     import anndata as ad
     import pandas as pd
 
-    from scnbvi.covariates import aligned_covariates
     from scnbvi.design import read_design
+    from scnbvi.offsets import aligned_covariates
     from scnbvi.outputs import write_table
     from scnbvi.pseudobulk import agreement, pseudobulk_counts, pydeseq2_table
 

@@ -7,7 +7,8 @@ def main(snakemake):
     import anndata as ad
     import numpy as np
 
-    from scnbvi.data import slice_counts, write_counts
+    from scnbvi.data import write_counts
+    from scnbvi.qc import slice_counts
 
     settings = snakemake.params.settings
     adata = ad.read_h5ad(snakemake.input[0])

@@ -9,7 +9,6 @@ import pymc as pm
 import scipy.sparse as sp
 
 from scnbvi.batches import BatchSampler
-from scnbvi.covariates import MAX_ABS_LOG_OFFSET
 from scnbvi.design import Design
 from scnbvi.errors import InputError
 from scnbvi.inference import jax_engine, pymc_engine
@@ -20,6 +19,7 @@ from scnbvi.inference.initialization import data_driven_initvals
 from scnbvi.inference.memory import check_memory
 from scnbvi.inference.settings import FitResult, InferenceSettings, effective_settings
 from scnbvi.model import build_model, cell_centring_weights
+from scnbvi.offsets import MAX_ABS_LOG_OFFSET
 
 log = logging.getLogger("scnbvi")
 

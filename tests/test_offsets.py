@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from scnbvi.covariates import (
+from scnbvi.errors import InputError
+from scnbvi.offsets import (
     aligned_covariates,
     covariate_tables,
     gene_lengths_from_gtf,
@@ -19,7 +20,6 @@ from scnbvi.covariates import (
     sequencing_depth,
     write_covariates,
 )
-from scnbvi.errors import InputError
 
 # G1 (+ strand): exons 100-199 and 150-249 overlap -> 100..249 = 150 bp; 300-399 = 100 bp; 400-450 = 51 bp.
 #   The gene line and the CDS must be ignored. Union: 301 bp.
