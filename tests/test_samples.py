@@ -29,6 +29,22 @@ def test_variance_prior_is_recovered_from_many_genes():
     assert fit_variance_prior(0.09 * rng.chisquare(df, 20000) / df, df)[1] > 200
 
 
+
+def test_variance_prior_follows_the_measurement_noise_it_is_given():
+    """Between-sample variance = a shared biological part + each gene's own counting noise: with
+    the noise as the trend the prior is nearly exact (large df); without it the same genes look
+    wildly different and the prior is wide (small df)."""
+    rng = np.random.default_rng(1)
+    noise = np.exp(rng.uniform(np.log(0.01), np.log(2.0), 20000))
+    df = 6
+    observed = (0.05 + noise) * rng.chisquare(df, 20000) / df
+    trended, trended_df = fit_variance_prior(observed, df, trend=np.log(noise))
+    assert trended_df > 30 > fit_variance_prior(observed, df)[1]
+    np.testing.assert_allclose(np.median(trended / (0.05 + noise)), 1.0, atol=0.1)
+    # A trend without spread (e.g. a single draw) carries no information: one prior for all.
+    flat_variance, flat_df = fit_variance_prior(observed, df, trend=np.zeros(20000))
+    assert np.ptp(flat_variance) == 0 and flat_df == fit_variance_prior(observed, df)[1]
+
 def _samples(seed, n_genes=4000, sd=0.4, effect_share=0.1):
     rng = np.random.default_rng(seed)
     condition = np.repeat([0.0, 1.0], 4)

@@ -79,9 +79,12 @@ def contrast_table(
     if design.is_sample_level(column):
         samples = design.samples
         effects = np.zeros((draws.shape[0], len(samples.levels)))
-        effects[:, 1:] = draws[:, design.sample_indicator_positions()].mean(axis=2)
-        expression = np.log(np.asarray(counts.mean(axis=0)).ravel() + 1e-3)
-        result = sample_contrast(effects, samples.matrix, weights, expression)
+        indicators = draws[:, design.sample_indicator_positions()]
+        effects[:, 1:] = indicators.mean(axis=2)
+        # How precisely the fit pins each gene's sample effects: the counting noise in the spread
+        # between samples, which the variance prior follows across genes.
+        measurement_noise = np.log(indicators.var(axis=2).mean(axis=1) + 1e-12)
+        result = sample_contrast(effects, samples.matrix, weights, measurement_noise)
         estimate, se, test_se = result.estimate, result.se, result.normal_se()
         extra = {"sample_sd": result.sample_sd, "df": np.full(len(estimate), result.df)}
         sample_sd = result.prior_sd

@@ -8,7 +8,9 @@ Given the fitted ``v_gs`` (thousands of cells pin each of them), this second lev
 linear model per gene, integrated exactly: ``gamma_g`` has a t posterior whose width comes from
 the spread between samples. ``sigma_g`` is shrunk across genes as limma's empirical Bayes does
 (Smyth 2004): a scaled inverse chi-square prior fitted to all genes' residual variances, so that
-a handful of samples still gives each gene a stable scale.
+a handful of samples still gives each gene a stable scale. The prior's scale follows how precisely
+the fit measured each gene's sample effects (their posterior variance), which separates counting
+noise from the spread between samples better than mean expression does.
 """
 
 from __future__ import annotations
@@ -58,13 +60,14 @@ def trigamma_inverse(values: np.ndarray | float) -> np.ndarray:
 def fit_variance_prior(variances: np.ndarray, df: float, trend: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """limma's fitFDist: (prior variance s0^2 per gene, prior df d0) from genes' residual
     variances on df degrees of freedom, by matching the moments of their logs. With ``trend``
-    (e.g. each gene's log mean expression) s0^2 follows it as a cubic, as limma-trend: poorly
-    measured genes vary more between samples from counting noise alone. d0 is infinite when the
-    variances are no more spread than sampling explains."""
+    (e.g. the log measurement variance of each gene's sample effects) s0^2 follows it as a cubic,
+    as limma-trend does with expression: poorly measured genes vary more between samples from
+    counting noise alone. d0 is infinite when the variances are no more spread than sampling
+    explains."""
     variances = np.asarray(variances, dtype=np.float64)
     usable = np.isfinite(variances) & (variances > 0)
     e = np.log(np.where(usable, variances, 1.0)) - special.digamma(df / 2) + np.log(df / 2)
-    if trend is None:
+    if trend is None or np.ptp(trend[usable]) == 0:
         fitted, parameters = np.full(len(variances), e[usable].mean()), 1
     else:
         x = (trend - trend[usable].mean()) / max(trend[usable].std(), 1e-12)
@@ -79,13 +82,14 @@ def fit_variance_prior(variances: np.ndarray, df: float, trend: np.ndarray | Non
 
 
 def sample_contrast(effects: np.ndarray, sample_design: np.ndarray, weights: np.ndarray,
-                    expression: np.ndarray | None = None) -> SampleContrast:
+                    trend: np.ndarray | None = None) -> SampleContrast:
     """The contrast ``weights . gamma_g`` for every gene.
 
     ``effects``: genes x samples, each sample's fitted effect (any per-gene constant may be
     added: the intercept absorbs it); ``sample_design``: samples x coefficients, without the
-    intercept; ``weights``: one per coefficient; ``expression``: each gene's log mean
-    expression, the trend of the variance prior (None: one prior for all genes)."""
+    intercept; ``weights``: one per coefficient; ``trend``: per gene, what the variance prior
+    follows (e.g. the log of the measurement variance of its sample effects; None: one prior for
+    all genes)."""
     n_genes, n_samples = effects.shape
     design = np.column_stack([np.ones(n_samples), sample_design])
     residual_df = n_samples - np.linalg.matrix_rank(design)
@@ -96,7 +100,7 @@ def sample_contrast(effects: np.ndarray, sample_design: np.ndarray, weights: np.
     coefficients = effects @ design @ unscaled  # genes x coefficients (least squares, all genes at once)
     residuals = effects - coefficients @ design.T
     variances = np.sum(residuals**2, axis=1) / residual_df
-    prior_variance, prior_df = fit_variance_prior(variances, residual_df, expression)
+    prior_variance, prior_df = fit_variance_prior(variances, residual_df, trend)
     if np.isinf(prior_df):
         moderated, total_df = np.full(n_genes, prior_variance), np.inf
     else:
