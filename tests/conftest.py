@@ -36,8 +36,8 @@ def require_shared_data(*names: str) -> None:
     missing = [name for name in names if not (SHARED_DATA / name).is_file()]
     if not missing:
         return
-    message = (f"missing {', '.join(missing)}: the real test data goes in ../shared/data, beside the repository "
-               f"({SHARED_DATA})")
+    paths = ", ".join(f"../shared/data/{name}" for name in missing)
+    message = f"{paths} missing: the real test data goes beside the repository, in {SHARED_DATA}"
     if os.environ.get("CI") == "true":
         pytest.fail(message, pytrace=False)
     pytest.skip(message)

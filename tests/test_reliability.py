@@ -215,8 +215,8 @@ def test_a_missing_shared_data_file_is_skipped_outside_ci_and_fails_under_ci(tmp
     outcome = pytest.fail.Exception if ci else pytest.skip.Exception
     with pytest.raises(outcome) as raised:
         conftest.require_shared_data("present.h5ad", "absent.h5ad")
-    assert str(raised.value) == (f"missing absent.h5ad: the real test data goes in ../shared/data, beside the "
-                                 f"repository ({tmp_path})")
+    assert str(raised.value) == (
+        f"../shared/data/absent.h5ad missing: the real test data goes beside the repository, in {tmp_path}")
 
 
 def _duplicate_named_file(path: Path) -> str:
