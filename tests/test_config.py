@@ -2,6 +2,7 @@
 
 import dataclasses
 import inspect
+import re
 from pathlib import Path
 
 import jsonschema
@@ -133,6 +134,40 @@ def test_schema_refuses_data_set_names_that_are_not_a_directory_of_their_own(nam
     schema = yaml.safe_load(SCHEMA.read_text())
     errors = list(jsonschema.Draft202012Validator(schema).iter_errors({"datasets": {name: {}}}))
     assert (not errors) == valid, errors
+
+
+@pytest.mark.parametrize("contrasts, valid", [
+    ([["condition", "treated", "control"]], True),
+    ({"treated": ["condition", "treated", "control"], "v1.0": ["batch", 2, 1]}, True),
+    ({"my contrast": ["condition", "treated", "control"]}, False),
+    ({"..": ["condition", "treated", "control"]}, False),
+    ({"n" * 101: ["condition", "treated", "control"]}, False),
+    ({"treated": ["condition", "treated"]}, False),
+    ("condition", False),
+])
+def test_schema_takes_contrasts_as_a_list_or_by_names_that_are_files_of_their_own(contrasts, valid):
+    schema = yaml.safe_load(SCHEMA.read_text())
+    errors = list(jsonschema.Draft202012Validator(schema).iter_errors({"datasets": {"d": {"contrasts": contrasts}}}))
+    assert (not errors) == valid, errors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("contrasts, names", [
+    ([["condition", "treated", "control"], ["condition", "b/1", "control"]],
+     ["condition_treated_vs_control", "condition_b_1_vs_control"]),
+    ({"treated": ["condition", "treated", "control"], "b.1": ["condition", "b/1", "control"]}, ["treated", "b.1"]),
+], ids=["list", "mapping"])
+def test_dry_run_plans_each_contrast_under_its_name(tmp_path, contrasts, names):
+    """A list's contrasts are named from their parts, made file-safe; a mapping's by its keys."""
+    workdir = copy_workflow(tmp_path / "scnbvi")
+    dataset = {"simulate": {"n_cells": 50, "n_genes": 10}, "design": {"categorical": ["condition"]},
+               "contrasts": contrasts}
+    result = snakemake(workdir, "--configfile", write_config(workdir, {"datasets": {"sim": dataset}}), "-n")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    planned = set(re.findall(r"results/sim/de/[\w./-]+", result.stdout))
+    assert planned == {f"results/sim/de/{name}{suffix}" for name in names
+                       for suffix in (".tsv", "_ma.png", "_volcano.png")}, result.stdout
 
 
 def _dry_run_with_config_text(tmp_path, text):

@@ -331,6 +331,7 @@ def test_write_counts_round_trip_leaves_no_temporary_file(tmp_path):
     assert [path.name for path in target.parent.iterdir()] == ["counts.h5ad"]
 
 
+@pytest.mark.shared_data("seed_demo_1000x500.h5ad")
 def test_seed_demo_file_reads_as_int32_csr_with_250_empty_genes():
     counts = read_counts(SEED_DEMO)
 

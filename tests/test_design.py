@@ -10,8 +10,9 @@ import scipy.sparse as sp
 from scipy import stats
 
 from scnbvi.de import contrast_table
-from scnbvi.design import build_design, contrast_name, design_from_config, read_design, write_design
+from scnbvi.design import build_design, design_from_config, read_design, write_design
 from scnbvi.errors import InputError
+from scnbvi.naming import contrast_name
 
 
 def _obs(n=12):

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import shared_data
+from conftest import SHARED_DATA
 from scnbvi.de import contrast_table
 from scnbvi.design import build_design
 from scnbvi.inference import InferenceSettings, fit
@@ -62,13 +62,14 @@ def test_known_covariate_effects_are_recovered_with_calibrated_intervals():
         assert np.mean(np.sign(table["log2_fold_change"][called]) == np.sign(true[called])) >= 0.95, contrast
 
 
+@pytest.mark.shared_data("microglia_20k.h5ad")
 def test_a_permuted_label_calls_almost_no_gene_on_real_cells():
     """Calibration under the null: a condition label shuffled at random over real droplet cells
     has no effect, so at most 5 % of genes may get lfsr < 0.05."""
     from scnbvi.data import read_counts
     from scnbvi.qc import slice_counts
 
-    adata = read_counts(shared_data("microglia_20k.h5ad"))
+    adata = read_counts(SHARED_DATA / "microglia_20k.h5ad")
     adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).ravel().astype(float)  # depth over all genes
     adata = adata[adata.obs["study_inferred"] == "S2_droplet"].copy()
     adata = slice_counts(adata, cells_method="random", n_cells=1500, genes_method="hvg", n_genes=300, seed=0,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import pytest
 import scipy.sparse as sp
 import yaml
 
+import conftest
 import scnbvi
 from conftest import REPO, SMALL_SIMULATED, preset, snakemake, write_config, write_h5ad
 from scnbvi import outputs
@@ -185,12 +187,36 @@ def test_git_commit_is_the_checkout_head_dirty_or_unknown(tmp_path):
     assert git_commit(package) == head.strip() + "-dirty"
 
 
-def test_outputs_imports_only_the_standard_library():
-    """common.smk imports it in Snakemake's own process, which need not have numpy or pandas."""
-    check = "import sys, scnbvi.outputs; print(sorted({'numpy', 'pandas', 'anndata'} & set(sys.modules)))"
+def test_the_workflow_imports_only_the_standard_library_snakemake_yaml_and_jsonschema():
+    """Snakemake's own process parses the rules at every start: it need not load numpy or pandas."""
+    sources = [REPO / "Snakefile", *sorted((REPO / "workflow" / "rules").glob("*.smk"))]
+    imports = r"^\s*(?:from\s+([\w.]+)\s+import\b|import\s+([\w.]+))"
+    modules = {"".join(match) for source in sources for match in re.findall(imports, source.read_text(), re.M)}
+    package = sorted(module for module in modules if module.split(".")[0] == "scnbvi")
+    others = {module.split(".")[0] for module in modules} - {"scnbvi", "snakemake", "yaml", "jsonschema"}
+    assert others <= sys.stdlib_module_names, others - sys.stdlib_module_names
+    assert package, "common.smk imports the package's version, source hash and contrast naming"
+
+    check = (f"import sys; before = set(sys.modules); import {', '.join(package)}; "
+             "loaded = {module.split('.')[0] for module in set(sys.modules) - before}; "
+             "print(sorted(loaded - sys.stdlib_module_names - {'scnbvi'}))")
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
                             env={"PYTHONPATH": str(REPO / "src")})
-    assert result.stdout.strip() == "[]", result.stderr
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("ci", ["", "true"])
+def test_a_missing_shared_data_file_is_skipped_outside_ci_and_fails_under_ci(tmp_path, monkeypatch, ci):
+    monkeypatch.setattr(conftest, "SHARED_DATA", tmp_path)
+    monkeypatch.setenv("CI", ci)
+    (tmp_path / "present.h5ad").touch()
+    conftest.require_shared_data("present.h5ad")
+
+    outcome = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(outcome) as raised:
+        conftest.require_shared_data("present.h5ad", "absent.h5ad")
+    assert str(raised.value) == (
+        f"../shared/data/absent.h5ad missing: the real test data goes beside the repository, in {tmp_path}")
 
 
 def _duplicate_named_file(path: Path) -> str:

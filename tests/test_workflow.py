@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from conftest import PRESETS, SMALL_SIMULATED, preset, shared_data, snakemake, write_config, write_h5ad
+from conftest import PRESETS, SHARED_DATA, SMALL_SIMULATED, preset, snakemake, write_config, write_h5ad
 
 pytestmark = pytest.mark.slow
 
@@ -29,10 +29,11 @@ def test_dry_run_of_default_config_plans_every_rule(workflow_copy):
         assert f"rule {rule}:" in result.stdout + result.stderr
 
 
+@pytest.mark.shared_data("seed_demo_1000x500.h5ad")
 @pytest.mark.parametrize("name", sorted(path.stem for path in PRESETS.glob("*.yaml")))
 def test_dry_run_of_each_preset_from_the_repository_root(workflow_copy, name):
     """As the presets are used: from the repository root, with the real data in ../shared/data."""
-    (workflow_copy.parent / "shared").symlink_to(shared_data("seed_demo_1000x500.h5ad").parents[1])
+    (workflow_copy.parent / "shared").symlink_to(SHARED_DATA.parent)
     result = snakemake(workflow_copy, "-n", "--configfile", f".test/config/{name}.yaml")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "rule fit:" in result.stdout + result.stderr
@@ -136,11 +137,12 @@ def test_changing_an_inference_setting_reruns_only_fit_and_downstream(workflow_c
     assert az.from_netcdf(out / "trace.nc").posterior.attrs["learning_rate"] == 0.02
 
 
+@pytest.mark.shared_data("seed_demo_1000x500.h5ad")
 def test_seed_demo_with_the_original_settings(workflow_copy):
     """The original notebook's slice and settings (iterations capped for time)."""
     config = preset("original_notebook")
     demo = config["datasets"]["demo"]
-    demo["path"] = str(shared_data("seed_demo_1000x500.h5ad"))  # the scratch copy is not next to ../shared
+    demo["path"] = str(SHARED_DATA / "seed_demo_1000x500.h5ad")  # the scratch copy is not next to ../shared
     demo["inference"]["max_iterations"] = 3000
     result = snakemake(workflow_copy, "--configfile", write_config(workflow_copy, config))
     assert result.returncode == 0, result.stderr
@@ -223,6 +225,10 @@ def test_empty_slice_names_the_setting(workflow_copy):
         ({"inference": {"cell_draws_max_cells": 0}}, "datasets.bad.inference.cell_draws_max_cells"),
         # Two contrasts whose file names would be the same: refused before anything runs.
         ({"contrasts": [["cond", "a/b", "c"], ["cond", "a_b", "c"]]}, "datasets.bad.contrasts"),
+        ({"contrasts": {"my contrast": ["cond", "a", "c"]}}, "datasets.bad.contrasts"),
+        # The pseudobulk agreement table of x is de/pseudobulk/x_agreement.tsv.
+        ({"design": {"random": ["donor"]}, "contrasts": {"x": ["cond", "a", "c"], "x_agreement": ["cond", "c", "a"]}},
+         "datasets.bad.contrasts"),
     ],
 )
 def test_invalid_config_gives_one_clear_line(workflow_copy, setting, where):

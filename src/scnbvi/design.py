@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,11 +134,6 @@ def _indicator_rows(matrix, names, column, reference, levels, level) -> np.ndarr
     if level == reference:
         return ~np.any(indicators, axis=0) if indicators else np.ones(len(matrix), bool)
     return indicators[levels.index(level)]
-
-
-def contrast_name(column, numerator, denominator) -> str:
-    """A file-safe name, e.g. ``condition_treated_vs_control``."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{column}_{numerator}_vs_{denominator}")
 
 
 def coefficient_name(column: str, level) -> str:

@@ -30,8 +30,11 @@ except WorkflowError as error:
     where = ".".join(str(part) for part in cause.absolute_path) or "(top level)"
     problem = cause.message
     if "propertyNames" in cause.schema_path:
+        kind, becomes = (
+            ("contrast", "de/{name}.tsv") if where.endswith(".contrasts") else ("data set", "results/{name}/")
+        )
         problem = (
-            f"{cause.instance!r} is not a valid data set name (it becomes results/{{name}}/: use only "
+            f"{cause.instance!r} is not a valid {kind} name (it becomes {becomes}: use only "
             "A-Z a-z 0-9 _ . -, not only dots, at most 100 characters)"
         )
     raise WorkflowError(
@@ -42,8 +45,9 @@ except WorkflowError as error:
 # Every rule that runs the package has `code=CODE_VERSION` among its params, so an edit of the
 # package (not only of a rule's script) reruns the jobs that depend on it.
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+# Only modules of the standard library: Snakemake's own process needs no numpy or pandas.
 from scnbvi import __version__ as scnbvi_version
-from scnbvi.design import contrast_name
+from scnbvi.naming import contrast_name
 from scnbvi.outputs import source_hash
 
 CODE_VERSION = f"{scnbvi_version}+{source_hash()}"
@@ -149,20 +153,42 @@ def fit_runtime(wildcards, input, attempt):
     return scaled_runtime(15 + iterations * 0.02 / 60, 30)(wildcards, input, attempt)
 
 
+def contrast_files(dataset, name):
+    """The files of a contrast under de/; the PyDESeq2 cross-check's only with design.random."""
+    settings = config["datasets"][dataset]
+    pseudobulk = settings["design"]["random"] and settings["de"]["pseudobulk"]
+    files = [f"{name}{suffix}" for suffix in (".tsv", "_ma.png", "_volcano.png")]
+    return files + [f"pseudobulk/{name}{suffix}" for suffix in (".tsv", "_agreement.tsv") if pseudobulk]
+
+
 def contrasts(dataset):
-    """The data set's contrasts by file name: name -> [column, numerator, denominator]. Two whose
-    files would overwrite each other stop the run before any job (rule all's targets call this)."""
-    named = {}
-    for parts in config["datasets"][dataset]["contrasts"]:
+    """The data set's contrasts by file name: name -> [column, numerator, denominator]. Names are the
+    keys of a mapping, or made file-safe from the parts of a list's contrasts. Two whose files would
+    overwrite each other stop the run before any job (rule all's targets call this)."""
+    given = config["datasets"][dataset]["contrasts"]
+    pairs = given.items() if isinstance(given, dict) else ((None, parts) for parts in given)
+    named, owners = {}, {}
+    for name, parts in pairs:
         parts = [str(part) for part in parts]
-        name = contrast_name(*parts)
-        if name in named and named[name] != parts:
-            raise WorkflowError(
-                f"config: datasets.{dataset}.contrasts: {named[name]} and {parts} would both write "
-                f"de/{name}.tsv (names are made file-safe); fix: rename the levels in obs, or drop one contrast"
-            )
+        name = contrast_name(*parts) if name is None else name
+        if name in named and named[name] == parts:
+            continue
+        for path in contrast_files(dataset, name):
+            if path in owners:
+                raise WorkflowError(
+                    f"config: datasets.{dataset}.contrasts: {owners[path]} and {name} {parts} would both write "
+                    f"de/{path}; fix: name them apart (contrasts: {{name: [column, numerator, denominator]}}), "
+                    "or drop one"
+                )
+            owners[path] = f"{name} {parts}"
         named[name] = parts
     return named
+
+
+def configured_contrasts(wildcards):
+    """The data set's contrasts as written in the config, [column, numerator, denominator] each."""
+    given = dataset_config(wildcards)["contrasts"]
+    return copy.deepcopy(list(given.values()) if isinstance(given, dict) else given)
 
 
 def contrast_of(wildcards):
@@ -187,7 +213,8 @@ def nuts_runtime(wildcards, input, attempt):
     return fit_runtime(wildcards, input, attempt) + int(iterations * nuts["cells"] * nuts["genes"] / 6e7 * attempt)
 
 
-def all_outputs():
+def dataset_results(dataset):
+    """Every result of the data set, but not previous/: the copy is taken once all of these exist."""
     fit = ("trace.nc", "summary.csv", "genes.tsv", "cells.tsv", "scnbvi.h5ad", "elbo.tsv", "elbo.png")
     ppc = (
         "ppc_genes.tsv",
@@ -197,14 +224,15 @@ def all_outputs():
         "ppc_mean_variance.png",
         "ppc_library_size.png",
     )
-    names = fit + ppc
-    outputs = [f"{RESULTS}/{d}/{name}" for d in DATASETS for name in names]
-    for d in DATASETS:
-        if "nuts" in config["datasets"][d]["check"]:
-            outputs += [f"{RESULTS}/{d}/check_nuts.{suffix}" for suffix in ("tsv", "json", "png")]
-        pseudobulk = config["datasets"][d]["design"]["random"] and config["datasets"][d]["de"]["pseudobulk"]
-        for name in contrasts(d):
-            outputs += [f"{RESULTS}/{d}/de/{name}{suffix}" for suffix in (".tsv", "_ma.png", "_volcano.png")]
-            if pseudobulk:
-                outputs += [f"{RESULTS}/{d}/de/pseudobulk/{name}{suffix}" for suffix in (".tsv", "_agreement.tsv")]
+    outputs = [f"{RESULTS}/{dataset}/{name}" for name in fit + ppc]
+    settings = config["datasets"][dataset]
+    if "nuts" in settings["check"]:
+        outputs += [f"{RESULTS}/{dataset}/check_nuts.{suffix}" for suffix in ("tsv", "json", "png")]
+    for name in contrasts(dataset):
+        outputs += [f"{RESULTS}/{dataset}/de/{path}" for path in contrast_files(dataset, name)]
     return outputs
+
+
+def all_outputs():
+    """The results of every data set, and the copy of them that a failed rerun leaves in place."""
+    return [path for d in DATASETS for path in (*dataset_results(d), f"{RESULTS}/{d}/previous.json")]

@@ -85,6 +85,6 @@ rule covariates:
         code=CODE_VERSION,
         settings=section("covariates"),
         design=section("design"),
-        contrasts=section("contrasts"),
+        contrasts=configured_contrasts,
     script:
         "../scripts/covariates.py"

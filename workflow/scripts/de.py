@@ -28,9 +28,12 @@ def main(snakemake):
         credible_mass=settings["credible_mass"],
         centre=settings["centre"],
     )
-    logging.getLogger("scnbvi.progress").info("%s %s vs %s: %s", *contrast, result.describe())
+    # The files' name: the user's (contrasts as a mapping) or made from the parts.
+    name = snakemake.wildcards.contrast
+    logging.getLogger("scnbvi.progress").info("%s (%s %s vs %s): %s", name, *contrast, result.describe())
     write_table(result.table, snakemake.output.table)
-    title = f"{snakemake.wildcards.dataset}: {contrast[0]} {contrast[1]} vs {contrast[2]}\nreplicates: {result.replicates}"
+    title = (f"{snakemake.wildcards.dataset} {name}: {contrast[0]} {contrast[1]} vs {contrast[2]}\n"
+             f"replicates: {result.replicates}")
     with atomic_output(snakemake.output.ma) as ma, atomic_output(snakemake.output.volcano) as volcano:
         plot_contrast(result.table, ma, volcano, title=title, lfsr_level=settings["lfsr_level"])
 

@@ -20,7 +20,8 @@ def main(snakemake):
     table = pydeseq2_table(summed, groups, contrast, paired=not design.is_sample_level(contrast[0]))
     ours = pd.read_csv(snakemake.input.table, sep="\t", index_col="gene")
     agreed = agreement(ours, table, snakemake.params.lfsr_level)
-    logging.getLogger("scnbvi.progress").info("pseudobulk (PyDESeq2, %d groups) against scnbvi: %s", len(groups), agreed)
+    logging.getLogger("scnbvi.progress").info("%s pseudobulk (PyDESeq2, %d groups) against scnbvi: %s",
+                                              snakemake.wildcards.contrast, len(groups), agreed)
     write_table(table, snakemake.output.table)
     write_table(pd.DataFrame([agreed]).set_index("genes_compared"), snakemake.output.agreement)
 
