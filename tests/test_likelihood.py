@@ -13,7 +13,8 @@ import pytensor.tensor as pt
 import pytest
 from scipy import special, stats
 
-from scnbvi.likelihood import observed_entries, sample_counts, sample_counts_in_two_passes, sparse_block_nb_logp
+from scnbvi.likelihood.pytensor_form import observed_entries, sparse_block_nb_logp
+from scnbvi.likelihood.sampling import sample_counts, sample_counts_in_two_passes
 
 COUNTS = (0, 1, 3, 40, 2_000, 100_000)
 MEANS = (1e-3, 0.4, 7.0, 900.0, 5e4)

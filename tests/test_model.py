@@ -127,7 +127,7 @@ def test_jax_dense_softplus_and_its_two_derivatives_match_the_exact_forms(dtype)
     import jax.numpy as jnp
 
     from scnbvi.inference.jax_graph import jax_logp
-    from scnbvi.likelihood import jax_dense_activations
+    from scnbvi.likelihood.jax_form import jax_dense_activations
 
     _, softplus = jax_dense_activations()
     x = np.linspace(-200, 200, 4001).astype(dtype)
@@ -158,7 +158,7 @@ def test_positive_log_gamma_and_its_derivative_match_scipy():
     import pytensor.link.jax.dispatch  # noqa: F401  (float64 in JAX, as in the engine)
     from scipy import special
 
-    from scnbvi.likelihood import positive_gammaln
+    from scnbvi.likelihood.jax_form import positive_gammaln
 
     x = np.concatenate([np.logspace(-8, 10, 2001), np.arange(1.0, 3000.0), np.arange(1.0, 3000.0) - 0.37])
     value = np.asarray(jax.jit(positive_gammaln)(x))
@@ -177,7 +177,7 @@ def test_jax_count_part_and_its_gradient_match_pytensor(per_gene):
     import pytensor.link.jax.dispatch  # noqa: F401  (float64 in JAX, as in the engine)
     import pytensor.tensor as pt
 
-    from scnbvi.likelihood import count_terms, jax_count_part
+    from scnbvi.likelihood.jax_form import count_terms, jax_count_part
 
     rng = np.random.default_rng(2)
     counts = np.r_[rng.integers(1, 400, 30), 0.0, 0.0]
@@ -204,12 +204,12 @@ def test_tiled_dense_part_and_its_derivatives_match_the_plain_form(monkeypatch, 
     import jax
     import jax.numpy as jnp
 
-    from scnbvi import likelihood
+    from scnbvi.likelihood import jax_form
 
     # 5 cells, 10 genes: three passes over two tiles of 2 genes side by side, the last 2 padded.
-    monkeypatch.setattr(likelihood, "DENSE_TILE_ENTRIES", 2 * 5)
-    monkeypatch.setattr(likelihood, "DENSE_LANES", 2)
-    whole, tiled = likelihood.jax_dense_zero_part()
+    monkeypatch.setattr(jax_form, "DENSE_TILE_ENTRIES", 2 * 5)
+    monkeypatch.setattr(jax_form, "DENSE_LANES", 2)
+    whole, tiled = jax_form.jax_dense_zero_part()
     rng = np.random.default_rng(8)
     a = jnp.asarray(np.r_[rng.normal(-2, 1, 8), -150.0, 150.0], jnp.float32)
     b = jnp.asarray(rng.normal(0, 0.5, 5), jnp.float32)

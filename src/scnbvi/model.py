@@ -30,7 +30,7 @@ import pytensor.tensor as pt
 import scipy.sparse as sp
 
 from scnbvi.batches import MINIBATCH_MODES, empty_batch
-from scnbvi.likelihood import observed_entries, sparse_block_nb_logp
+from scnbvi.likelihood.pytensor_form import observed_entries, sparse_block_nb_logp
 
 # Hyperpriors of the population-level parameters (log scale).
 PRIOR_MU_SD = 1.0
@@ -74,7 +74,7 @@ def build_model(
     """Build the model for a data set of ``len(cell_log_offset)`` cells x ``len(gene_log_offset)`` genes.
 
     The likelihood is scaled by ``total_size`` so that a minibatch stands for the whole data set.
-    ``jax_forms``: see :func:`scnbvi.likelihood.sparse_block_nb_logp` (the ``jax`` engine sets it).
+    ``jax_forms``: see :func:`scnbvi.likelihood.pytensor_form.sparse_block_nb_logp` (the ``jax`` engine sets it).
     ``design``: cells x coefficients covariates (see :mod:`scnbvi.design`), each with one
     effect per gene; its last ``sample_coefficients`` columns are sample indicators
     (:class:`scnbvi.design.SampleDesign`). ``cell_centring``: per cell, how centred its effect is parameterised

@@ -17,7 +17,7 @@ import scipy.sparse as sp
 
 from scnbvi.design import Design
 from scnbvi.errors import InputError
-from scnbvi.likelihood import sample_counts
+from scnbvi.likelihood.sampling import sample_counts
 
 BAND = 0.9  # mass of the band of replicated statistics
 BLOCK_ENTRIES = 2_000_000  # cells x genes replicated at once: memory stays bounded at any size

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scnbvi.likelihood import sample_counts_in_two_passes
+from scnbvi.likelihood.sampling import sample_counts_in_two_passes
 
 
 @dataclass(frozen=True)

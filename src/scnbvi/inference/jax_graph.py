@@ -12,7 +12,7 @@ import tempfile
 import pymc as pm
 import pytensor.tensor as pt
 
-from scnbvi.likelihood import register_likelihood_parts
+from scnbvi.likelihood.jax_form import register_likelihood_parts
 
 
 def batch_inputs(model: pm.Model, container_names) -> dict:
@@ -26,7 +26,7 @@ def batch_inputs(model: pm.Model, container_names) -> dict:
 def jaxify(inputs, outputs):
     """A PyTensor graph as a JAX function, like ``pymc.sampling.jax.get_jaxified_graph``, with
     the likelihood's dense and count parts in their own JAX forms
-    (:func:`scnbvi.likelihood.register_likelihood_parts`)."""
+    (:func:`scnbvi.likelihood.jax_form.register_likelihood_parts`)."""
     from pytensor.compile.mode import JAX
     from pytensor.compile.sharedvalue import SharedVariable
     from pytensor.graph import FunctionGraph
