@@ -118,6 +118,12 @@ def test_changing_an_inference_setting_reruns_only_fit_and_downstream(workflow_c
     unchanged = snakemake(workflow_copy, "--configfile", config, "-n")
     assert "Nothing to be done" in unchanged.stdout + unchanged.stderr
 
+    # Settings that only say how the fit runs (checkpoints, memory ceiling) rerun nothing.
+    operational = preset("small_simulated")
+    operational["datasets"]["sim"]["inference"].update(checkpoint_minutes=1.5, memory_limit_gb=7.0)
+    planned = snakemake(workflow_copy, "--configfile", write_config(workflow_copy, operational, "run.yaml"), "-n")
+    assert "Nothing to be done" in planned.stdout + planned.stderr, planned.stdout
+
     # A slice setting reruns load too, to recreate the temporary input of slice.
     sliced = preset("small_simulated")
     sliced["datasets"]["sim"]["slice"] = {"genes": {"method": "first", "n": 30}}

@@ -31,7 +31,7 @@ rule check_nuts:
     params:
         code=CODE_VERSION,
         nuts=nuts_section,
-        inference=section("inference"),
+        inference=section("inference", leave_out=RUN_ONLY_INFERENCE_SETTINGS),
         model=section("model"),
         backend=config["backend"],
     script:

@@ -82,11 +82,18 @@ def dataset_config(wildcards):
     return config["datasets"][wildcards.dataset]
 
 
-def section(name):
-    """A params function giving one config section of the job's data set."""
+# Inference settings that cannot change the numbers, only how a fit runs: kept out of the rules'
+# params (a change would rerun the fit and everything after it); the fit reads them from the config.
+RUN_ONLY_INFERENCE_SETTINGS = ("checkpoint_minutes", "memory_limit_gb")
+
+
+def section(name, leave_out=()):
+    """A params function giving one config section of the job's data set, without ``leave_out``."""
 
     def get(wildcards):
-        return copy.deepcopy(dataset_config(wildcards)[name])
+        return {
+            key: copy.deepcopy(value) for key, value in dataset_config(wildcards)[name].items() if key not in leave_out
+        }
 
     return get
 

@@ -21,9 +21,10 @@ rule fit:
         runtime=fit_runtime,
     params:
         code=CODE_VERSION,
-        inference=section("inference"),
+        inference=section("inference", leave_out=RUN_ONLY_INFERENCE_SETTINGS),
         model=section("model"),
         backend=config["backend"],
+        run_only=RUN_ONLY_INFERENCE_SETTINGS,
         # Not an output: Snakemake would delete it before a rerun, which must resume from it.
         checkpoint=lambda wildcards: f"{RESULTS}/{wildcards.dataset}/fit.checkpoint",
     script:
@@ -63,7 +64,7 @@ rule summary:
         runtime=scaled_runtime(30, 20),
     params:
         code=CODE_VERSION,
-        inference=section("inference"),
+        inference=section("inference", leave_out=RUN_ONLY_INFERENCE_SETTINGS),
         model=section("model"),
     script:
         "../scripts/summary.py"

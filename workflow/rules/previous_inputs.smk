@@ -15,6 +15,8 @@ def run_config_yaml(wildcards):
     """A config file that reruns the data set as it was: the backend and the data set's sections.
 
     Made here as text, so the job's environment needs no YAML package. It is a param, so a change
-    of any of the data set's settings takes a new copy once the results follow it."""
-    run_config = {"backend": config["backend"], "datasets": {wildcards.dataset: dataset_config(wildcards)}}
+    of any of the data set's settings takes a new copy once the results follow it (settings that
+    only say how the fit runs are left out: they change no result)."""
+    dataset = {**dataset_config(wildcards), "inference": section("inference", RUN_ONLY_INFERENCE_SETTINGS)(wildcards)}
+    run_config = {"backend": config["backend"], "datasets": {wildcards.dataset: dataset}}
     return yaml.safe_dump(run_config, sort_keys=False)

@@ -13,7 +13,11 @@ def main(snakemake):
     adata = ad.read_h5ad(snakemake.input.h5ad)
     cells, genes = aligned_covariates(snakemake.input.cells, snakemake.input.genes, adata)
     design = read_design(snakemake.input.design, cells)
-    settings = InferenceSettings.from_config(snakemake.params.inference)
+    # The settings that only say how the fit runs are not params (see common.smk): from the config.
+    run_only = snakemake.config["datasets"][snakemake.wildcards.dataset]["inference"]
+    settings = InferenceSettings.from_config(
+        {**snakemake.params.inference, **{key: run_only[key] for key in snakemake.params.run_only}}
+    )
     gene_dispersion = snakemake.params.model["gene_dispersion"]
     model, result = fit(
         adata.X,
