@@ -344,8 +344,8 @@ def test_the_plot_and_the_stopping_rule_load_without_pymc():
     script = ("import sys, scnbvi.plotting, scnbvi.inference.plateau\n"
               "from scnbvi.inference import FitResult, InferenceSettings\n"
               "print(sorted(m for m in ('pymc', 'pytensor', 'jax') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-                            capture_output=True, text=True, timeout=120)
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "[]"
 

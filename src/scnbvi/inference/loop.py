@@ -19,7 +19,7 @@ from scnbvi.batches import BatchSampler
 from scnbvi.inference.averaging import IterateAverage
 from scnbvi.inference.checkpoint import Checkpoint
 from scnbvi.inference.divergence import divergence_error
-from scnbvi.inference.plateau import stopping_rule
+from scnbvi.inference.plateau import learning_rate, stopping_rule
 from scnbvi.inference.progress import Progress
 from scnbvi.inference.result import FitResult
 from scnbvi.inference.settings import InferenceSettings
@@ -45,11 +45,6 @@ class Engine(NamedTuple):
     fitted: Callable  # (state, final iterate) -> (means, sds) by variable
     save: Callable  # state -> host values a checkpoint can pickle
     restore: Callable  # (state, saved values) -> state
-
-
-def learning_rate(settings: InferenceSettings, rule) -> float:
-    """The step size now: the configured one, shrunk by the plateaus the rule has seen."""
-    return settings.learning_rate * rule.learning_rate_scale
 
 
 class FitLoop:
@@ -121,13 +116,13 @@ class FitLoop:
         )
 
     def read_unread(self) -> None:
-        """Take the last chunk's losses to the host; a non-finite one is a divergence at its step."""
+        """Take the last chunk's losses to the host; a non-finite one is a divergence at its step.
+        The unread chunk ends at step ``self.steps`` wherever this is called."""
         if self.unread is None:
             return
         losses, self.unread = self.engine.read_losses(self.unread), None
-        recorded = sum(len(chunk) for chunk in self.losses)
         if not np.all(np.isfinite(losses)):
-            raise divergence_error(recorded + int(np.argmax(~np.isfinite(losses))) + 1, self.settings)
+            raise divergence_error(self.steps - len(losses) + int(np.argmax(~np.isfinite(losses))) + 1, self.settings)
         self.losses.append(losses)
 
     def check(self, state) -> None:

@@ -74,6 +74,11 @@ class ParameterChangeStop:
         return float(np.max(np.abs((params - previous) / previous))) < self.tolerance
 
 
+def learning_rate(settings: InferenceSettings, rule: DecayThenStop | ParameterChangeStop) -> float:
+    """The step size now: the configured one, shrunk by the plateaus the rule has seen."""
+    return settings.learning_rate * rule.learning_rate_scale
+
+
 def stopping_rule(settings: InferenceSettings) -> DecayThenStop | ParameterChangeStop:
     if settings.convergence == "elbo":
         return DecayThenStop(settings.tolerance, settings.patience, settings.learning_rate_decay, settings.max_decays)

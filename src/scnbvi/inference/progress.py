@@ -12,7 +12,7 @@ import logging
 import math
 import time
 
-from scnbvi.inference.plateau import relative_gains
+from scnbvi.inference.plateau import learning_rate, relative_gains
 from scnbvi.inference.settings import InferenceSettings
 
 log = logging.getLogger("scnbvi.progress")
@@ -44,7 +44,7 @@ class Progress:
         if rule.decays > self.decays:
             self.decays = rule.decays
             log.info("step %d: ELBO plateau, learning rate x%g -> %g (decay %d of %d)", step,
-                     self.settings.learning_rate_decay, self.settings.learning_rate * rule.learning_rate_scale,
+                     self.settings.learning_rate_decay, learning_rate(self.settings, rule),
                      rule.decays, rule.max_decays)
         history = getattr(rule, "history", [])
         extra = ""

@@ -55,7 +55,8 @@ def pymc_engine(model: pm.Model, sampler: BatchSampler, settings: InferenceSetti
     with model:
         advi = pm.ADVI(
             random_seed=settings.seed,
-            start_sigma={name: np.full(int(np.prod(shape)), initial_std(settings)) for name, shape in zip(layout.names, layout.shapes)},
+            start_sigma={name: np.full(int(np.prod(shape)), initial_std(settings))
+                         for name, shape in zip(layout.names, layout.shapes)},
         )
         step_function = advi.objective.step_function(
             score=True, obj_optimizer=pm.adam(learning_rate=rate), compile_kwargs={"mode": mode})
