@@ -153,15 +153,15 @@ def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, bac
     state = init(model, target, initial_std(settings), optimizer)
     start = time.perf_counter()
     sweep = closing_refit(target) if target.refit_cells is not None else None
-    engine = jax_engine(target, optimizer, sampler, settings, sweep)
-    if settings.convergence == "elbo":
+    engine = build_engine(target, optimizer, sampler, settings, sweep)
+    if settings.convergence == "elbo":  # the checks' ELBO compiled before the clock of the fit starts
         engine.evaluate(state, {})
     if sweep is not None:  # compiled with the checks, not on the clock of the fit
         compile_sweep(sweep, state.params, sampler.counts, sweep_block_size(sampler.n_genes))
     return FitLoop(engine, sampler, settings, backend, checkpoint).run(state, time.perf_counter() - start)
 
 
-def jax_engine(target: Objective, optimizer, sampler: BatchSampler, settings: InferenceSettings, sweep) -> Engine:
+def build_engine(target: Objective, optimizer, sampler: BatchSampler, settings: InferenceSettings, sweep) -> Engine:
     """The fit loop's part of the jax engine: chunks of steps as one jitted scan, the checks'
     ELBO at the fixed cells and, in the ``cells`` layout, the closing ``sweep`` (:func:`closing_refit`)
     on the final fit."""

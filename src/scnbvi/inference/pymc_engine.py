@@ -40,11 +40,11 @@ def fixed_cells_elbo(model: pm.Model, sampler: BatchSampler, settings: Inference
 def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, backend: str,
         checkpoint: Checkpoint | None = None) -> FitResult:
     start = time.perf_counter()
-    engine = pymc_engine(model, sampler, settings, pytensor_mode(backend))
+    engine = build_engine(model, sampler, settings, pytensor_mode(backend))
     return FitLoop(engine, sampler, settings, backend, checkpoint).run(None, time.perf_counter() - start)
 
 
-def pymc_engine(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, mode) -> Engine:
+def build_engine(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, mode) -> Engine:
     """PyMC's own step (the one ``pm.fit`` loops over), one step a chunk, so that progress lines
     and checkpoints come between any two steps. Its state lives in PyTensor shared variables:
     the loop's state is ``None``, and a checkpoint saves the variables' values."""
