@@ -9,6 +9,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from scnbvi.inference.plateau import DecayThenStop, relative_gains  # noqa: E402
+
 
 def smooth(values: np.ndarray, window: int) -> np.ndarray:
     """Rolling median: robust to the heavy-tailed spikes of minibatch ELBO estimates."""
@@ -17,14 +19,20 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 def plateau_checks(eval_elbo: np.ndarray, *, tolerance: float, patience: int, learning_rate_decay: float,
                    max_decays: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``elbo`` rule (scnbvi.inference.plateau.DecayThenStop) replayed on the checks'
-    fixed-cells ELBO, because elbo.tsv does not record its decisions and the plot's environment
-    has no PyMC to import the rule from: the relative gain over ``patience`` checks, and the
-    checks at which a plateau shrank the learning rate."""
+    """The ``elbo`` rule (:class:`DecayThenStop`) replayed on the checks' fixed-cells ELBO, because
+    elbo.tsv does not record its decisions: the relative gain over ``patience`` checks (NaN before
+    the first), and the checks at which a plateau shrank the learning rate."""
+    rule = DecayThenStop(tolerance, patience, learning_rate_decay, max_decays)
+    decays = []
+    for check, value in enumerate(eval_elbo):
+        taken = rule.decays
+        if rule.update(value):
+            break
+        if rule.decays > taken:
+            decays.append(check)
     gain = np.full(len(eval_elbo), np.nan)
-    gain[patience:] = (eval_elbo[patience:] - eval_elbo[:-patience]) / np.abs(eval_elbo[patience:])
-    plateaus = np.flatnonzero(gain < tolerance)
-    return gain, plateaus[: max_decays if learning_rate_decay < 1 else 0]
+    gain[patience:] = relative_gains(list(eval_elbo), patience)
+    return gain, np.array(decays, dtype=int)
 
 
 def plot_elbo(elbo: pd.DataFrame, out_path, *, stats: dict, n_observations: int, title: str = ""):

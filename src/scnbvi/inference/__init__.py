@@ -4,9 +4,11 @@
 linker); ``jax`` compiles the same model's log density to JAX and drives ADVI in jitted optax
 loops. Both take the same effective settings, stream minibatches from a sparse matrix, share
 the stopping rule and return the same :class:`FitResult`, so everything downstream is
-engine-agnostic. One concept per module:
+engine-agnostic. PyMC and PyTensor are imported only when a name that needs them is first used,
+so the settings, the stopping rule and the result load without them. One concept per module:
 
-- ``settings``: requested and effective settings, the fit's result
+- ``settings``: requested and effective settings
+- ``result``: the fit's result
 - ``backends``: which engine runs a backend, whether it can run here
 - ``memory``: the memory estimate that refuses runs that cannot fit
 - ``initialization``: start values of q
@@ -16,25 +18,35 @@ engine-agnostic. One concept per module:
 - ``elbo``: parameter layout, entropies, fixed draws, the full-data ELBO
 - ``divergence``: the error of a non-finite loss
 - ``checkpoint``: saving and resuming a running fit
+- ``loop``: the fit loop both engines run (chunks, checks, decays, stop, averaging, progress, checkpoints)
 - ``jax_graph``: the PyTensor graph as JAX functions
+- ``jax_objective``: the jax engine's minibatch ELBO and the Newton refit of a block's cells
+- ``closing_sweep``: the jax engine's last refit of every cell
 - ``pymc_engine``, ``jax_engine``: the engines, ``run(model, sampler, settings, backend, checkpoint)``
 - ``hyperparameters``: the hyperparameters' sds with the effects they govern integrated out
 - ``advi``: ``fit``
 """
 
-from scnbvi.inference.advi import fit
-from scnbvi.inference.backends import BACKENDS, engine_for, pytensor_mode, require_backend
-from scnbvi.inference.elbo import ParameterLayout, full_data_elbo
-from scnbvi.inference.settings import FitResult, InferenceSettings
+import importlib
 
-__all__ = [
-    "BACKENDS",
-    "FitResult",
-    "InferenceSettings",
-    "ParameterLayout",
-    "engine_for",
-    "fit",
-    "full_data_elbo",
-    "pytensor_mode",
-    "require_backend",
-]
+from scnbvi.inference.result import FitResult
+from scnbvi.inference.settings import InferenceSettings
+
+# Names whose modules import PyMC or PyTensor, loaded on first use.
+LAZY = {
+    "fit": "advi",
+    "BACKENDS": "backends",
+    "engine_for": "backends",
+    "pytensor_mode": "backends",
+    "require_backend": "backends",
+    "ParameterLayout": "elbo",
+    "full_data_elbo": "elbo",
+}
+
+__all__ = ["FitResult", "InferenceSettings", *LAZY]
+
+
+def __getattr__(name: str):
+    if name not in LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{LAZY[name]}"), name)

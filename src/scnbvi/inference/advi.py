@@ -17,7 +17,8 @@ from scnbvi.inference.checkpoint import Checkpoint, fingerprint
 from scnbvi.inference.hyperparameters import HYPERPARAMETER_ESTIMATES, collapse_hyperparameters
 from scnbvi.inference.initialization import data_driven_initvals
 from scnbvi.inference.memory import check_memory
-from scnbvi.inference.settings import FitResult, InferenceSettings, effective_settings
+from scnbvi.inference.result import FitResult
+from scnbvi.inference.settings import InferenceSettings, effective_settings
 from scnbvi.model import build_model, cell_centring_weights
 from scnbvi.offsets import MAX_ABS_LOG_OFFSET
 

@@ -36,6 +36,16 @@ class IterateAverage:
             return self._mean()
         return self.last_window if self.last_window is not None else last_iterate
 
+    def snapshot(self) -> dict:
+        """Its state as host arrays, for a checkpoint (an engine may keep its sums on a device)."""
+        def host(tree):
+            return None if tree is None else _map(np.array, tree)
+
+        return {"total": host(self.total), "count": self.count, "last_window": host(self.last_window)}
+
+    def restore(self, snapshot: dict) -> None:
+        self.total, self.count, self.last_window = snapshot["total"], snapshot["count"], snapshot["last_window"]
+
     def _mean(self):
         return _map(lambda total: total / self.count, self.total)
 

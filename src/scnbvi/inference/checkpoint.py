@@ -12,7 +12,6 @@ with the same fingerprint: the same counts, offsets, covariates, model and setti
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import logging
 import os
@@ -48,14 +47,6 @@ def fingerprint(counts: sp.csr_matrix, arrays: dict, settings: InferenceSettings
     fixed = {k: v for k, v in asdict(settings).items() if k not in NOT_FINGERPRINTED}
     digest.update(repr((sorted(fixed.items()), sorted(options.items()), list(arrays))).encode())
     return digest.hexdigest()
-
-
-def restore_schedule(saved: dict, rule, average, sampler) -> None:
-    """Put the stopping rule, the iterate average and the sampler back where a checkpoint left
-    them: the part of a fit's progress both engines keep alike."""
-    rule.__dict__.update(copy.deepcopy(saved["rule"]))
-    average.__dict__.update(copy.deepcopy(saved["average"]))
-    sampler.set_state(saved["sampler"])
 
 
 class Checkpoint:

@@ -10,7 +10,8 @@ import numpy as np
 import pymc as pm
 import scipy.sparse as sp
 
-from scnbvi.inference.settings import FitResult, InferenceSettings
+from scnbvi.inference.result import FitResult
+from scnbvi.inference.settings import InferenceSettings
 
 
 @dataclass(frozen=True)

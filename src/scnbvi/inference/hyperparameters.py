@@ -40,7 +40,7 @@ from scipy import stats
 
 from scnbvi.inference.backends import pytensor_mode
 from scnbvi.inference.jax_graph import jaxify
-from scnbvi.inference.settings import FitResult
+from scnbvi.inference.result import FitResult
 from scnbvi.model import RAW_CELL_EFFECT
 
 log = logging.getLogger("scnbvi")

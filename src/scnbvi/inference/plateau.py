@@ -50,6 +50,12 @@ class DecayThenStop:
         return True
 
 
+def relative_gains(history: list[float], patience: int) -> list[float]:
+    """Relative ELBO gain over ``patience`` checks at each check that has one, as
+    :class:`DecayThenStop` judges it (its progress lines and the ELBO plot show it too)."""
+    return [(history[k] - history[k - patience]) / abs(history[k]) for k in range(patience, len(history))]
+
+
 class ParameterChangeStop:
     """Stop when the largest relative change of the variational parameters between two
     checks is below ``tolerance``; the learning rate never changes."""
@@ -66,6 +72,11 @@ class ParameterChangeStop:
         if previous is None:
             return False
         return float(np.max(np.abs((params - previous) / previous))) < self.tolerance
+
+
+def learning_rate(settings: InferenceSettings, rule: DecayThenStop | ParameterChangeStop) -> float:
+    """The step size now: the configured one, shrunk by the plateaus the rule has seen."""
+    return settings.learning_rate * rule.learning_rate_scale
 
 
 def stopping_rule(settings: InferenceSettings) -> DecayThenStop | ParameterChangeStop:

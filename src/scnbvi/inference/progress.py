@@ -12,6 +12,7 @@ import logging
 import math
 import time
 
+from scnbvi.inference.plateau import learning_rate, relative_gains
 from scnbvi.inference.settings import InferenceSettings
 
 log = logging.getLogger("scnbvi.progress")
@@ -43,13 +44,13 @@ class Progress:
         if rule.decays > self.decays:
             self.decays = rule.decays
             log.info("step %d: ELBO plateau, learning rate x%g -> %g (decay %d of %d)", step,
-                     self.settings.learning_rate_decay, self.settings.learning_rate * rule.learning_rate_scale,
+                     self.settings.learning_rate_decay, learning_rate(self.settings, rule),
                      rule.decays, rule.max_decays)
         history = getattr(rule, "history", [])
         extra = ""
         if history:
             extra = f" fixed-cells ELBO {history[-1]:.7g}"
-            gains = _gains(history, self.settings.patience)
+            gains = relative_gains(history, self.settings.patience)
             if gains:
                 extra += f" (gain {gains[-1]:.2g}, stops below {self.settings.tolerance:g})"
         self._line(step, loss, extra, self._eta(step, rule))
@@ -70,7 +71,7 @@ class Progress:
         history = getattr(rule, "history", None)
         if history is None or self.first is None or step <= self.first[1]:
             return ""
-        gains = _gains(history, self.settings.patience)
+        gains = relative_gains(history, self.settings.patience)
         checks = None
         if len(gains) >= 2 and 0 < gains[-1] < gains[-2] and self.settings.tolerance > 0:
             shrink = gains[-1] / gains[-2]
@@ -83,11 +84,6 @@ class Progress:
         steps = min(checks * self.settings.check_every, self.settings.max_iterations - step)
         rate = (step - self.first[1]) / max(time.perf_counter() - self.first[0], 1e-9)
         return f", eta ~{_clock(steps / max(rate, 1e-9))} to convergence (estimated)"
-
-
-def _gains(history: list[float], patience: int) -> list[float]:
-    """Relative ELBO gain over ``patience`` checks, as the plateau rule measures it."""
-    return [(history[k] - history[k - patience]) / abs(history[k]) for k in range(patience, len(history))]
 
 
 def _clock(seconds: float) -> str:

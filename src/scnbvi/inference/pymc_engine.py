@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 
@@ -12,15 +11,13 @@ import pymc as pm
 import pytensor
 
 from scnbvi.batches import BATCH_LAYOUT, BatchSampler
-from scnbvi.inference.averaging import IterateAverage
 from scnbvi.inference.backends import pytensor_mode
-from scnbvi.inference.checkpoint import Checkpoint, restore_schedule
-from scnbvi.inference.divergence import divergence_error
+from scnbvi.inference.checkpoint import Checkpoint
 from scnbvi.inference.elbo import ParameterLayout, evaluation_cells, fixed_normal_draws, gaussian_entropy
 from scnbvi.inference.initialization import initial_std
-from scnbvi.inference.plateau import stopping_rule
-from scnbvi.inference.progress import Progress
-from scnbvi.inference.settings import FitResult, InferenceSettings
+from scnbvi.inference.loop import Engine, FitLoop
+from scnbvi.inference.result import FitResult
+from scnbvi.inference.settings import InferenceSettings
 from scnbvi.model import load_batch
 
 
@@ -42,31 +39,34 @@ def fixed_cells_elbo(model: pm.Model, sampler: BatchSampler, settings: Inference
 
 def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, backend: str,
         checkpoint: Checkpoint | None = None) -> FitResult:
-    mode = pytensor_mode(backend)
+    start = time.perf_counter()
+    engine = build_engine(model, sampler, settings, pytensor_mode(backend))
+    return FitLoop(engine, sampler, settings, backend, checkpoint).run(None, time.perf_counter() - start)
+
+
+def build_engine(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, mode) -> Engine:
+    """PyMC's own step (the one ``pm.fit`` loops over), one step a chunk, so that progress lines
+    and checkpoints come between any two steps. Its state lives in PyTensor shared variables:
+    the loop's state is ``None``, and a checkpoint saves the variables' values."""
     layout = ParameterLayout.from_model(model)
     averaging = settings.convergence == "elbo"
-    rule = stopping_rule(settings)
-    progress = Progress(settings, sampler.steps_per_epoch, sampler.n_cells * sampler.n_genes)
-
-    t0 = time.perf_counter()
     evaluate = fixed_cells_elbo(model, sampler, settings, layout, mode) if averaging else None
-    learning_rate = pytensor.shared(settings.learning_rate, name="learning_rate")
+    rate = pytensor.shared(settings.learning_rate, name="learning_rate")
     with model:
         advi = pm.ADVI(
             random_seed=settings.seed,
-            start_sigma={name: np.full(int(np.prod(shape)), initial_std(settings)) for name, shape in zip(layout.names, layout.shapes)},
+            start_sigma={name: np.full(int(np.prod(shape)), initial_std(settings))
+                         for name, shape in zip(layout.names, layout.shapes)},
         )
-        # PyMC's own step (the one pm.fit loops over), driven here so that its state can be saved.
         step_function = advi.objective.step_function(
-            score=True, obj_optimizer=pm.adam(learning_rate=learning_rate), compile_kwargs={"mode": mode})
+            score=True, obj_optimizer=pm.adam(learning_rate=rate), compile_kwargs={"mode": mode})
     group = advi.approx.groups[0]
     order = [group.ordering[name][1] for name in layout.names]
-    containers = {model[name] for name in BATCH_LAYOUT[sampler.mode]} | {learning_rate}
+    containers = {model[name] for name in BATCH_LAYOUT[sampler.mode]} | {rate}
     # Variational parameters, Adam's moments and step count, and the Monte-Carlo generator.
     fit_state = [v for v in step_function.get_shared() if v not in containers]
-    compile_seconds = time.perf_counter() - t0
 
-    def raw_params() -> np.ndarray:
+    def raw_params(state) -> np.ndarray:
         return np.concatenate([group.params_dict["mu"].get_value(), group.params_dict["rho"].get_value()])
 
     def means_and_stds(flat: np.ndarray):
@@ -75,66 +75,35 @@ def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, bac
         std = np.log1p(np.exp(np.concatenate([rho_flat[o] for o in order])))
         return mean, std
 
-    average = IterateAverage()
-    losses: list[float] = []
-    checks: list[tuple[int, float]] = []
-    converged = False
-    saved = checkpoint.load() if checkpoint is not None else None
-    if saved is not None:
-        losses, checks, converged = list(saved["losses"]), list(saved["checks"]), saved["converged"]
-        for variable, value in zip(fit_state, saved["state"]):
-            variable.set_value(copy.deepcopy(value))
-        restore_schedule(saved, rule, average, sampler)
-        learning_rate.set_value(settings.learning_rate * rule.learning_rate_scale)
-
-    def progress_so_far() -> dict:
-        return {
-            "steps": len(losses), "losses": np.asarray(losses), "checks": list(checks), "converged": converged,
-            "state": [copy.deepcopy(v.get_value()) for v in fit_state],
-            "rule": copy.deepcopy(vars(rule)), "average": copy.deepcopy(vars(average)),
-            "sampler": sampler.get_state(),
-        }
-
-    first_step = len(losses)
-    start = time.perf_counter()
-    with checkpoint.stop_on_signals() if checkpoint is not None else contextlib.nullcontext():
-        while len(losses) < settings.max_iterations and not converged:
+    def run_chunk(state, first_step: int, length: int, learning_rate: float):
+        if rate.get_value(borrow=True) != learning_rate:
+            rate.set_value(learning_rate)
+        losses, iterate_sum = np.empty(length), None
+        for index in range(length):
             load_batch(model, sampler.next())
-            loss = float(step_function())
-            if len(losses) == first_step:
-                compile_seconds += time.perf_counter() - start  # the first call compiles
-                start = time.perf_counter()
-            if not np.isfinite(loss):
-                raise divergence_error(len(losses) + 1, settings)
-            losses.append(loss)
-            step = len(losses)
+            losses[index] = float(step_function())
             if averaging:
-                average.add(raw_params())
-            if step % settings.check_every == 0:
-                if averaging:
-                    checks.append((step, evaluate(*means_and_stds(average.close_window()))))
-                    converged = rule.update(checks[-1][1])
-                    learning_rate.set_value(settings.learning_rate * rule.learning_rate_scale)
-                else:
-                    converged = rule.update(raw_params())
-                progress.check(step, loss, rule)
-            else:
-                progress.step(step, loss)
-            if checkpoint is not None and not converged and checkpoint.due():
-                checkpoint.save(progress_so_far())
-    mean, std = means_and_stds(average.result(raw_params()) if averaging else raw_params())
-    return FitResult(
-        means=layout.split(mean),
-        stds=layout.split(std),
-        losses=np.asarray(losses),
-        checks=checks,
-        epochs=len(losses) / sampler.steps_per_epoch,
-        converged=converged,
-        fit_seconds=time.perf_counter() - start,
-        compile_seconds=compile_seconds,
-        engine="pymc",
-        backend=backend,
-        settings=settings,
-        decays=rule.decays,
-        final_learning_rate=settings.learning_rate * rule.learning_rate_scale,
+                iterate_sum = raw_params(state) if iterate_sum is None else iterate_sum + raw_params(state)
+        return state, iterate_sum, losses
+
+    def fitted(state, flat: np.ndarray):
+        mean, std = means_and_stds(flat)
+        return layout.split(mean), layout.split(std)
+
+    def restore(state, values):
+        for variable, value in zip(fit_state, values):
+            variable.set_value(copy.deepcopy(value))
+        return state
+
+    return Engine(
+        name="pymc",
+        chunk_steps=1,
+        run_chunk=run_chunk,
+        read_losses=np.asarray,
+        iterate=raw_params,
+        flat_parameters=raw_params,
+        evaluate=(lambda state, window: evaluate(*means_and_stds(window))) if averaging else None,
+        fitted=fitted,
+        save=lambda state: [copy.deepcopy(v.get_value()) for v in fit_state],
+        restore=restore,
     )
