@@ -87,9 +87,23 @@ def _module_files(name: str, attribute: bool = False) -> list[Path]:
             files.append(path / "__init__.py")
         elif path.with_suffix(".py").is_file():
             files.append(path.with_suffix(".py"))
-        elif not (attribute and position == len(parts) - 1):
+        elif attribute and position == len(parts) - 1:
+            if lazy := _lazy_names(path.parent / "__init__.py").get(part):
+                files.append(path.parent / f"{lazy}.py")
+        else:
             raise AssertionError(f"import of {name}: no {path}.py or {path}/__init__.py")
     return files
+
+
+def _lazy_names(init: Path) -> dict[str, str]:
+    """A package's names loaded on first use (its ``LAZY`` dict: name -> submodule), which an
+    import of the name runs as if it named the submodule."""
+    if not init.is_file():
+        return {}
+    for node in ast.parse(init.read_text()).body:
+        if isinstance(node, ast.Assign) and [target.id for target in node.targets if isinstance(target, ast.Name)] == ["LAZY"]:
+            return ast.literal_eval(node.value)
+    return {}
 
 
 def _package_of(path: Path) -> str:
