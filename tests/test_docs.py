@@ -134,3 +134,18 @@ def test_the_architecture_lists_every_module_rule_file_and_script():
                if path.suffix in (".py", ".smk")}
     assert not present - listed, f"docs/architecture.md does not list {sorted(present - listed)}"
     assert not listed - present, f"docs/architecture.md lists files that do not exist: {sorted(listed - present)}"
+
+
+WHERE_TO_CHANGE = ("likelihood", "design term", "output table", "new rule", "new engine")
+
+
+def test_the_architecture_says_where_to_change_each_part_and_names_files_that_exist():
+    text = ARCHITECTURE.read_text()
+    section = text.split("## Where to change X", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| ---")][1:]
+    subjects = [row.split("|")[1].lower() for row in rows]
+    assert all(any(topic in subject for subject in subjects) for topic in WHERE_TO_CHANGE), subjects
+    named = {path.rstrip("/") for path in re.findall(r"`((?:src|workflow|tests|envs|profiles)/[^`]+)`", section)}
+    assert len(named) > 10
+    missing = [path for path in named if not any(REPO.glob(path))]
+    assert not missing, f"docs/architecture.md names files that do not exist: {missing}"

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scnbvi.design import coefficient_name
 from scnbvi.likelihood.sampling import sample_counts_in_two_passes
 
 
@@ -72,7 +73,7 @@ def simulate_counts(n_cells: int, n_genes: int, seed: int, truth: SimulationTrut
         for code, level in enumerate(levels[1:], start=1):
             beta = effect_sd[column] * covariate_rng.standard_normal(n_genes)
             log_mu += (factors[column] == code)[:, None] * beta[None, :]
-            true_beta[f"true_beta_{column}[{level}]"] = beta
+            true_beta[f"true_beta_{coefficient_name(column, level)}"] = beta
     mu = np.exp(log_mu)
     alpha = truth.alpha * np.exp(truth.log_alpha_sd * np.random.default_rng([seed, 3]).standard_normal(n_genes))
     counts = sample_counts_in_two_passes(rng, mu, alpha)
