@@ -211,6 +211,18 @@ def test_data_set_name_of_only_dots_or_too_long_is_one_config_line(tmp_path, nam
     assert not (workdir / "results").exists()
 
 
+
+@pytest.mark.slow
+def test_the_profiles_placeholder_account_is_refused_in_one_line_naming_the_file(tmp_path):
+    workdir = copy_workflow(tmp_path / "scnbvi")
+    placeholder = snakemake(workdir, "-n", "--default-resources", "slurm_account=myaccount", "mem_mb=100")
+    own_account = snakemake(workdir, "-n", "--default-resources", "slurm_account=lab42", "mem_mb=100")
+
+    lines = [line for line in (placeholder.stdout + placeholder.stderr).splitlines() if line.startswith("slurm_account")]
+    assert placeholder.returncode != 0 and len(lines) == 1, placeholder.stderr
+    assert "profiles/slurm/config.yaml" in lines[0]
+    assert own_account.returncode == 0, own_account.stderr
+
 def test_model_defaults_match_schema(dataset_defaults):
     from scnbvi.inference import fit
     from scnbvi.model import build_model

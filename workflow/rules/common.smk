@@ -38,9 +38,19 @@ except WorkflowError as error:
             "A-Z a-z 0-9 _ . -, not only dots, at most 100 characters)"
         )
     raise WorkflowError(
-        f"config: {where}: {problem}; fix: see workflow/schemas/config.schema.yaml "
-        "or the README's configuration reference"
+        f"config: {where}: {problem}; fix: see config/README.md (every setting, its default and meaning)"
     ) from None
+
+# The cluster profiles ship a placeholder account, which SLURM would reject job by job.
+PLACEHOLDER_ACCOUNT = "myaccount"
+if f"slurm_account={PLACEHOLDER_ACCOUNT}" in (
+    arg.replace('"', "").replace("'", "") for arg in workflow.resource_settings.default_resources.args or ()
+):
+    raise WorkflowError(
+        f"slurm_account is still the placeholder {PLACEHOLDER_ACCOUNT!r}; fix: set your SLURM account (and "
+        "partition) in the default-resources block of profiles/slurm/config.yaml (profiles/slurm-gpu/config.yaml "
+        "for --profile slurm-gpu)"
+    )
 
 # Every rule that runs the package has `code=CODE_VERSION` among its params, so an edit of the
 # package (not only of a rule's script) reruns the jobs that depend on it.
