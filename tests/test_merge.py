@@ -131,7 +131,7 @@ def test_scanpy_and_cellxgene_files_fit_and_merge_back_with_symbols(workflow_cop
     config = {**SMALL_SIMULATED, "datasets": {
         name: {**base, **analysis, "path": str(paths[name]), "load": loads[name]} for name in paths}}
     targets = [f"results/{name}/scnbvi.h5ad" for name in paths]
-    result = snakemake(workflow_copy, "--configfile", write_config(workflow_copy, config), *targets)
+    result = snakemake(workflow_copy, *targets, "--configfile", write_config(workflow_copy, config))
     assert result.returncode == 0, result.stdout + result.stderr
 
     for name, path in paths.items():
