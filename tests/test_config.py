@@ -61,7 +61,7 @@ def test_slice_defaults_match_schema(dataset_defaults):
 
 def test_load_defaults_match_schema(dataset_defaults):
     section = dict(dataset_defaults["load"])
-    read_options = {key: section.pop(key) for key in ("duplicate_names", "layer")}
+    read_options = {key: section.pop(key) for key in ("duplicate_names", "layer", "gene_symbols")}
     assert_defaults(read_counts, read_options)
     assert_defaults(read_counts_with_renames, read_options)
     assert_defaults(apply_qc_actions, section)

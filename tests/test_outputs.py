@@ -15,7 +15,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from conftest import REPO, make_adata
+from conftest import REPO, make_adata, write_h5ad
+from scnbvi.data import read_counts, symbols_from_var
+from scnbvi.errors import InputError
 from scnbvi.inference import FitResult, InferenceSettings
 from scnbvi.model import build_model
 from scnbvi.outputs import atomic_output, current_umask, write_json, write_table
@@ -167,29 +169,57 @@ def test_result_anndata_has_no_counts_and_prefixed_results(tmp_path):
     assert json.loads(uns["qc"]["renamed"]["var"]["names"]) == {"A/B": ["A/B-1"]}
 
 
-# The line the README gives scanpy users, run here as written there.
-MERGE_LINE = 'adata.obs = adata.obs.join(res.obs, rsuffix="_scnbvi"); adata.var = adata.var.join(res.var, rsuffix="_scnbvi")'
+# The line the README and docs/outputs.md give scanpy users, run here as written there.
+MERGE_LINE = 'adata = scnbvi.merge(ad.read_h5ad("my_counts.h5ad"), "results/mine")'
 
 
-def test_the_readme_merge_line_joins_results_onto_the_users_object(tmp_path):
+def test_the_documented_merge_line_joins_results_onto_the_users_object(tmp_path, monkeypatch):
     cells, genes, path = _results(tmp_path)
-    # The user's object: more cells than were fitted (c2 was sliced away), columns of the same
-    # names as the results', and counts.
-    adata = make_adata(np.ones((5, 3)), obs={"depth": [1.0, 2, 3, 4, 5], "condition": list("ababa")},
-                       var={"total_counts": [7, 8, 9]})
-    res = ad.read_h5ad(path)
-    assert MERGE_LINE in README.read_text().splitlines()
-    exec(MERGE_LINE)
-
-    assert list(adata.obs.columns) == ["depth", "condition", *res.obs.columns]
-    assert list(adata.var.columns) == ["total_counts", *res.var.columns]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results" / "mine").mkdir(parents=True)
+    path.rename(tmp_path / "results" / "mine" / "scnbvi.h5ad")
+    # The user's object: more cells than were fitted (c2 was sliced away), a column of the same
+    # name as a result's, and counts.
+    make_adata(np.ones((5, 3)), obs={"depth": [1.0, 2, 3, 4, 5]}).write_h5ad(tmp_path / "my_counts.h5ad")
+    for document in (README, REPO / "docs" / "outputs.md"):
+        assert MERGE_LINE in document.read_text().splitlines(), document
+    namespace = {}
+    exec(f"import anndata as ad\nimport scnbvi\n{MERGE_LINE}", namespace)
+    adata = namespace["adata"]
     np.testing.assert_array_equal(adata.obs["depth"], [1, 2, 3, 4, 5])
     np.testing.assert_array_equal(adata.obs["scnbvi_depth"], [10, 20, np.nan, 30, 40])
     np.testing.assert_array_equal(adata.var["scnbvi_n_cells_expressed"], genes["n_cells_expressed"])
-    assert adata.X.shape == (5, 3)
-    # Merged twice, the second copy is told apart by the suffix rather than failing.
-    again = adata.obs.join(res.obs, rsuffix="_scnbvi")
-    assert "scnbvi_cell_effect_mean_scnbvi" in again.columns
+    assert adata.uns["scnbvi"]["convergence"]["steps"] == 2000
+
+
+def test_gene_table_and_contrasts_carry_symbols_into_the_anndata(tmp_path):
+    idata = az.from_dict(posterior={"gene_effect": np.ones((1, 5, 3)), "alpha": np.ones((1, 5))},
+                         coords={"gene": ["ENSG1", "ENSG2", "ENSG3"]}, dims={"gene_effect": ["gene"]})
+    var = pd.DataFrame({"feature_name": pd.Categorical(["TP53", None, "MYC"])}, index=["ENSG1", "ENSG2", "ENSG3"])
+    symbols = symbols_from_var(var, "feature_name")
+    assert list(symbols) == ["TP53", "ENSG2", "MYC"] and symbols_from_var(var, None) is None
+    genes = gene_table(idata, sp.csr_matrix(np.eye(3, dtype=int)), var.index, symbols)
+    assert genes.columns[0] == "symbol" and list(genes["symbol"]) == ["TP53", "ENSG2", "MYC"]
+    de = pd.DataFrame({"symbol": ["MYC", "TP53", "ENSG2"], "lfsr": [0.01, 0.2, 0.9]},
+                      index=pd.Index(["ENSG3", "ENSG1", "ENSG2"], name="gene"))
+    cells = pd.DataFrame({"depth": [1.0, 2.0]}, index=pd.Index(["c0", "c1"], name="cell"))
+    result = result_anndata(cells, genes, _record(), {"condition_treated_vs_control": de})
+    result.write_h5ad(tmp_path / "scnbvi.h5ad")
+    back = ad.read_h5ad(tmp_path / "scnbvi.h5ad")
+    assert list(back.var["scnbvi_symbol"]) == ["TP53", "ENSG2", "MYC"]
+    table = back.varm["scnbvi_de_condition_treated_vs_control"]
+    assert list(table.index) == ["ENSG1", "ENSG2", "ENSG3"]
+    assert list(table["symbol"]) == ["TP53", "ENSG2", "MYC"] and list(table["lfsr"]) == [0.2, 0.9, 0.01]
+
+
+def test_a_missing_symbol_column_stops_the_load_naming_the_column(tmp_path):
+    path = write_h5ad(tmp_path / "in.h5ad", np.ones((3, 2), dtype=np.int32), var={"feature_name": ["A", "B"]})
+    assert list(read_counts(path, gene_symbols="feature_name").var["feature_name"]) == ["A", "B"]
+    with pytest.raises(InputError) as error:
+        read_counts(path, gene_symbols="gene_symbols")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{path}: var['gene_symbols']: no such column")
+    assert "['feature_name']" in message and "load.gene_symbols" in message
 
 
 @pytest.mark.parametrize("umask, mode", [(0o002, 0o664), (0o077, 0o600), (0o022, 0o644)])

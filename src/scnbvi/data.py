@@ -27,23 +27,25 @@ YAML_WORDS = {"null", "true", "false", "yes", "no", "on", "off", "y", "n"}  # re
 
 
 def read_counts(path, block_entries: int = 50_000_000, duplicate_names: str = "make_unique",
-                layer: str | None = None) -> ad.AnnData:
+                layer: str | None = None, gene_symbols: str | None = None) -> ad.AnnData:
     """Load an .h5ad as checked integer counts in CSR, with unique cell and gene names.
 
     See ``read_counts_with_renames``, which also says which names were changed.
     """
-    return read_counts_with_renames(path, block_entries, duplicate_names, layer)[0]
+    return read_counts_with_renames(path, block_entries, duplicate_names, layer, gene_symbols)[0]
 
 
 def read_counts_with_renames(path, block_entries: int = 50_000_000, duplicate_names: str = "make_unique",
-                             layer: str | None = None) -> tuple[ad.AnnData, dict]:
+                             layer: str | None = None, gene_symbols: str | None = None) -> tuple[ad.AnnData, dict]:
     """Load an .h5ad as checked integer counts in CSR, the layout every later step expects.
 
     ``layer`` names the matrix holding the counts: None for X, a key of ``adata.layers``, or
     ``raw`` for ``adata.raw.X`` with ``adata.raw.var`` as genes (scanpy and CELLxGENE files keep
     the counts there and normalised values in X). The result has the counts in X. When the
     matrix holds no counts but another one of the file does, the error names the config line
-    that reads it.
+    that reads it. ``gene_symbols`` names the var column (of ``adata.raw.var`` with ``raw``)
+    holding the genes' symbols: checked here, so that a wrong name stops the run before the fit,
+    and kept in var for the tables that show it (see ``symbols_from_var``).
 
     Repeated obs or var names (a gene symbol listed twice is common, and its counts are still
     valid) break the posterior's coordinates much later, so they are handled here, before the
@@ -78,6 +80,7 @@ def read_counts_with_renames(path, block_entries: int = 50_000_000, duplicate_na
         obs = _read_element(file, "obs", path)
         var = _read_element(file, "raw/var" if layer == RAW_LAYER else "var", path)
         uns = _read_element(file, "uns", path) if "uns" in file else {}
+        _require_symbol_column(var, gene_symbols, layer, path)
         if matrix.shape != (len(obs), len(var)):
             raise InputError(path, field, f"shape {matrix.shape} differs from obs x var ({len(obs)} x {len(var)})",
                              "write the file again with anndata's AnnData.write_h5ad")
@@ -98,6 +101,23 @@ def read_counts_with_renames(path, block_entries: int = 50_000_000, duplicate_na
     dtype = max((block.dtype for block in blocks), key=lambda d: d.itemsize)
     counts = sp.vstack([block.astype(dtype, copy=False) for block in blocks], format="csr")
     return ad.AnnData(X=counts, obs=obs, var=var, uns=uns), renamed
+
+
+def _require_symbol_column(var: pd.DataFrame, column, layer, source) -> None:
+    if column is None or column in var.columns:
+        return
+    frame = "raw.var" if layer == RAW_LAYER else "var"
+    raise InputError(source, f"{frame}[{column!r}]", f"no such column (columns: {list(var.columns)})",
+                     f"set load.gene_symbols to the {frame} column holding the gene symbols, or remove it")
+
+
+def symbols_from_var(var: pd.DataFrame, column: str | None) -> pd.Series | None:
+    """The symbol of each gene as text, indexed like ``var``, from the column ``load.gene_symbols``
+    names (None without it). A gene without a symbol keeps its var name, so that every row reads."""
+    if column is None:
+        return None
+    symbols = var[column].astype(object)
+    return symbols.where(symbols.notna(), var.index.to_series(index=var.index)).astype(str).rename("symbol")
 
 
 def _matrix_key(layer) -> str:

@@ -59,6 +59,7 @@ def contrast_table(
     lfc_threshold: float = 0.5,
     credible_mass: float = 0.95,
     centre: str = "median",
+    symbols: pd.Series | None = None,
 ) -> ContrastResult:
     """One row per gene, sorted by local false sign rate.
 
@@ -67,7 +68,8 @@ def contrast_table(
     at least as significant (the share of sign errors among them that the model expects; on
     real cells ``lfsr < 0.05`` is the call that held its rate); ``prob_large_change`` is
     P(|log2FC| > ``lfc_threshold``). ``base_mean`` is the gene's mean count per cell after
-    scaling each cell to the mean depth, as DESeq2's baseMean.
+    scaling each cell to the mean depth, as DESeq2's baseMean. ``symbols`` (indexed by gene,
+    from ``load.gene_symbols``) become the first column, ``symbol``.
     """
     column, numerator, denominator = contrast
     weights = design.contrast_weights(column, numerator, denominator)
@@ -123,6 +125,8 @@ def contrast_table(
         },
         index=pd.Index(beta["gene"].values, name="gene"),
     )
+    if symbols is not None:
+        table.insert(0, "symbol", symbols.reindex(table.index).to_numpy())
     table = table.sort_values(["lfsr", "prob_large_change"], ascending=[True, False], kind="stable")
     return ContrastResult(table, replicates, units, float(shift), shrunk.null_share, sample_sd)
 

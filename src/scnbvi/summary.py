@@ -16,6 +16,7 @@ from scnbvi.inference import InferenceSettings
 # In scnbvi.h5ad every column carries it, so that joining onto a user's obs and var (which
 # often hold total_counts, depth or the design columns already) never clashes.
 COLUMN_PREFIX = "scnbvi_"
+DE_PREFIX = f"{COLUMN_PREFIX}de_"  # each contrast's table in varm: scnbvi_de_{name}
 CODE_KEYS = ("scnbvi_version", "scnbvi_source_hash", "git_commit")
 
 
@@ -31,8 +32,11 @@ def posterior_summary(idata: az.InferenceData) -> pd.DataFrame:
     return az.summary(idata, var_names=names, kind="stats", round_to="none")
 
 
-def gene_table(idata: az.InferenceData, counts: sp.spmatrix, var_names) -> pd.DataFrame:
-    """One row per gene, indexed like ``adata.var``, so ``adata.var.join(table)`` just works."""
+def gene_table(
+    idata: az.InferenceData, counts: sp.spmatrix, var_names, symbols: pd.Series | None = None
+) -> pd.DataFrame:
+    """One row per gene, indexed like ``adata.var``, so ``adata.var.join(table)`` just works;
+    ``symbols`` (from ``load.gene_symbols``, indexed by gene) become the first column, ``symbol``."""
     posterior = idata.posterior
     gene_effect = posterior["gene_effect"].stack(sample=("chain", "draw"))
     table = pd.DataFrame(
@@ -42,6 +46,8 @@ def gene_table(idata: az.InferenceData, counts: sp.spmatrix, var_names) -> pd.Da
         },
         index=pd.Index(list(var_names), name="gene"),
     )
+    if symbols is not None:
+        table.insert(0, "symbol", symbols.reindex(table.index).to_numpy())
     alpha = posterior["alpha"]
     if "gene" in alpha.dims:
         # Named as the field does: DESeq2, edgeR and glmGamPoi's dispersion is 1/alpha
@@ -83,15 +89,21 @@ def fit_record(
     }
 
 
-def result_anndata(cells: pd.DataFrame, genes: pd.DataFrame, record: dict) -> ad.AnnData:
+def result_anndata(
+    cells: pd.DataFrame, genes: pd.DataFrame, record: dict, contrasts: dict[str, pd.DataFrame] | None = None
+) -> ad.AnnData:
     """The fitted cells and genes with their results and no counts (``X`` is None).
 
-    ``obs`` holds cells.tsv and ``var`` genes.tsv, every column prefixed ``scnbvi_``, and
-    ``uns["scnbvi"]`` the :func:`fit_record`.
+    ``obs`` holds cells.tsv and ``var`` genes.tsv, every column prefixed ``scnbvi_``,
+    ``varm[f"scnbvi_de_{name}"]`` each contrast's table (de/{name}.tsv) in the order of the genes,
+    and ``uns["scnbvi"]`` the :func:`fit_record`.
     """
     obs, var = cells.add_prefix(COLUMN_PREFIX), genes.add_prefix(COLUMN_PREFIX)
     obs.index, var.index = obs.index.astype(str), var.index.astype(str)
-    return ad.AnnData(obs=obs, var=var, uns={"scnbvi": hdf5_safe(record)})
+    varm = {}
+    for name, table in (contrasts or {}).items():
+        varm[f"{DE_PREFIX}{name}"] = table.set_axis(table.index.astype(str)).reindex(var.index)
+    return ad.AnnData(obs=obs, var=var, varm=varm, uns={"scnbvi": hdf5_safe(record)})
 
 
 def hdf5_safe(value):

@@ -35,10 +35,6 @@ rule summary:
     input:
         trace=f"{RESULTS}/{{dataset}}/trace.nc",
         h5ad=f"{RESULTS}/{{dataset}}/sliced.h5ad",
-        cells=f"{RESULTS}/{{dataset}}/cells.tsv",
-        stats=f"{RESULTS}/{{dataset}}/fit_stats.json",
-        design=f"{RESULTS}/{{dataset}}/design.json",
-        qc=f"{RESULTS}/{{dataset}}/qc.json",
     output:
         summary=report(
             f"{RESULTS}/{{dataset}}/summary.csv",
@@ -52,7 +48,6 @@ rule summary:
             category="Posterior",
             subcategory="{dataset}",
         ),
-        h5ad=f"{RESULTS}/{{dataset}}/scnbvi.h5ad",
     log:
         f"{RESULTS}/{{dataset}}/logs/summary.log",
     benchmark:
@@ -64,8 +59,7 @@ rule summary:
         runtime=scaled_runtime(30, 20),
     params:
         code=CODE_VERSION,
-        inference=section("inference", leave_out=RUN_ONLY_INFERENCE_SETTINGS),
-        model=section("model"),
+        gene_symbols=lambda wildcards: dataset_config(wildcards)["load"]["gene_symbols"],
     script:
         "../scripts/summary.py"
 

@@ -7,6 +7,7 @@ def main(snakemake):
     import anndata as ad
     import arviz as az
 
+    from scnbvi.data import symbols_from_var
     from scnbvi.de import contrast_table
     from scnbvi.design import read_design
     from scnbvi.offsets import aligned_covariates
@@ -27,6 +28,7 @@ def main(snakemake):
         lfc_threshold=settings["lfc_threshold"],
         credible_mass=settings["credible_mass"],
         centre=settings["centre"],
+        symbols=symbols_from_var(adata.var, snakemake.params.gene_symbols),
     )
     # The files' name: the user's (contrasts as a mapping) or made from the parts.
     name = snakemake.wildcards.contrast

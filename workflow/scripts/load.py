@@ -10,8 +10,9 @@ def main(snakemake):
     from scnbvi.qc import apply_qc_actions, qc_report
 
     settings = dict(snakemake.params.settings)
-    duplicate_names, layer = settings.pop("duplicate_names"), settings.pop("layer")
-    adata, renamed = read_counts_with_renames(snakemake.input[0], duplicate_names=duplicate_names, layer=layer)
+    duplicate_names, layer, gene_symbols = (settings.pop(key) for key in ("duplicate_names", "layer", "gene_symbols"))
+    adata, renamed = read_counts_with_renames(snakemake.input[0], duplicate_names=duplicate_names, layer=layer,
+                                              gene_symbols=gene_symbols)
     report = {"input": str(snakemake.input[0]), "code_version": code_version(), "renamed": renamed,
               "before": qc_report(adata)}
     adata = apply_qc_actions(adata, **settings)
