@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from adjustText import adjust_text  # noqa: E402
 
 from scnbvi.inference.plateau import DecayThenStop, relative_gains  # noqa: E402
 
@@ -133,8 +134,6 @@ def contrast_figures(table: pd.DataFrame, *, title: str, lfsr_level: float = 0.0
     """The MA plot (log2 fold change against mean expression) and the volcano plot (against lfsr)
     of one contrast, as open figures: called genes (lfsr below ``lfsr_level``) highlighted, the
     thresholds drawn, the top calls named and the numbers of up and down calls in the title."""
-    from adjustText import adjust_text
-
     called = table["lfsr"].to_numpy() < lfsr_level
     lfc = table["log2_fold_change"].to_numpy()
     up, down = call_counts(table, lfsr_level)
