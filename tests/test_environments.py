@@ -53,7 +53,9 @@ def test_lock_file_contains_every_requirement_at_the_same_version():
 
 
 # Import names whose conda-forge package is named differently; the rest are the same.
-CONDA_PACKAGE = {"yaml": "pyyaml", "skmisc": "scikit-misc", "sklearn": "scikit-learn", "PIL": "pillow"}
+CONDA_PACKAGE = {
+    "yaml": "pyyaml", "skmisc": "scikit-misc", "sklearn": "scikit-learn", "PIL": "pillow", "adjustText": "adjusttext",
+}
 SCRIPTS = REPO / "workflow" / "scripts"
 # Local top-level modules -> the folder they are imported from.
 LOCAL_MODULES = {"scnbvi": REPO / "src", "_runner": SCRIPTS}

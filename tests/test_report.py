@@ -23,7 +23,7 @@ WITH_CONTRAST["datasets"]["sim"]["simulate"]["condition_effect_sd"] = 0.7
 CONTRAST = "condition_treated_vs_control"
 EXPECTED_ITEMS = {
     "qc.html", "fit_stats.html", "elbo.png", "summary.csv", "genes.tsv",
-    f"{CONTRAST}.tsv", f"{CONTRAST}_ma.png", f"{CONTRAST}_volcano.png",
+    f"{CONTRAST}.tsv", f"{CONTRAST}.html", f"{CONTRAST}_ma.png", f"{CONTRAST}_volcano.png",
     "ppc_genes.tsv", "ppc_zero_fraction.png", "ppc_mean_variance.png", "ppc_library_size.png",
 }
 
@@ -68,6 +68,7 @@ def test_report_opens_on_the_workflow_description_and_holds_every_result(workflo
         items = {Path(name).name: name for name in archive.namelist() if name.startswith("report/data/")}
         qc = archive.read(items["qc.html"]).decode()
         fit = archive.read(items["fit_stats.html"]).decode()
+        de = archive.read(items[f"{CONTRAST}.html"]).decode()
 
     assert "scnbvi fits a hierarchical Negative-Binomial model" in page
     assert "Quality control" in page and "Convergence" in page and "Differential expression" in page
@@ -75,3 +76,4 @@ def test_report_opens_on_the_workflow_description_and_holds_every_result(workflo
     assert EXPECTED_ITEMS <= set(items), sorted(items)
     assert "<td>n_cells</td>" in qc and "<td>drop</td>" in qc
     assert "final fixed-cells ELBO per observation" in fit and "converged (elbo rule" in fit
+    assert "<th>gene</th>" in de and "<th>lfsr</th>" in de and "<script>" in de

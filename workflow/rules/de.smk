@@ -24,6 +24,12 @@ rule de:
             category="Differential expression",
             subcategory="{dataset}",
         ),
+        html=report(
+            f"{RESULTS}/{{dataset}}/de/{{contrast}}.html",
+            caption="../report/de_html.rst",
+            category="Differential expression",
+            subcategory="{dataset}",
+        ),
     log:
         f"{RESULTS}/{{dataset}}/logs/de/{{contrast}}.log",
     benchmark:

@@ -1,5 +1,8 @@
 from _runner import run
 
+# Genes in the report's browsable table of a contrast.
+HTML_ROWS = 500
+
 
 def main(snakemake):
     import logging
@@ -13,6 +16,7 @@ def main(snakemake):
     from scnbvi.offsets import aligned_covariates
     from scnbvi.outputs import atomic_output, write_table
     from scnbvi.plotting import plot_contrast
+    from scnbvi.report_tables import write_html_table
 
     settings = snakemake.params.settings
     adata = ad.read_h5ad(snakemake.input.h5ad)
@@ -37,7 +41,12 @@ def main(snakemake):
     title = (f"{snakemake.wildcards.dataset} {name}: {contrast[0]} {contrast[1]} vs {contrast[2]}\n"
              f"replicates: {result.replicates}")
     with atomic_output(snakemake.output.ma) as ma, atomic_output(snakemake.output.volcano) as volcano:
-        plot_contrast(result.table, ma, volcano, title=title, lfsr_level=settings["lfsr_level"])
+        plot_contrast(result.table, ma, volcano, title=title, lfsr_level=settings["lfsr_level"],
+                      lfc_threshold=settings["lfc_threshold"])
+    # The report shows the top of the table, to browse; the .tsv holds every gene.
+    shown = result.table.head(HTML_ROWS)
+    write_html_table(shown, title.splitlines()[0], snakemake.output.html, index_label="gene",
+                     note=f"{len(shown):,} of {len(result.table):,} genes, by lfsr; all in {name}.tsv.")
 
 
 run(snakemake, main)

@@ -30,22 +30,6 @@ def fit_rows(stats: dict, n_cells: int, n_genes: int) -> list[dict]:
             for key, value in values.items()]
 
 
-def write_html_table(rows: list[dict], title: str, path):
-    """A standalone HTML table: the one kind of table the Snakemake report shows inline."""
-    from html import escape
-
-    import pandas as pd
-
-    from scnbvi.outputs import atomic_output
-
-    table = pd.DataFrame(rows).to_html(index=False, border=0, na_rep="")
-    style = ("body{font-family:sans-serif;font-size:13px} table{border-collapse:collapse}"
-             "th,td{padding:2px 10px;text-align:left;border-bottom:1px solid #ddd}")
-    with atomic_output(path) as temporary:
-        temporary.write_text(f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{escape(title)}</title>"
-                             f"<style>{style}</style></head>\n<body><h3>{escape(title)}</h3>\n{table}\n</body></html>\n")
-
-
 def main(snakemake):
     import json
 
@@ -53,6 +37,7 @@ def main(snakemake):
 
     from scnbvi.outputs import atomic_output
     from scnbvi.plotting import plot_elbo
+    from scnbvi.report_tables import write_html_table
 
     dataset = snakemake.wildcards.dataset
     elbo = pd.read_csv(snakemake.input.elbo, sep="\t")
@@ -64,8 +49,9 @@ def main(snakemake):
     with atomic_output(snakemake.output.plot) as path:
         plot_elbo(elbo, path, stats=stats, n_observations=n_cells * n_genes,
                   title=f"{dataset} ({n_cells:,} cells x {n_genes:,} genes): {stats['stop_reason']}")
-    write_html_table(qc_rows(qc), f"{dataset}: quality report of the input (qc.json)", snakemake.output.qc)
-    write_html_table(fit_rows(stats, n_cells, n_genes), f"{dataset}: how the fit went (fit_stats.json)",
+    write_html_table(pd.DataFrame(qc_rows(qc)), f"{dataset}: quality report of the input (qc.json)",
+                     snakemake.output.qc)
+    write_html_table(pd.DataFrame(fit_rows(stats, n_cells, n_genes)), f"{dataset}: how the fit went (fit_stats.json)",
                      snakemake.output.fit)
 
 
