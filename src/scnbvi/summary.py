@@ -4,6 +4,8 @@ the AnnData of results that joins onto the user's own object."""
 from __future__ import annotations
 
 import json
+import logging
+import time
 
 import anndata as ad
 import arviz as az
@@ -17,6 +19,9 @@ from scnbvi.inference import InferenceSettings
 # often hold total_counts, depth or the design columns already) never clashes.
 COLUMN_PREFIX = "scnbvi_"
 CODE_KEYS = ("scnbvi_version", "scnbvi_source_hash", "git_commit")
+# Seconds between progress lines of the per-gene table, whose coefficients (one per sample with
+# design.random) take minutes on large data.
+PROGRESS_SECONDS = 10
 
 
 def posterior_summary(idata: az.InferenceData) -> pd.DataFrame:
@@ -53,9 +58,14 @@ def gene_table(idata: az.InferenceData, counts: sp.spmatrix, var_names) -> pd.Da
         table["inverse_dispersion_sd"] = alpha.std("sample").values
     if "beta" in posterior:
         beta = posterior["beta"].stack(sample=("chain", "draw"))
+        started = last_line = time.perf_counter()
         for name in beta["coefficient"].values:
             table[f"beta_{name}_mean"] = beta.sel(coefficient=name).mean("sample").values
             table[f"beta_{name}_sd"] = beta.sel(coefficient=name).std("sample").values
+            if time.perf_counter() - last_line >= PROGRESS_SECONDS:
+                last_line = time.perf_counter()
+                logging.getLogger("scnbvi.progress").info("per-gene table: up to coefficient %s of %d (%.0f s)",
+                                                          name, beta.sizes["coefficient"], last_line - started)
     table["total_counts"] = np.asarray(counts.sum(axis=0)).ravel().astype(np.int64)
     table["n_cells_expressed"] = np.asarray((counts > 0).sum(axis=0)).ravel().astype(np.int64)
     return table

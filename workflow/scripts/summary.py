@@ -3,6 +3,8 @@ from _runner import run
 
 def main(snakemake):
     import json
+    import logging
+    import time
     from pathlib import Path
 
     import anndata as ad
@@ -15,11 +17,20 @@ def main(snakemake):
     def read_json(path):
         return json.loads(Path(path).read_text())
 
+    # Silent for minutes on large data otherwise: each stage's end, with the seconds since the start.
+    progress, started = logging.getLogger("scnbvi.progress"), time.perf_counter()
+
+    def done(stage):
+        progress.info("%s (%.0f s)", stage, time.perf_counter() - started)
+
     idata = az.from_netcdf(snakemake.input.trace)
     adata = ad.read_h5ad(snakemake.input.h5ad)
+    done("read the trace and the counts")
     write_table(posterior_summary(idata), snakemake.output.summary, sep=",")
+    done(f"wrote {snakemake.output.summary}")
     genes = gene_table(idata, adata.X, adata.var_names)
     write_table(genes, snakemake.output.genes)
+    done(f"wrote {snakemake.output.genes}")
     cells = pd.read_csv(snakemake.input.cells, sep="\t", dtype={"cell": str}, float_precision="round_trip")
     record = fit_record(
         read_json(snakemake.input.stats),
@@ -31,6 +42,7 @@ def main(snakemake):
     )
     with atomic_output(snakemake.output.h5ad) as path:
         result_anndata(cells.set_index("cell"), genes, record).write_h5ad(path)
+    done(f"wrote {snakemake.output.h5ad}")
 
 
 run(snakemake, main)
