@@ -33,6 +33,22 @@ rule all:
         all_outputs(),
 
 
+# A misspelled design column or contrast level, or missing values in a design column, stop the run
+# here, seconds after it starts and before any job, with the covariates rule's own one-line error.
+onstart:
+    errors = design_errors()
+    for line in errors:
+        print(line, file=sys.stderr)
+    if errors:
+        sys.exit(1)
+
+
+# How each data set's fit went, among the run's closing lines.
+onsuccess:
+    for line in run_report(RESULTS, DATASETS):
+        print(line, file=sys.stderr)
+
+
 # Snakemake's own report of a failure runs to many lines; each failed job's one-line error
 # (what is wrong and the fix) is repeated below it, among the run's closing lines.
 onerror:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import anndata as ad
 import arviz as az
@@ -212,6 +213,36 @@ def test_missing_obs_column_names_the_column(workflow_copy):
     repeated = max(i for i, line in enumerate(lines) if line.startswith("scnbvi error in rule covariates"))
     assert repeated > max(i for i, line in enumerate(lines) if line.startswith("Error in rule covariates"))
     assert len(lines) - repeated <= 6, text[-1500:]
+
+
+BAD_DESIGNS = {
+    "misspelled column": ({"design": {"categorical": ["conditon"]}}, "obs has no column 'conditon'"),
+    "unknown level": ({"design": {"categorical": ["condition"]}, "contrasts": [["condition", "treatd", "control"]]},
+                      "'treatd' is not a level of 'condition'"),
+    "missing values": ({"design": {"continuous": ["score"]}}, "obs['score'] has 1 missing values"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_DESIGNS))
+def test_a_bad_design_stops_the_run_before_any_job_with_one_line(workflow_copy, kind):
+    dataset, words = BAD_DESIGNS[kind]
+    counts = _good_counts()
+    score = np.linspace(0, 1, counts.shape[0])
+    score[0] = np.nan
+    obs = {"condition": ["control", "treated"] * (counts.shape[0] // 2), "score": score}
+    path = write_h5ad(workflow_copy / "cells.h5ad", counts, obs=obs)
+    config = write_config(workflow_copy, {"datasets": {"bad": {"path": path, **dataset}}})
+
+    started = time.perf_counter()
+    result = snakemake(workflow_copy, "--configfile", config)
+
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"scnbvi error in data set bad ({path}), before any job: config: "), result.stderr[-2000:]
+    assert words in last and "; fix: " in last
+    assert not (workflow_copy / "results").exists()
+    # Most of it is Snakemake's own start; the check itself takes about a second.
+    assert time.perf_counter() - started < 60
 
 
 def test_empty_slice_names_the_setting(workflow_copy):

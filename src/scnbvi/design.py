@@ -293,10 +293,10 @@ def _require_identified(design: Design, obs: pd.DataFrame, categorical, source) 
         for outer, inner in nested_pairs(obs[list(categorical)], categorical):
             raise InputError(
                 "config", f"{source}.categorical",
-                f"obs[{outer!r}] is constant within each level of obs[{inner!r}], so their effects are "
-                f"confounded: {inner!r} looks like the samples that replicate {outer!r}",
-                f"move {inner!r} from design.categorical to design.random, so {outer!r} is estimated "
-                "from the spread between samples",
+                f"obs[{outer!r}] is nested in obs[{inner!r}] (constant within each level of obs[{inner!r}]), "
+                f"so their effects are confounded: {inner!r} looks like the samples that replicate {outer!r}",
+                f"move {inner!r} from design.categorical to design.random, so {outer!r} and its contrasts "
+                "(differential expression) are estimated from the spread between samples",
             )
         raise InputError("config", source, f"the design columns {list(design.names)} are linearly dependent "
                          "(one is a combination of the others), so their effects are not identified",

@@ -4,6 +4,8 @@ the AnnData of results that joins onto the user's own object."""
 from __future__ import annotations
 
 import json
+import logging
+import time
 
 import anndata as ad
 import arviz as az
@@ -18,6 +20,9 @@ from scnbvi.inference import InferenceSettings
 COLUMN_PREFIX = "scnbvi_"
 DE_PREFIX = f"{COLUMN_PREFIX}de_"  # each contrast's table in varm: scnbvi_de_{name}
 CODE_KEYS = ("scnbvi_version", "scnbvi_source_hash", "git_commit")
+# Seconds between progress lines of the per-gene table, whose coefficients (one per sample with
+# design.random) take minutes on large data.
+PROGRESS_SECONDS = 10
 
 
 def posterior_summary(idata: az.InferenceData) -> pd.DataFrame:
@@ -59,9 +64,14 @@ def gene_table(
         table["inverse_dispersion_sd"] = alpha.std("sample").values
     if "beta" in posterior:
         beta = posterior["beta"].stack(sample=("chain", "draw"))
+        started = last_line = time.perf_counter()
         for name in beta["coefficient"].values:
             table[f"beta_{name}_mean"] = beta.sel(coefficient=name).mean("sample").values
             table[f"beta_{name}_sd"] = beta.sel(coefficient=name).std("sample").values
+            if time.perf_counter() - last_line >= PROGRESS_SECONDS:
+                last_line = time.perf_counter()
+                logging.getLogger("scnbvi.progress").info("per-gene table: up to coefficient %s of %d (%.0f s)",
+                                                          name, beta.sizes["coefficient"], last_line - started)
     table["total_counts"] = np.asarray(counts.sum(axis=0)).ravel().astype(np.int64)
     table["n_cells_expressed"] = np.asarray((counts > 0).sum(axis=0)).ravel().astype(np.int64)
     return table

@@ -1,7 +1,9 @@
 import copy
 import hashlib
+import json
 import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,6 +61,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from scnbvi import __version__ as scnbvi_version
 from scnbvi.naming import contrast_name
 from scnbvi.outputs import source_hash
+from scnbvi.run_report import run_report
 
 CODE_VERSION = f"{scnbvi_version}+{source_hash()}"
 
@@ -80,6 +83,28 @@ def failed_jobs_errors():
             elif " ERROR unexpected error in rule" in line:
                 lines.append(f"scnbvi: {line.split(' ERROR ', 1)[1]}; traceback in {path}")
     return list(dict.fromkeys(lines))
+
+
+def design_errors():
+    """Each data set's design and contrasts checked against the obs of its input before any job runs,
+    by scnbvi.preflight in a python of its own (this process imports no numpy or pandas): its one-line
+    errors. A check that cannot run is only a warning: the covariates rule checks the same."""
+    source = os.pathsep.join(filter(None, (str(Path(workflow.basedir) / "src"), os.environ.get("PYTHONPATH"))))
+    result = subprocess.run(
+        [sys.executable, "-m", "scnbvi.preflight"],
+        input=json.dumps(config, default=str),
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": source},
+    )
+    errors = [line for line in result.stdout.splitlines() if line.startswith("scnbvi error")]
+    if result.returncode and not errors:
+        cause = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+        print(
+            f"scnbvi: the design was not checked before the run ({cause}); the covariates rule checks it",
+            file=sys.stderr,
+        )
+    return errors
 
 
 # Names may hold regex characters (a "." in "v1.0" would match any character).

@@ -2,6 +2,9 @@ from _runner import run
 
 
 def main(snakemake):
+    import logging
+    import time
+
     import anndata as ad
     import arviz as az
 
@@ -9,11 +12,20 @@ def main(snakemake):
     from scnbvi.outputs import write_table
     from scnbvi.summary import gene_table, posterior_summary
 
+    # Silent for minutes on large data otherwise: each stage's end, with the seconds since the start.
+    progress, started = logging.getLogger("scnbvi.progress"), time.perf_counter()
+
+    def done(stage):
+        progress.info("%s (%.0f s)", stage, time.perf_counter() - started)
+
     idata = az.from_netcdf(snakemake.input.trace)
     adata = ad.read_h5ad(snakemake.input.h5ad)
+    done("read the trace and the counts")
     write_table(posterior_summary(idata), snakemake.output.summary, sep=",")
+    done(f"wrote {snakemake.output.summary}")
     symbols = symbols_from_var(adata.var, snakemake.params.gene_symbols)
     write_table(gene_table(idata, adata.X, adata.var_names, symbols), snakemake.output.genes)
+    done(f"wrote {snakemake.output.genes}")
 
 
 run(snakemake, main)
