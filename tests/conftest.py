@@ -29,7 +29,7 @@ def preset(name: str) -> dict:
 
 # Property-based tests: a few examples in the default run, more under CI=true (.ci/run). Each run
 # draws its own examples; a failure prints the seed to replay it with: pytest --hypothesis-seed=N.
-settings.register_profile("default", max_examples=6, deadline=None, derandomize=False, database=None,
+settings.register_profile("default", max_examples=10, deadline=None, derandomize=False, database=None,
                           print_blob=True)
 settings.register_profile("ci", settings.get_profile("default"), max_examples=40)
 settings.load_profile("ci" if os.environ.get("CI") == "true" else "default")

@@ -11,6 +11,7 @@ import re
 import tempfile
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,7 +19,7 @@ import scipy.sparse as sp
 from hypothesis import HealthCheck, event, example, given, note, settings
 from hypothesis import strategies as st
 
-from conftest import copy_workflow, snakemake, write_config, write_h5ad
+from conftest import copy_workflow, snakemake, write_config
 from scnbvi.de import contrast_table
 from scnbvi.design import MANY_LEVELS, design_from_config, read_design, write_design
 from scnbvi.errors import InputError
@@ -300,3 +301,49 @@ def test_any_design_fits_to_well_formed_tables_or_stops_with_one_line_naming_the
             return
     assert not problems, f"the design went through, though it must stop naming one of {problems}"
     event("fitted")
+
+
+def workflow_config(path: str, design: dict, contrasts) -> dict:
+    return {"backend": "jax", "datasets": {"fuzz": {
+        "path": path, "design": design, "contrasts": contrasts, "de": {"pseudobulk": False},
+        "inference": {"max_iterations": 20, "check_every": 10, "draws": 20},
+        "ppc": {"cells": PPC_CELLS, "draws": PPC_DRAWS}}}}
+
+
+@pytest.mark.slow
+@settings(max_examples=2, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=cases())
+@example(case=(TRICKY, {"categorical": ["条件"], "continuous": ["cond[x]"], "reference": {}, "random": []},
+               [["条件", "a/b", "处理"]]))
+def test_the_workflow_on_drawn_designs_writes_each_contrast_or_stops_with_one_line_naming_the_column(case):
+    """The same property through Snakemake, obs and its odd names through an .h5ad and the config."""
+    obs, design, contrasts = case
+    names = {contrast_name(*parts): parts for parts in contrasts}
+    colliding = len(names) < len({tuple(parts) for parts in contrasts})
+    counts, _ = counts_and_depth(0)
+    with tempfile.TemporaryDirectory() as directory:
+        workdir = copy_workflow(Path(directory) / "scnbvi")
+        path = workdir / "obs.h5ad"
+        # A boolean column with a missing value is stored as the nullable boolean type of pandas.
+        obs = obs.apply(lambda column: column.astype("boolean") if column.dtype == object
+                        and column.dropna().map(type).eq(bool).all() and column.isna().any() else column)
+        ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=[f"g{g}" for g in range(N_GENES)])).write_h5ad(path)
+        # What the workflow reads: string columns come back categorical.
+        problems = expected_problems(ad.read_h5ad(path).obs, design, contrasts)
+        note(f"design {design}, contrasts {contrasts}; expected problems: {problems}")
+        result = snakemake(workdir, "--configfile", write_config(workdir, workflow_config(str(path), design,
+                                                                                          contrasts)))
+        text = result.stdout + result.stderr
+        if colliding:  # two contrasts would write one file: refused before any job
+            assert result.returncode != 0 and "config: datasets.fuzz.contrasts:" in text, text[-2000:]
+            return
+        if problems:
+            assert result.returncode != 0, text[-2000:]
+            lines = sorted({line for line in text.splitlines() if line.startswith("scnbvi error")})
+            assert len(lines) == 1 and "rule covariates" in lines[0], text[-2000:]
+            assert any(problem in lines[0] for problem in problems), (lines[0], problems)
+            return
+        assert result.returncode == 0, text[-3000:]
+        for name in names:
+            table = pd.read_csv(workdir / "results" / "fuzz" / "de" / f"{name}.tsv", sep="\t", index_col=0)
+            assert_well_formed_contrast(table, [f"g{g}" for g in range(N_GENES)])
