@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -25,6 +26,13 @@ def preset(name: str) -> dict:
     """A config of .test/config, read afresh so that a test can change its copy freely."""
     return yaml.safe_load((PRESETS / f"{name}.yaml").read_text())
 
+
+# Property-based tests: a few examples in the default run, more under CI=true (.ci/run). Each run
+# draws its own examples; a failure prints the seed to replay it with: pytest --hypothesis-seed=N.
+settings.register_profile("default", max_examples=10, deadline=None, derandomize=False, database=None,
+                          print_blob=True)
+settings.register_profile("ci", settings.get_profile("default"), max_examples=40)
+settings.load_profile("ci" if os.environ.get("CI") == "true" else "default")
 
 # The tests' default configuration: a small simulated data set that fits in seconds.
 SMALL_SIMULATED = preset("small_simulated")

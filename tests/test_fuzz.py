@@ -16,7 +16,6 @@ import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
-import pytest
 import scipy.sparse as sp
 from hypothesis import HealthCheck, event, example, given, note, settings
 from hypothesis import strategies as st
@@ -250,9 +249,8 @@ def load_slice_covariates(path: Path, case: dict, config: dict, expected):
     return adata, cells, genes
 
 
-@pytest.mark.fit
-@settings(max_examples=30, deadline=None, derandomize=True, database=None, print_blob=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# How many examples, and the seed: the Hypothesis profile of tests/conftest.py.
+@settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(case=h5ad_files(), config=workflow_settings())
 # Cases this test has found, run first whatever the generator draws: repeated entries whose sum
 # exceeds the stored type, a float count of 2**63, and a cell named like a missing value.
