@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from scnbvi.inference import InferenceSettings, fit
-from scnbvi.inference.checkpoint import FitInterrupted
+from scnbvi.inference.checkpoint import FitInterrupted, remove_checkpoint
 from scnbvi.inference.progress import Progress
 from scnbvi.simulate import simulate_counts
 
@@ -56,7 +56,10 @@ def test_a_fit_stopped_by_sigterm_resumes_to_the_same_numbers(data, tmp_path, mo
         resumed = _fit(data, backend, checkpoint_path=path)
     # It did resume, from where it stopped, rather than happen to start over to the same numbers.
     assert f"resuming from checkpoint {path} at step {fifth_check}" in caplog.text
-    assert not path.exists()  # removed once the fit finished
+    # Kept until the caller has written the results: a failed write would lose no work.
+    assert path.is_file()
+    remove_checkpoint(path)
+    assert not path.exists()
     assert resumed.steps == clean.steps and resumed.checks == clean.checks
     np.testing.assert_array_equal(resumed.losses, clean.losses)
     for name in clean.means:
@@ -113,6 +116,7 @@ def test_a_checkpoint_that_cannot_be_written_or_removed_costs_only_a_warning(dat
     monkeypatch.setattr(Path, "unlink", read_only)
     with caplog.at_level("WARNING", logger="scnbvi"):
         result = _fit(data, backend, checkpoint_path=tmp_path / "fit.checkpoint")
+        remove_checkpoint(tmp_path / "fit.checkpoint")
     monkeypatch.undo()
     np.testing.assert_array_equal(result.means["gene_effect"], clean.means["gene_effect"])
     assert "checkpoint not saved" in caplog.text and "No space left on device" in caplog.text

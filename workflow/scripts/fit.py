@@ -6,6 +6,7 @@ def main(snakemake):
 
     from scnbvi.design import read_design
     from scnbvi.inference import InferenceSettings, fit
+    from scnbvi.inference.checkpoint import remove_checkpoint
     from scnbvi.offsets import aligned_covariates
     from scnbvi.outputs import atomic_output, code_version, write_json, write_table
     from scnbvi.posterior import sample_posterior, write_trace
@@ -41,6 +42,8 @@ def main(snakemake):
     write_table(cell_moments.join(cells), snakemake.output.cells)
     with atomic_output(snakemake.output.trace) as path:
         write_trace(idata, path)
+    # Only now: had a write above failed, the rerun would resume from the finished fit.
+    remove_checkpoint(snakemake.params.checkpoint)
 
 
 run(snakemake, main)

@@ -64,7 +64,8 @@ def fit(
 
     ``design``: per-cell covariates (:func:`scnbvi.design.build_design`), each with one
     effect per gene. ``checkpoint_path``: where the fit saves its progress every
-    ``settings.checkpoint_minutes`` and when asked to stop, and resumes from.
+    ``settings.checkpoint_minutes`` and when asked to stop, and resumes from; it stays after the
+    fit, for the caller to remove (``checkpoint.remove_checkpoint``) once the results are written.
     """
     require_backend(backend)
     if settings.hyperparameters not in HYPERPARAMETER_ESTIMATES:
@@ -103,8 +104,6 @@ def fit(
     result = ENGINES[engine](model, sampler, settings, backend, checkpoint)
     if settings.hyperparameters == "collapsed":
         result = collapse_hyperparameters(model, result)
-    if checkpoint is not None:
-        checkpoint.remove()
     log.info(
         "stopped after %d steps (%.2f epochs, %.1f s, compile %.1f s, %d learning-rate decays, final %g): %s",
         result.steps, result.epochs, result.fit_seconds, result.compile_seconds, result.decays,

@@ -99,14 +99,6 @@ class Checkpoint:
                 "command to resume (a longer time limit avoids the stop)"
             )
 
-    def remove(self) -> None:
-        """Once the fit's results are written; a checkpoint that cannot be removed is only reported."""
-        try:
-            self.path.unlink(missing_ok=True)
-        except OSError as error:
-            log.warning("could not remove the finished fit's checkpoint %s (%s); delete it by hand", self.path,
-                        error.strerror or error)
-
     @contextlib.contextmanager
     def stop_on_signals(self):
         """SIGTERM and SIGINT ask the fit to save and stop at its next chunk of steps."""
@@ -124,3 +116,13 @@ class Checkpoint:
 
     def _request_stop(self, number, frame) -> None:
         self.stop_requested = signal.Signals(number).name
+
+
+def remove_checkpoint(path) -> None:
+    """Called once the fit's results are written, never before: until then a rerun resumes from it.
+    A checkpoint that cannot be removed (results made read-only) is only reported."""
+    try:
+        Path(path).unlink(missing_ok=True)
+    except OSError as error:
+        log.warning("could not remove the finished fit's checkpoint %s (%s); delete it by hand", path,
+                    error.strerror or error)
