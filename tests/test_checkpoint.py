@@ -56,8 +56,13 @@ def test_a_fit_stopped_by_sigterm_resumes_to_the_same_numbers(data, tmp_path, mo
         resumed = _fit(data, backend, checkpoint_path=path)
     # It did resume, from where it stopped, rather than happen to start over to the same numbers.
     assert f"resuming from checkpoint {path} at step {fifth_check}" in caplog.text
-    # Kept until the caller has written the results: a failed write would lose no work.
-    assert path.is_file()
+    # Kept, at the finished fit, until the caller has written the results: were that write to
+    # fail, the rerun would start from the end, not redo the fit.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="scnbvi"):
+        again = _fit(data, backend, checkpoint_path=path)
+    assert f"resuming from checkpoint {path} at step {clean.steps}" in caplog.text
+    np.testing.assert_array_equal(again.means["gene_effect"], clean.means["gene_effect"])
     remove_checkpoint(path)
     assert not path.exists()
     assert resumed.steps == clean.steps and resumed.checks == clean.checks

@@ -96,6 +96,9 @@ class FitLoop:
                     self.read_unread()
                     self.checkpoint.save(self.progress_so_far(state))
         self.read_unread()
+        if self.checkpoint is not None and self.steps > first_step:
+            # The finished fit too, until its caller has written the results (remove_checkpoint).
+            self.checkpoint.save(self.progress_so_far(state))
         last_iterate = engine.iterate(state)
         means, stds = engine.fitted(state, self.average.result(last_iterate) if self.averaging else last_iterate)
         losses = np.concatenate(self.losses)
