@@ -31,7 +31,7 @@ from scnbvi.errors import InputError
 from scnbvi.likelihood.moments import cumulants, log_zero_probability
 
 BAND = 0.9  # mass of the band of replicated statistics
-BLOCK_ENTRIES = 2_000_000  # cells x genes replicated at once: memory stays bounded at any size
+BLOCK_ENTRIES = 2**18  # cells x genes at once: the terms of a block stay in cache
 GENE_STATISTICS = ("zero_fraction", "mean", "variance")
 HISTOGRAM_BINS = 30
 PROGRESS_SECONDS = 10
@@ -189,21 +189,27 @@ def _padded(values: np.ndarray, size: int, fill: float) -> np.ndarray:
 @jax.jit
 def _block_sums(cell_rate, gene_rate, alpha, covariates, beta):
     """Per gene (over cells) and per cell (over genes), the sums the statistics' moments need,
-    in one pass over a block of cells x genes: a padding gene (rate -inf) adds nothing to a cell."""
+    for a block of cells x genes: a padding gene (rate -inf) adds nothing to a cell.
+
+    The terms are computed in one elementwise pass and summed by products with a vector of
+    ones: a sum fused with its terms runs on one core without vector instructions, several
+    times slower. Blocks whose terms fit in cache keep the pass from waiting on memory.
+    """
     mu = jnp.exp(cell_rate[:, None] + gene_rate[None, :] + covariates @ beta.T)
     second, third, fourth = cumulants(mu, alpha)
-    log_zero = log_zero_probability(mu, alpha, jnp)
-    zero = jnp.exp(log_zero)
-    spread = mu - mu.mean(axis=0)
-    per_gene = jnp.stack([
-        mu.sum(axis=0),
-        second.sum(axis=0),
-        zero.sum(axis=0),
-        (-zero * jnp.expm1(log_zero)).sum(axis=0),
-        (spread**2).sum(axis=0),
-        (4 * spread * (spread * second + third) + fourth + 2 * second**2).sum(axis=0),
-    ])
-    return per_gene, jnp.stack([mu.sum(axis=1), second.sum(axis=1)])
+    nonzero = -jnp.expm1(log_zero_probability(mu, alpha, jnp))
+    mu, second, third, fourth, nonzero = jax.lax.optimization_barrier((mu, second, third, fourth, nonzero))
+    over_cells, over_genes = jnp.ones(len(cell_rate), mu.dtype), jnp.ones(len(gene_rate), mu.dtype)
+    spread = mu - over_cells @ mu / len(cell_rate)
+    terms = jax.lax.optimization_barrier((
+        mu,
+        second,
+        1 - nonzero,
+        (1 - nonzero) * nonzero,
+        spread**2,
+        4 * spread * (spread * second + third) + fourth + 2 * second**2,
+    ))
+    return jnp.stack([over_cells @ term for term in terms]), jnp.stack([mu @ over_genes, second @ over_genes])
 
 
 def gene_statistics(counts) -> dict[str, np.ndarray]:
@@ -260,17 +266,19 @@ def compare(observed: np.ndarray, means: np.ndarray, sds: np.ndarray, band: floa
 
 
 @partial(jax.jit, static_argnames="iterations")
-def _mixture_quantiles(means, sds, levels, iterations=40):
+def _mixture_quantiles(means, sds, levels, iterations=20):
     """Quantiles (levels x items) of the equal mixture over draws of N(means_d, sds_d^2), by
-    bisection: the mixture's CDF has no inverse, but it is monotone."""
+    bisection (the mixture's CDF has no inverse) between the smallest and the largest of its
+    normals' quantiles, which bracket it: 20 halvings leave a millionth of that bracket."""
     means, sds = jnp.asarray(means, jnp.float32), jnp.asarray(sds, jnp.float32)
-    lower = jnp.broadcast_to((means - 10 * sds).min(axis=0), (len(levels), means.shape[1]))
-    upper = jnp.broadcast_to((means + 10 * sds).max(axis=0), lower.shape)
+    each = means + jax.scipy.special.ndtri(levels)[:, None, None] * sds
+    lower, upper = each.min(axis=1), each.max(axis=1)
 
     def halve(_, bounds):
         lower, upper = bounds
         middle = (lower + upper) / 2
-        below = jax.scipy.special.ndtr((middle[:, None] - means) / sds).mean(axis=1) < levels[:, None]
+        # erf, a polynomial in XLA, is several times faster than ndtr and exact enough at 5 %.
+        below = jax.lax.erf((middle[:, None] - means) / (sds * np.sqrt(2))).mean(axis=1) < 2 * levels[:, None] - 1
         return jnp.where(below, middle, lower), jnp.where(below, upper, middle)
 
     lower, upper = jax.lax.fori_loop(0, iterations, halve, (lower, upper))
