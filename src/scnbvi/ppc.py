@@ -35,7 +35,7 @@ BLOCK_ENTRIES = 2**18  # cells x genes at once: the terms of a block stay in cac
 GENE_STATISTICS = ("zero_fraction", "mean", "variance")
 HISTOGRAM_BINS = 30
 PROGRESS_SECONDS = 10
-TINY = np.finfo(np.float64).tiny
+TINY = float(np.finfo(np.float32).tiny)  # the smallest sd: the bands are computed in float32
 
 log = logging.getLogger("scnbvi")
 
@@ -131,8 +131,8 @@ def replicated_moments(
     covariates: np.ndarray | None,
     block_entries: int = BLOCK_ENTRIES,
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
-    """The exact mean and standard deviation, per draw, of each statistic of the data set that
-    draw replicates: per gene (each draws x genes) and of the library sizes (draws x cells).
+    """The mean and standard deviation, per draw, of each statistic of the data set that draw
+    replicates: per gene (each draws x genes) and of the library sizes (draws x cells).
 
     log mu_ig = gene_effect_g + cell_effect_i + cell_log_offset_i + gene_log_offset_g
     + covariates_i . beta_g, with ``covariates`` centred as the model centres them. The counts
@@ -150,7 +150,7 @@ def replicated_moments(
         covariates, beta = np.zeros((n_cells, 1)), np.zeros((n_draws, n_genes, 1))
     else:
         beta = draws.beta
-    gene_sums = np.zeros((len(_GENE_SUMS), n_draws, n_genes))
+    gene_sums = np.zeros((6, n_draws, n_genes))  # the six sums over cells of _block_sums
     cell_sums = np.zeros((2, n_draws, n_cells))
     started = reported = time.perf_counter()
     for d in range(n_draws):
@@ -175,9 +175,6 @@ def replicated_moments(
         "variance": (spread / n + (1 - 1 / n) * second / n, np.sqrt(spread_variance / n**2 + 2 * (second / n**2) ** 2)),
     }
     return genes, (cell_sums[0], np.sqrt(cell_sums[1]))
-
-
-_GENE_SUMS = ("mu", "second_cumulant", "zero_probability", "zero_variance", "spread", "spread_variance")
 
 
 def _padded(values: np.ndarray, size: int, fill: float) -> np.ndarray:
