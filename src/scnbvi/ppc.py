@@ -59,8 +59,8 @@ class PosteriorDraws:
 
 @dataclass(frozen=True)
 class PredictiveCheck:
-    """Per-gene and per-cell comparisons (see :func:`compare`), the replicated library sizes
-    (draws x cells) and the verdict."""
+    """Per-gene and per-cell comparisons (see :func:`compare`), replicated library sizes (draws x
+    cells, drawn from each draw's normal approximation: the histogram's) and the verdict."""
 
     genes: pd.DataFrame
     cells: pd.DataFrame
@@ -274,7 +274,7 @@ def _mixture_quantiles(means, sds, levels, iterations=20):
     def halve(_, bounds):
         lower, upper = bounds
         middle = (lower + upper) / 2
-        # erf, a polynomial in XLA, is several times faster than ndtr and exact enough at 5 %.
+        # erf, a polynomial in XLA, is cheaper than ndtr and exact enough at 5 %.
         below = jax.lax.erf((middle[:, None] - means) / (sds * np.sqrt(2))).mean(axis=1) < 2 * levels[:, None] - 1
         return jnp.where(below, middle, lower), jnp.where(below, upper, middle)
 
