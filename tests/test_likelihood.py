@@ -13,6 +13,7 @@ import pytensor.tensor as pt
 import pytest
 from scipy import special, stats
 
+from scnbvi.likelihood.moments import cumulants, log_zero_probability
 from scnbvi.likelihood.pytensor_form import observed_entries, sparse_block_nb_logp
 from scnbvi.likelihood.sampling import sample_counts, sample_counts_in_two_passes
 
@@ -116,3 +117,24 @@ def test_samplers_take_a_dispersion_per_gene():
         counts = sampler(np.random.default_rng(4), mu, alpha)
         np.testing.assert_allclose(counts.mean(axis=0), mu[0], rtol=0.02)
         np.testing.assert_allclose(counts.var(axis=0), mu[0] + mu[0] ** 2 / alpha, rtol=0.05)
+
+
+def test_zero_probability_and_cumulants_equal_scipy():
+    """The closed forms the posterior predictive check sums, over the grid's means and
+    dispersions: log P(0) against scipy's logpmf at 0, the cumulants against its variance,
+    skewness and excess kurtosis; and the zero probability in float32 through JAX."""
+    import jax.numpy as jnp
+
+    mu, alpha = (values.ravel() for values in np.meshgrid(MEANS, DISPERSIONS))
+    # scipy's own rounding (of p, read alpha times) dominates at large dispersions.
+    np.testing.assert_allclose(log_zero_probability(mu, alpha), scipy_logpmf(0, mu, alpha), rtol=1e-12,
+                               atol=rounding(0, mu, alpha).max())
+    np.testing.assert_allclose(np.asarray(log_zero_probability(jnp.asarray(mu, jnp.float32),
+                                                               jnp.asarray(alpha, jnp.float32), jnp)),
+                               scipy_logpmf(0, mu, alpha), rtol=1e-5)
+    variance, skewness, kurtosis = stats.nbinom.stats(alpha, alpha / (alpha + mu), moments="vsk")
+    second, third, fourth = cumulants(mu, alpha)
+    # scipy computes them from p, whose rounding it multiplies by alpha: 1e-8 at alpha = 1e8.
+    np.testing.assert_allclose(second, variance, rtol=1e-6)
+    np.testing.assert_allclose(third, skewness * variance**1.5, rtol=1e-6)
+    np.testing.assert_allclose(fourth, kurtosis * variance**2, rtol=1e-6)

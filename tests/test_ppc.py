@@ -1,5 +1,6 @@
 """Posterior predictive checks: calibrated on data from the true parameters, alarmed by a wrong
-dispersion, the same numbers as a direct numpy computation, reproducible, and run by the workflow."""
+dispersion, the same moments and bands as counts replicated by numpy, reproducible, and run by the
+workflow."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from scipy import stats
 
 from conftest import SMALL_SIMULATED, snakemake, write_config
 from scnbvi.design import Design
+from scnbvi.likelihood.sampling import sample_counts
 from scnbvi.ppc import (
     GENE_STATISTICS,
     PosteriorDraws,
@@ -23,7 +25,7 @@ from scnbvi.ppc import (
     gene_statistics,
     library_size_histogram,
     posterior_draws,
-    replicate,
+    replicated_moments,
     select_cells,
 )
 
@@ -128,34 +130,101 @@ def test_observed_statistics_are_the_numpy_formulas(counts):
     np.testing.assert_allclose(gene_statistics(dense)["variance"], dense.var(axis=0), rtol=1e-10)
 
 
-def test_replicated_statistics_are_those_of_one_numpy_draw_of_every_count(truth):
-    """Replicated in blocks of 7 cells, the counts are those numpy draws for the whole matrix at once."""
-    rng = np.random.default_rng(5)
-    draws = PosteriorDraws(
-        gene_effect=truth["gene_effect"] + rng.normal(0, 0.1, (3, N_GENES)),
-        cell_effect=truth["cell_effect"] + rng.normal(0, 0.1, (3, N_CELLS)),
-        alpha=rng.uniform(0.5, 5.0, 3),  # one alpha shared by all genes
+def _sampled_statistics(draws, cell_log_offset, gene_log_offset, covariates, seed, replicates=1):
+    """Each draw's statistics over ``replicates`` data sets of NB counts drawn by numpy (replicates
+    x draws x items): the direct computation the closed forms stand for."""
+    rng = np.random.default_rng(seed)
+    genes = {name: np.zeros((replicates, draws.n_draws, len(gene_log_offset))) for name in GENE_STATISTICS}
+    library = np.zeros((replicates, draws.n_draws, len(cell_log_offset)))
+    for r in range(replicates):
+        for d in range(draws.n_draws):
+            log_mu = (draws.cell_effect[d] + cell_log_offset)[:, None] + (draws.gene_effect[d] + gene_log_offset)
+            if covariates is not None:
+                log_mu = log_mu + covariates @ draws.beta[d].T
+            y = sample_counts(rng, np.exp(log_mu), draws.alpha[d])
+            for name, value in gene_statistics(y).items():
+                genes[name][r, d] = value
+            library[r, d] = y.sum(axis=1)
+    return genes, library
+
+
+def _spread_draws(truth, n_draws, seed=5):
+    """Draws scattered around the truth, as a posterior's are."""
+    rng = np.random.default_rng(seed)
+    return PosteriorDraws(
+        gene_effect=truth["gene_effect"] + rng.normal(0, 0.1, (n_draws, N_GENES)),
+        cell_effect=truth["cell_effect"] + rng.normal(0, 0.05, (n_draws, N_CELLS)),
+        alpha=truth["alpha"] * rng.lognormal(0, 0.2, (n_draws, N_GENES)),
+        beta=truth["beta"] + rng.normal(0, 0.05, (n_draws, N_GENES, 2)),
+        coefficients=truth["design"].names,
     )
-    summaries, library_sizes = replicate(draws, truth["cell_log_offset"], truth["gene_log_offset"], None, seed=9,
-                                         block_entries=7 * N_GENES)
-    direct = np.random.default_rng(9)
-    for d in range(3):
-        mu = np.exp((draws.cell_effect[d] + truth["cell_log_offset"])[:, None]
-                    + (draws.gene_effect[d] + truth["gene_log_offset"])[None, :])
-        y = direct.negative_binomial(draws.alpha[d], draws.alpha[d] / (draws.alpha[d] + mu))
-        np.testing.assert_array_equal(summaries["zero_fraction"][d], (y == 0).mean(axis=0))
-        np.testing.assert_allclose(summaries["mean"][d], y.mean(axis=0), rtol=1e-12)
-        np.testing.assert_allclose(summaries["variance"][d], y.var(axis=0), rtol=1e-10)
-        np.testing.assert_array_equal(library_sizes[d], y.sum(axis=1))
 
 
-def test_compare_counts_replicates_at_or_above_and_flags_both_tails():
-    replicated = np.arange(100, dtype=float)[:, None] * np.ones((1, 3))
-    table = compare(np.array([50.0, -1.0, 200.0]), replicated)
-    np.testing.assert_allclose(table["p_value"], [0.5, 1.0, 0.0])
-    np.testing.assert_allclose(table["low"], np.quantile(np.arange(100), 0.05))
-    np.testing.assert_allclose(table["high"], np.quantile(np.arange(100), 0.95))
+def test_moments_are_those_of_counts_replicated_by_numpy(truth):
+    """Per draw, the closed-form mean and sd of each statistic against 2,000 numpy replicates
+    (one shared dispersion in the first draw, one per gene in the second; no covariates)."""
+    rng = np.random.default_rng(6)
+    cells = slice(0, 60)
+    draws = PosteriorDraws(
+        gene_effect=truth["gene_effect"] + rng.normal(0, 0.1, (2, N_GENES)),
+        cell_effect=truth["cell_effect"][cells] + rng.normal(0, 0.1, (2, 60)),
+        alpha=np.stack([np.full(N_GENES, 0.7), truth["alpha"]]),
+    )
+    offsets = truth["cell_log_offset"][cells], truth["gene_log_offset"]
+    moments, (library_means, library_sds) = replicated_moments(draws, *offsets, None, block_entries=60 * 17)
+    sampled, library = _sampled_statistics(draws, *offsets, None, seed=7, replicates=2000)
+    for name in GENE_STATISTICS:
+        means, sds = moments[name]
+        # The replicates' mean lies within 5 of its standard errors; their sd within 10 % (the
+        # variance over 60 cells is skewed: its sd's sampling error and approximation are larger).
+        assert np.all(np.abs(sampled[name].mean(axis=0) - means) <= 5 * sds / np.sqrt(2000) + 1e-9), name
+        np.testing.assert_allclose(sampled[name].std(axis=0), sds, rtol=0.1 if name != "variance" else 0.2, err_msg=name)
+    assert np.all(np.abs(library.mean(axis=0) - library_means) <= 5 * library_sds / np.sqrt(2000))
+    np.testing.assert_allclose(library.std(axis=0), library_sds, rtol=0.1)
+
+
+def test_bands_and_flags_are_those_of_counts_replicated_by_numpy(truth, counts):
+    """Against 100 replicated data sets of 300 cells x 120 genes, one per draw: the same genes
+    outside the bands but for a few at their edges, and band limits within the Monte-Carlo error
+    of the replicates' quantiles."""
+    draws = _spread_draws(truth, N_DRAWS)
+    covariates = centred_covariates(truth["design"], draws.coefficients)
+    offsets = truth["cell_log_offset"], truth["gene_log_offset"]
+    result = check(counts, draws, *offsets, covariates, cell_names=range(N_CELLS), gene_names=range(N_GENES), seed=0)
+    sampled, library = _sampled_statistics(draws, *offsets, covariates, seed=8)
+    observed = gene_statistics(counts)
+    tables = {name: (result.genes, observed[name], sampled[name][0]) for name in GENE_STATISTICS}
+    tables["library_size"] = (result.cells, result.cells["library_size_observed"].to_numpy(), library[0])
+    for name, (table, observed_value, replicated) in tables.items():
+        low, high = np.quantile(replicated, [0.05, 0.95], axis=0)
+        # The standard error of a 5 % quantile of 100 about normal replicates is about 0.2 of
+        # their sd, 0.07 of the band's width: at most 0.35 of it over all genes and cells (on the
+        # log scale for the variance over cells, about normal there); a limit on a lattice moves
+        # by up to a step more.
+        scale = np.log if name == "variance" else np.asarray
+        tolerance = 0.35 * (scale(high) - scale(low)) + 1 / N_CELLS
+        assert np.all(np.abs(scale(table[f"{name}_low"]) - scale(low)) <= tolerance), name
+        assert np.all(np.abs(scale(table[f"{name}_high"]) - scale(high)) <= tolerance), name
+        # Flagged alike, but for a few whose observed value lies at a band's edge.
+        differs = table[f"{name}_outside"].to_numpy() != ((observed_value < low) | (observed_value > high))
+        at_edge = np.minimum(np.abs(scale(observed_value) - scale(low)), np.abs(scale(observed_value) - scale(high)))
+        assert differs.sum() <= 0.06 * len(table) and np.all(at_edge[differs] <= tolerance[differs]), name
+        np.testing.assert_allclose(table[f"{name}_p_value"], (replicated >= observed_value).mean(axis=0), atol=0.2)
+
+
+def test_compare_gives_the_band_of_the_mixture_on_the_lattice():
+    """One draw: the normal's quantiles and tail; two draws far apart: a band from one to the other."""
+    table = compare(np.array([0.0, 2.0, -2.0]), np.zeros((1, 3)), np.ones((1, 3)), highest=5.0)
+    np.testing.assert_allclose(table["low"], 0.0)  # -1.645, clipped: every statistic is at least 0
+    np.testing.assert_allclose(table["high"], stats.norm.ppf(0.95), rtol=1e-5)
+    np.testing.assert_allclose(table["p_value"], stats.norm.sf([0.0, 2.0, -2.0]), rtol=1e-6)
     assert table["outside"].tolist() == [False, True, True]
+    mixture = compare(np.array([50.0]), np.array([[10.0], [90.0]]), np.array([[2.0], [2.0]]), step=1.0)
+    # The mixture's 5 % quantile is the lower normal's 10 % one, put on the lattice.
+    assert mixture["low"].item() == np.ceil(10 + 2 * stats.norm.ppf(0.1) - 0.5)
+    assert mixture["high"].item() == np.ceil(90 + 2 * stats.norm.ppf(0.9) - 0.5)
+    assert mixture["predicted"].item() == 50.0 and not mixture["outside"].item()
+    np.testing.assert_allclose(mixture["p_value"], 0.5)
     histogram = library_size_histogram(np.array([10.0, 100.0, 1000.0]), np.array([[10.0, 100.0, 1000.0]] * 4), bins=3)
     assert histogram["observed"].tolist() == [1, 1, 1] and histogram["predicted"].tolist() == [1, 1, 1]
 

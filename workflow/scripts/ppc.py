@@ -3,6 +3,7 @@ from _runner import run
 
 def main(snakemake):
     import logging
+    import time
 
     import anndata as ad
     import arviz as az
@@ -22,6 +23,12 @@ def main(snakemake):
         typical_dispersion,
     )
 
+    log = logging.getLogger("scnbvi")
+    started = time.perf_counter()
+
+    def stage(done):
+        log.info("posterior predictive check: %s, %.1f s", done, time.perf_counter() - started)
+
     settings = snakemake.params.settings
     adata = ad.read_h5ad(snakemake.input.h5ad)
     cells, genes = aligned_covariates(snakemake.input.cells, snakemake.input.genes, adata)
@@ -31,6 +38,7 @@ def main(snakemake):
     rows = cell_positions(checked, adata.obs_names, snakemake.input.trace)
     draws = posterior_draws(idata, checked, settings["draws"], settings["seed"])
     covariates = centred_covariates(design, draws.coefficients)[rows] if draws.beta is not None else None
+    stage(f"read the counts, the design and {draws.n_draws} draws of {len(checked)} cells")
     result = check(
         adata.X[rows],
         draws,
@@ -44,6 +52,7 @@ def main(snakemake):
     write_table(result.genes, snakemake.output.genes)
     write_table(result.cells, snakemake.output.cells)
     write_json(result.verdict, snakemake.output.verdict)
+    stage("tables written")
     title = f"{snakemake.wildcards.dataset}: {len(result.cells)} cells, {draws.n_draws} draws"
     with atomic_output(snakemake.output.zero_fraction) as path:
         plot_ppc_zero_fraction(result.genes, path, title=title, band=BAND)
@@ -52,7 +61,8 @@ def main(snakemake):
     histogram = library_size_histogram(result.cells["library_size_observed"].to_numpy(), result.library_sizes)
     with atomic_output(snakemake.output.library_size) as path:
         plot_ppc_library_size(histogram, path, title=title, band=BAND)
-    logging.getLogger("scnbvi").info("posterior predictive check: %s", result.verdict["verdict"])
+    stage("plots written")
+    log.info("posterior predictive check: %s", result.verdict["verdict"])
 
 
 run(snakemake, main)
