@@ -217,11 +217,13 @@ def test_the_profiles_placeholder_account_is_refused_in_one_line_naming_the_file
     workdir = copy_workflow(tmp_path / "scnbvi")
     placeholder = snakemake(workdir, "-n", "--default-resources", "slurm_account=myaccount", "mem_mb=100")
     own_account = snakemake(workdir, "-n", "--default-resources", "slurm_account=lab42", "mem_mb=100")
+    no_resources = snakemake(workdir, "-n")
 
     lines = [line for line in (placeholder.stdout + placeholder.stderr).splitlines() if line.startswith("slurm_account")]
     assert placeholder.returncode != 0 and len(lines) == 1, placeholder.stderr
     assert "profiles/slurm/config.yaml" in lines[0]
     assert own_account.returncode == 0, own_account.stderr
+    assert no_resources.returncode == 0, no_resources.stderr
 
 def test_model_defaults_match_schema(dataset_defaults):
     from scnbvi.inference import fit

@@ -1,6 +1,6 @@
 """The Negative-Binomial likelihood in each of its forms against scipy's ``nbinom`` (n = alpha,
 p = alpha / (alpha + mu)), from zero counts to large ones and from tiny dispersions to huge
-ones, and its samplers' mean and variance against mu and mu + mu^2 / alpha."""
+ones, and its sampler's mean and variance against mu and mu + mu^2 / alpha."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from scipy import special, stats
 
 from scnbvi.likelihood.moments import cumulants, log_zero_probability
 from scnbvi.likelihood.pytensor_form import observed_entries, sparse_block_nb_logp
-from scnbvi.likelihood.sampling import sample_counts, sample_counts_in_two_passes
+from scnbvi.likelihood.sampling import sample_counts
 
 COUNTS = (0, 1, 3, 40, 2_000, 100_000)
 MEANS = (1e-3, 0.4, 7.0, 900.0, 5e4)
@@ -98,25 +98,23 @@ def test_entries_log_density_equals_scipy():
     assert_matches_scipy(pm.logp(y, counts).eval(), counts, mu, alpha)
 
 
-@pytest.mark.parametrize("sampler", [sample_counts, sample_counts_in_two_passes])
 @pytest.mark.parametrize(("mu", "alpha"), [(0.2, 0.5), (6.0, 2.0), (80.0, 0.3), (40.0, 500.0)])
-def test_sampler_mean_and_variance_are_mu_and_mu_plus_mu_squared_over_alpha(sampler, mu, alpha):
+def test_sampler_mean_and_variance_are_mu_and_mu_plus_mu_squared_over_alpha(mu, alpha):
     """200,000 draws: the mean within 1 % of mu and the variance within 5 % of mu + mu^2 / alpha;
     alpha read as 1 / alpha, or p as 1 - p, misses both by far more."""
-    counts = sampler(np.random.default_rng(3), np.full(200_000, mu), alpha)
+    counts = sample_counts(np.random.default_rng(3), np.full(200_000, mu), alpha)
     np.testing.assert_allclose(counts.mean(), mu, rtol=0.01)
     np.testing.assert_allclose(counts.var(), mu + mu**2 / alpha, rtol=0.05)
 
 
-def test_samplers_take_a_dispersion_per_gene():
-    """One dispersion per column (gene) of a cells x genes matrix of means, as the posterior
-    predictive check and the simulator pass them."""
+def test_sampler_takes_a_dispersion_per_gene():
+    """One dispersion per column (gene) of a cells x genes matrix of means, as the simulator
+    passes them."""
     mu = np.tile([3.0, 50.0], (100_000, 1))
     alpha = np.array([0.5, 20.0])
-    for sampler in (sample_counts, sample_counts_in_two_passes):
-        counts = sampler(np.random.default_rng(4), mu, alpha)
-        np.testing.assert_allclose(counts.mean(axis=0), mu[0], rtol=0.02)
-        np.testing.assert_allclose(counts.var(axis=0), mu[0] + mu[0] ** 2 / alpha, rtol=0.05)
+    counts = sample_counts(np.random.default_rng(4), mu, alpha)
+    np.testing.assert_allclose(counts.mean(axis=0), mu[0], rtol=0.02)
+    np.testing.assert_allclose(counts.var(axis=0), mu[0] + mu[0] ** 2 / alpha, rtol=0.05)
 
 
 def test_zero_probability_and_cumulants_equal_scipy():

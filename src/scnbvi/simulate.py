@@ -10,7 +10,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scnbvi.design import coefficient_name
-from scnbvi.likelihood.sampling import sample_counts_in_two_passes
+from scnbvi.likelihood.sampling import sample_counts
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def simulate_counts(n_cells: int, n_genes: int, seed: int, truth: SimulationTrut
             true_beta[f"true_beta_{coefficient_name(column, level)}"] = beta
     mu = np.exp(log_mu)
     alpha = truth.alpha * np.exp(truth.log_alpha_sd * np.random.default_rng([seed, 3]).standard_normal(n_genes))
-    counts = sample_counts_in_two_passes(rng, mu, alpha)
+    counts = sample_counts(rng, mu, alpha)
     adata = ad.AnnData(
         X=sp.csr_matrix(counts.astype(np.int32)),
         obs=pd.DataFrame(

@@ -45,8 +45,9 @@ except WorkflowError as error:
 
 # The cluster profiles ship a placeholder account, which SLURM would reject job by job.
 PLACEHOLDER_ACCOUNT = "myaccount"
+DEFAULT_RESOURCES = workflow.resource_settings.default_resources  # None without --default-resources
 if f"slurm_account={PLACEHOLDER_ACCOUNT}" in (
-    arg.replace('"', "").replace("'", "") for arg in workflow.resource_settings.default_resources.args or ()
+    arg.replace('"', "").replace("'", "") for arg in getattr(DEFAULT_RESOURCES, "args", None) or ()
 ):
     raise WorkflowError(
         f"slurm_account is still the placeholder {PLACEHOLDER_ACCOUNT!r}; fix: set your SLURM account (and "
