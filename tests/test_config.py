@@ -167,7 +167,7 @@ def test_dry_run_plans_each_contrast_under_its_name(tmp_path, contrasts, names):
     assert result.returncode == 0, result.stdout + result.stderr
     planned = set(re.findall(r"results/sim/de/[\w./-]+", result.stdout))
     assert planned == {f"results/sim/de/{name}{suffix}" for name in names
-                       for suffix in (".tsv", "_ma.png", "_volcano.png")}, result.stdout
+                       for suffix in (".tsv", ".html", "_ma.png", "_volcano.png")}, result.stdout
 
 
 def _dry_run_with_config_text(tmp_path, text):
