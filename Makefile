@@ -26,7 +26,7 @@ run: setup
 # pytest alone runs only the fast tests (pyproject's addopts); a later -m replaces that selection.
 test: setup
 	bash .ci/slurm.sh install
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m ""
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "" --durations=25
 
 test-local: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slurm"

@@ -31,7 +31,7 @@ def preset(name: str) -> dict:
 # draws its own examples; a failure prints the seed to replay it with: pytest --hypothesis-seed=N.
 settings.register_profile("default", max_examples=10, deadline=None, derandomize=False, database=None,
                           print_blob=True)
-settings.register_profile("ci", settings.get_profile("default"), max_examples=40)
+settings.register_profile("ci", settings.get_profile("default"), max_examples=25)
 settings.load_profile("ci" if os.environ.get("CI") == "true" else "default")
 
 # The tests' default configuration: a small simulated data set that fits in seconds.

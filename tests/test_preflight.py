@@ -98,6 +98,9 @@ def test_columns_the_workflow_adds_and_inputs_it_cannot_read_are_left_to_their_r
                                           "contrasts": [["phase", "S", "G1"]]})) is None
     # Without the cell_cycle section its columns are not made: the covariates rule would stop.
     assert "obs has no column 'phase'" in design_error("bad", _settings({"path": path, "design": added}))
+    # A filter that keeps no cell: the slice rule's error, not a design one.
+    emptied = {"path": path, "slice": {"obs_filters": {"condition": ["none of them"]}}}
+    assert design_error("bad", _settings(emptied)) is None
     (tmp_path / "text.h5ad").write_text("not HDF5")
     for dataset in ({}, {"path": str(tmp_path / "absent.h5ad")}, {"path": str(tmp_path / "text.h5ad")}):
         assert design_error("bad", _settings({**dataset, "design": {"categorical": ["x"]}})) is None

@@ -34,7 +34,7 @@ import pytest
 from conftest import REPO, SMALL_SIMULATED, copy_workflow, preset, snakemake, write_config
 
 SLURM_SH = REPO / ".ci" / "slurm.sh"
-REMOTE_RULES = {"simulate", "load", "slice", "covariates", "fit", "summary", "plot_elbo", "ppc"}
+REMOTE_RULES = {"simulate", "load", "slice", "covariates", "fit", "summary", "plot_elbo", "ppc", "anndata"}
 UPSTREAM_RULES = ("simulate", "load", "slice", "covariates")
 # validated.h5ad is temporary: deleted once sliced.h5ad is written.
 UPSTREAM_OUTPUTS = (
@@ -322,7 +322,7 @@ def test_cancelled_fit_is_resumed_without_rerunning_upstream_jobs(slurm_cluster,
 
     jobs_after = cluster_jobs(workdir)
     new_jobs = {i: job for i, job in jobs_after.items() if i not in jobs_before}
-    assert rules_submitted(new_jobs) == ["fit", "plot_elbo", "ppc", "summary"], new_jobs
+    assert rules_submitted(new_jobs) == ["anndata", "fit", "plot_elbo", "ppc", "summary"], new_jobs
     assert {job["state"] for job in new_jobs.values()} == {"COMPLETED"}, new_jobs
     assert {name: (results / name).stat().st_mtime_ns for name in UPSTREAM_OUTPUTS} == mtimes
     for name in ("trace.nc", "elbo.tsv", "fit_stats.json", "summary.csv", "genes.tsv", "elbo.png"):

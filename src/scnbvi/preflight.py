@@ -70,8 +70,11 @@ def design_error(name: str, settings: dict) -> str | None:
     except (OSError, KeyError, TypeError, ValueError):
         return None
     design, contrasts = checkable_design(settings)
+    cells = filtered_cells(obs, settings["slice"]["obs_filters"])
+    if cells.empty:
+        return None  # the slice rule names the filter that keeps no cell
     try:
-        design_from_config(filtered_cells(obs, settings["slice"]["obs_filters"]), design, contrasts)
+        design_from_config(cells, design, contrasts)
     except InputError as error:
         return f"scnbvi error in data set {name} ({path}), before any job: {error}"
     return None
