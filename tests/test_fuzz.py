@@ -253,8 +253,11 @@ def load_slice_covariates(path: Path, case: dict, config: dict, expected):
 @settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(case=h5ad_files(), config=workflow_settings())
 # Cases this test has found, run first whatever the generator draws: repeated entries whose sum
+# is exactly the 64-bit limit (float64 would round it over) or just past it,
 # exceeds the stored type, a float count of 2**63, and a cell named like a missing value.
 @example(case=plain_file([(0, 0, 255), (0, 0, 1), (1, 1, 3)], dtype="uint8"), config=PLAIN_SETTINGS)
+@example(case=plain_file([(1, 0, 0), (1, 0, 2**63 - 1)], dtype="int64"), config=PLAIN_SETTINGS)
+@example(case=plain_file([(1, 0, 1), (1, 0, 2**63 - 1)], dtype="int64"), config=PLAIN_SETTINGS)
 @example(case=plain_file([(0, 0, 2.0**63), (1, 1, 3.0)], dtype="float64"), config=PLAIN_SETTINGS)
 @example(case=plain_file([(0, 0, 2), (1, 1, 3)], obs_names=("NA", "c1")), config=PLAIN_SETTINGS)
 def test_any_small_file_and_valid_settings_fit_or_stop_with_one_input_error_line(case, config):

@@ -254,6 +254,17 @@ def _cell_blocks(matrix, block_entries: int):
     return [(start, size) for start in range(0, n_cells, size)]
 
 
+
+def largest_exact_sum(counts: sp.csr_matrix) -> int:
+    """The largest sum of a (cell, gene) entry's stored values, in Python's exact integers."""
+    coo = counts.tocoo()
+    keys = coo.row.astype(np.int64) * counts.shape[1] + coo.col
+    order = np.argsort(keys, kind="stable")
+    keys, values = keys[order], coo.data[order]
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    ends = np.r_[starts[1:], len(keys)]
+    return max(sum(int(value) for value in values[start:end]) for start, end in zip(starts, ends))
+
 def _checked_block(block, cell_names, gene_names, source, field) -> sp.csr_matrix:
     """One block of cells from disk as validated, canonical counts in the smallest integer type.
 
@@ -266,7 +277,8 @@ def _checked_block(block, cell_names, gene_names, source, field) -> sp.csr_matri
     if not counts.has_canonical_format:
         sums = counts.astype(np.float64)
         sums.sum_duplicates()
-        if sums.nnz and sums.data.max() >= 2.0**63:
+        # float64 rounds near 2**63: there, the repeats are added up exactly before refusing.
+        if sums.nnz and sums.data.max() >= 2.0**62 and largest_exact_sum(counts) > np.iinfo(np.int64).max:
             raise InputError(source, field, "a sum of repeated entries is too large for a 64-bit integer", RAW_COUNTS_FIX)
         counts = _as_smallest_integer(counts, source, field).astype(np.int64)
     counts.sum_duplicates()
