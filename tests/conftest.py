@@ -88,10 +88,17 @@ def copy_workflow(destination: Path) -> Path:
     return destination
 
 
+# Snakemake's SLURM executor plugin runs `scontrol show config` when it is imported, by every
+# Snakemake process; with SLURM installed but its controller stopped (CI, between the SLURM tests)
+# that waits 9 s each time. Local runs never use SLURM: they find a scontrol that fails at once.
+LOCAL_BIN = Path(__file__).parent / "local_bin"
+
+
 def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run snakemake from the venv running the tests; never hangs past ``timeout``."""
+    """Run snakemake from the venv running the tests, locally; never hangs past ``timeout``."""
     command = [sys.executable, "-m", "snakemake", "--cores", "2", *args]
-    environment = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    environment = {**os.environ, "PYTHONWARNINGS": "ignore",
+                   "PATH": os.pathsep.join([str(LOCAL_BIN), os.environ.get("PATH", "")])}
     return subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=environment)
 
 
