@@ -196,11 +196,16 @@ def fit_runtime(wildcards, input, attempt):
     return scaled_runtime(15 + iterations * 0.02 / 60, 30)(wildcards, input, attempt)
 
 
+def gene_symbols(wildcards):
+    """The var column of the data set's gene symbols (load.gene_symbols), or None."""
+    return dataset_config(wildcards)["load"]["gene_symbols"]
+
+
 def contrast_files(dataset, name):
     """The files of a contrast under de/; the PyDESeq2 cross-check's only with design.random."""
     settings = config["datasets"][dataset]
     pseudobulk = settings["design"]["random"] and settings["de"]["pseudobulk"]
-    files = [f"{name}{suffix}" for suffix in (".tsv", "_ma.png", "_volcano.png")]
+    files = [f"{name}{suffix}" for suffix in (".tsv", ".html", "_ma.png", "_volcano.png")]
     return files + [f"pseudobulk/{name}{suffix}" for suffix in (".tsv", "_agreement.tsv") if pseudobulk]
 
 

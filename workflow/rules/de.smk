@@ -43,7 +43,7 @@ rule de:
         code=CODE_VERSION,
         contrast=contrast_of,
         settings=section("de"),
-        gene_symbols=lambda wildcards: dataset_config(wildcards)["load"]["gene_symbols"],
+        gene_symbols=gene_symbols,
     script:
         "../scripts/de.py"
 

@@ -59,7 +59,7 @@ rule summary:
         runtime=scaled_runtime(30, 20),
     params:
         code=CODE_VERSION,
-        gene_symbols=lambda wildcards: dataset_config(wildcards)["load"]["gene_symbols"],
+        gene_symbols=gene_symbols,
     script:
         "../scripts/summary.py"
 

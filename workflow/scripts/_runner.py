@@ -18,6 +18,19 @@ def quiet_libraries():
     logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
 
 
+def stage_logger(what: str):
+    """A function that logs each finished stage of ``what`` with the seconds since this call: a
+    step that runs for minutes says where it is."""
+    import time
+
+    log, started = logging.getLogger("scnbvi.progress"), time.perf_counter()
+
+    def stage(done: str) -> None:
+        log.info("%s: %s (%.1f s)", what, done, time.perf_counter() - started)
+
+    return stage
+
+
 def run(snakemake, main):
     """Run ``main(snakemake)`` with stderr and logging sent to ``snakemake.log[0]``."""
     sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))

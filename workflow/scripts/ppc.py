@@ -1,9 +1,8 @@
-from _runner import run
+from _runner import run, stage_logger
 
 
 def main(snakemake):
     import logging
-    import time
 
     import anndata as ad
     import arviz as az
@@ -23,12 +22,7 @@ def main(snakemake):
         typical_dispersion,
     )
 
-    log = logging.getLogger("scnbvi")
-    started = time.perf_counter()
-
-    def stage(done):
-        log.info("posterior predictive check: %s, %.1f s", done, time.perf_counter() - started)
-
+    stage = stage_logger("posterior predictive check")
     settings = snakemake.params.settings
     adata = ad.read_h5ad(snakemake.input.h5ad)
     cells, genes = aligned_covariates(snakemake.input.cells, snakemake.input.genes, adata)
@@ -62,7 +56,7 @@ def main(snakemake):
     with atomic_output(snakemake.output.library_size) as path:
         plot_ppc_library_size(histogram, path, title=title, band=BAND)
     stage("plots written")
-    log.info("posterior predictive check: %s", result.verdict["verdict"])
+    logging.getLogger("scnbvi").info("posterior predictive check: %s", result.verdict["verdict"])
 
 
 run(snakemake, main)

@@ -1,10 +1,7 @@
-from _runner import run
+from _runner import run, stage_logger
 
 
 def main(snakemake):
-    import logging
-    import time
-
     import anndata as ad
     import arviz as az
 
@@ -12,12 +9,7 @@ def main(snakemake):
     from scnbvi.outputs import write_table
     from scnbvi.summary import gene_table, posterior_summary
 
-    # Silent for minutes on large data otherwise: each stage's end, with the seconds since the start.
-    progress, started = logging.getLogger("scnbvi.progress"), time.perf_counter()
-
-    def done(stage):
-        progress.info("%s (%.0f s)", stage, time.perf_counter() - started)
-
+    done = stage_logger("summary")  # silent for minutes on large data otherwise
     idata = az.from_netcdf(snakemake.input.trace)
     adata = ad.read_h5ad(snakemake.input.h5ad)
     done("read the trace and the counts")
