@@ -53,6 +53,29 @@ def apply_qc_actions(adata: ad.AnnData, zero_cells="drop", zero_genes="keep", du
     return _materialise(adata, keep_cells, keep_genes)
 
 
+def cells_passing(obs: pd.DataFrame, obs_filters, source="slice") -> np.ndarray:
+    """Positions of the cells whose obs values pass every filter of ``obs_filters`` (column ->
+    allowed values), in order; a missing column, or a filter that keeps no cell, is an InputError."""
+    cell_index = np.arange(len(obs))
+    for column, allowed in (obs_filters or {}).items():
+        if column not in obs.columns:
+            raise InputError(
+                "config", f"{source}.obs_filters.{column}",
+                f"obs has no column {column!r} (available: {list(obs.columns)})",
+                "use one of the available columns or remove the filter",
+            )
+        allowed = list(allowed) if isinstance(allowed, (list, tuple, set)) else [allowed]
+        passes = obs[column].iloc[cell_index].isin(allowed).to_numpy()
+        if not passes.any():
+            earlier = " among the cells kept by the earlier filters" if len(cell_index) < len(obs) else ""
+            raise InputError(
+                "config", f"{source}.obs_filters.{column}", f"no cell has one of the values {allowed}{earlier}",
+                f"use values present in obs[{column!r}], e.g. {list(pd.unique(obs[column]))[:5]}",
+            )
+        cell_index = cell_index[passes]
+    return cell_index
+
+
 def slice_counts(
     adata: ad.AnnData,
     *,
@@ -71,23 +94,7 @@ def slice_counts(
     Order: obs filters, then cells, then genes (HVG is computed on the selected cells),
     then all-zero cells/genes of the result. `source` is the config key prefix used in errors.
     """
-    cell_index = np.arange(adata.n_obs)
-    for column, allowed in (obs_filters or {}).items():
-        if column not in adata.obs.columns:
-            raise InputError(
-                "config", f"{source}.obs_filters.{column}",
-                f"obs has no column {column!r} (available: {list(adata.obs.columns)})",
-                "use one of the available columns or remove the filter",
-            )
-        allowed = list(allowed) if isinstance(allowed, (list, tuple, set)) else [allowed]
-        passes = adata.obs[column].iloc[cell_index].isin(allowed).to_numpy()
-        if not passes.any():
-            earlier = " among the cells kept by the earlier filters" if len(cell_index) < adata.n_obs else ""
-            raise InputError(
-                "config", f"{source}.obs_filters.{column}", f"no cell has one of the values {allowed}{earlier}",
-                f"use values present in obs[{column!r}], e.g. {list(pd.unique(adata.obs[column]))[:5]}",
-            )
-        cell_index = cell_index[passes]
+    cell_index = cells_passing(adata.obs, obs_filters, source)
 
     cell_index = cell_index[_choose(len(cell_index), cells_method, n_cells, CELL_METHODS,
                                     np.random.default_rng(seed), f"{source}.cells")]
