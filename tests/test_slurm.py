@@ -178,6 +178,19 @@ def test_profiles_are_found_by_name_after_make_profiles(tmp_path, profile):
     assert f"Using profiles {profile} and workflow specific profile profiles/default" in result.stderr
 
 
+@pytest.mark.slow
+def test_cpu_profile_reuses_a_result_fitted_locally_with_the_defaults(tmp_path):
+    """A user who fitted on a laptop and then types `snakemake --profile slurm` gets nothing rerun."""
+    workdir = cluster_workflow(tmp_path / "scnbvi")
+    config = {key: value for key, value in SMALL_SIMULATED.items() if key != "backend"}  # the default
+    configfile = write_config(workdir, config)
+    check_ok(snakemake(workdir, "--configfile", configfile), "local snakemake")
+
+    result = run_slurm(workdir, "slurm", configfile, "--dry-run")
+    check_ok(result, "snakemake --profile slurm --dry-run")
+    assert "Nothing to be done" in result.stdout + result.stderr, tail(result.stdout + result.stderr)
+
+
 def assert_same_trace(left: Path, right: Path):
     a, b = az.from_netcdf(left).posterior, az.from_netcdf(right).posterior
     assert sorted(a.data_vars) == sorted(b.data_vars)
