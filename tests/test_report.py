@@ -22,7 +22,7 @@ WITH_CONTRAST["datasets"]["sim"].update(
 WITH_CONTRAST["datasets"]["sim"]["simulate"]["condition_effect_sd"] = 0.7
 CONTRAST = "condition_treated_vs_control"
 EXPECTED_ITEMS = {
-    "qc.html", "fit_stats.html", "elbo.png", "summary.csv", "genes.tsv",
+    "qc.html", "fit_stats.html", "elbo.png", "summary.csv", "genes.tsv", "genes.html",
     f"{CONTRAST}.tsv", f"{CONTRAST}.html", f"{CONTRAST}_ma.png", f"{CONTRAST}_volcano.png",
     "ppc_genes.tsv", "ppc_zero_fraction.png", "ppc_mean_variance.png", "ppc_library_size.png",
 }
@@ -69,6 +69,7 @@ def test_report_opens_on_the_workflow_description_and_holds_every_result(workflo
         qc = archive.read(items["qc.html"]).decode()
         fit = archive.read(items["fit_stats.html"]).decode()
         de = archive.read(items[f"{CONTRAST}.html"]).decode()
+        genes = archive.read(items["genes.html"]).decode()
 
     assert "scnbvi fits a hierarchical Negative-Binomial model" in page
     assert "Quality control" in page and "Convergence" in page and "Differential expression" in page
@@ -77,3 +78,4 @@ def test_report_opens_on_the_workflow_description_and_holds_every_result(workflo
     assert "<td>n_cells</td>" in qc and "<td>drop</td>" in qc
     assert "final fixed-cells ELBO per observation" in fit and "converged (elbo rule" in fit
     assert "<th>gene</th>" in de and "<th>lfsr</th>" in de and "<script>" in de
+    assert "<th>log_expression_mean</th>" in genes and "40 of 40 genes" in genes

@@ -37,7 +37,8 @@ HISTOGRAM_BINS = 30
 PROGRESS_SECONDS = 10
 TINY = float(np.finfo(np.float32).tiny)  # the smallest sd: the bands are computed in float32
 
-log = logging.getLogger("scnbvi")
+# Its lines are progress: on the terminal as well as in the log (minutes at atlas size otherwise silent).
+log = logging.getLogger("scnbvi.progress")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,9 @@ import pandas as pd
 
 from scnbvi.outputs import atomic_output
 
+# Rows of a long table (genes.tsv, a DE table) its page shows; its .tsv holds every row.
+SHOWN_ROWS = 500
+
 STYLE = (
     "body{font-family:sans-serif;font-size:13px} table{border-collapse:collapse}"
     "th,td{padding:2px 10px;text-align:left;border-bottom:1px solid #ddd}"

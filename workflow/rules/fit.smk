@@ -48,6 +48,12 @@ rule summary:
             category="Posterior",
             subcategory="{dataset}",
         ),
+        genes_html=report(
+            f"{RESULTS}/{{dataset}}/genes.html",
+            caption="../report/genes_html.rst",
+            category="Posterior",
+            subcategory="{dataset}",
+        ),
     log:
         f"{RESULTS}/{{dataset}}/logs/summary.log",
     benchmark:

@@ -1,7 +1,6 @@
 from _runner import run
 
 # Genes in the report's browsable table of a contrast.
-HTML_ROWS = 500
 
 
 def main(snakemake):
@@ -16,7 +15,7 @@ def main(snakemake):
     from scnbvi.offsets import aligned_covariates
     from scnbvi.outputs import atomic_output, write_table
     from scnbvi.plotting import plot_contrast
-    from scnbvi.report_tables import write_html_table
+    from scnbvi.report_tables import SHOWN_ROWS, write_html_table
 
     settings = snakemake.params.settings
     adata = ad.read_h5ad(snakemake.input.h5ad)
@@ -44,7 +43,7 @@ def main(snakemake):
         plot_contrast(result.table, ma, volcano, title=title, lfsr_level=settings["lfsr_level"],
                       lfc_threshold=settings["lfc_threshold"])
     # The report shows the top of the table, to browse; the .tsv holds every gene.
-    shown = result.table.head(HTML_ROWS)
+    shown = result.table.head(SHOWN_ROWS)
     write_html_table(shown, title.splitlines()[0], snakemake.output.html, index_label="gene",
                      note=f"{len(shown):,} of {len(result.table):,} genes, by lfsr; all in {name}.tsv.")
 

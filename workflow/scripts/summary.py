@@ -7,6 +7,7 @@ def main(snakemake):
 
     from scnbvi.data import symbols_from_var
     from scnbvi.outputs import write_table
+    from scnbvi.report_tables import SHOWN_ROWS, write_html_table
     from scnbvi.summary import gene_table, posterior_summary
 
     done = stage_logger("summary")  # silent for minutes on large data otherwise
@@ -16,7 +17,13 @@ def main(snakemake):
     write_table(posterior_summary(idata), snakemake.output.summary, sep=",")
     done(f"wrote {snakemake.output.summary}")
     symbols = symbols_from_var(adata.var, snakemake.params.gene_symbols)
-    write_table(gene_table(idata, adata.X, adata.var_names, symbols), snakemake.output.genes)
+    genes = gene_table(idata, adata.X, adata.var_names, symbols)
+    write_table(genes, snakemake.output.genes)
+    # The report's page, to browse: the most expressed genes; genes.tsv holds every gene.
+    shown = genes.sort_values("log_expression_mean", ascending=False, kind="stable").head(SHOWN_ROWS)
+    write_html_table(shown, f"{snakemake.wildcards.dataset}: per-gene results", snakemake.output.genes_html,
+                     index_label="gene", note=f"{len(shown):,} of {len(genes):,} genes, most expressed first; "
+                     "all in genes.tsv.")
     done(f"wrote {snakemake.output.genes}")
 
 
