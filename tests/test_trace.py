@@ -112,5 +112,5 @@ def test_predictive_check_chooses_among_the_kept_draws_and_refuses_more(traces):
     cells = list(read["thinned"].posterior["cell"].values[:5])
     draws = posterior_draws(read["thinned"], cells, LOCAL_DRAWS, seed=0)
     np.testing.assert_array_equal(draws.gene_effect, read["full"].posterior["gene_effect"].values[0, :LOCAL_DRAWS])
-    with pytest.raises(InputError, match=r"^config: ppc.draws: 41 draws asked, but trace.nc keeps 40 .*local_draws"):
+    with pytest.raises(InputError, match=r"^config: ppc.draws: 41 draws asked, but trace.nc keeps 40 .*at most 40"):
         posterior_draws(read["thinned"], cells, LOCAL_DRAWS + 1, seed=0)
