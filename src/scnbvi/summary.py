@@ -10,8 +10,6 @@ import arviz as az
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from arviz.labels import BaseLabeller
-from arviz.sel_utils import xarray_var_iter
 
 from scnbvi.inference import InferenceSettings
 from scnbvi.posterior import posterior_statistics
@@ -34,14 +32,20 @@ def posterior_summary(idata: az.InferenceData) -> pd.DataFrame:
     nothing here; the summary keeps the statistics only.
     """
     names = [name for name, variable in idata.posterior.data_vars.items() if "cell" not in variable.dims]
-    statistics = posterior_statistics(idata)[names].transpose("statistic", ...)
-    labeller = BaseLabeller()
-    labels, rows = [], []
-    for name, selection, positions, values in xarray_var_iter(statistics, skip_dims={"statistic"}):
-        labels.append(labeller.make_label_flat(name, selection, positions))
-        rows.append(values)
-    return pd.DataFrame(np.asarray(rows, dtype=np.float64).reshape(len(rows), statistics.sizes["statistic"]),
-                        index=labels, columns=list(statistics["statistic"].values))
+    statistics = posterior_statistics(idata)
+    columns = list(statistics["statistic"].values)
+    frames = []
+    for name in names:
+        # Whole arrays at once: row by row, as az.summary labels them, took most of a minute at 39,241 genes.
+        variable = statistics[name].transpose("statistic", ...)
+        dims = variable.dims[1:]
+        labels = [name]
+        if dims:
+            grids = np.meshgrid(*(variable[dim].values for dim in dims), indexing="ij")
+            labels = [f"{name}[{', '.join(map(str, parts))}]" for parts in zip(*(grid.ravel() for grid in grids))]
+        values = variable.values.reshape(len(columns), -1).T.astype(np.float64)
+        frames.append(pd.DataFrame(values, index=labels, columns=columns))
+    return pd.concat(frames)
 
 
 def gene_table(
