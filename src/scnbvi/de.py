@@ -24,6 +24,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scnbvi.design import Design
+from scnbvi.posterior import posterior_statistics
 from scnbvi.samples import sample_contrast
 from scnbvi.shrinkage import adaptive_shrinkage
 
@@ -73,19 +74,24 @@ def contrast_table(
     """
     column, numerator, denominator = contrast
     weights = design.contrast_weights(column, numerator, denominator)
-    beta = idata.posterior["beta"].stack(sample=("chain", "draw")).transpose("gene", "coefficient", "sample")
-    draws = beta.values.astype(np.float64) / np.log(2.0)
+    # Every draw's moments (the fit's statistics): the same with a trace that keeps fewer draws.
+    statistics = posterior_statistics(idata)
+    genes = statistics["gene"].values
+    mean = statistics["beta"].sel(statistic="mean").transpose("gene", "coefficient").values / np.log(2.0)
+    covariance = statistics["beta_covariance"].transpose("gene", "coefficient", "other_coefficient").values
+    covariance = covariance.astype(np.float64) / np.log(2.0) ** 2
     counts = sp.csr_matrix(counts)
     masks = {level: design.level_mask(column, level) for level in (numerator, denominator)}
     extra, sample_sd = {}, None
     if design.is_sample_level(column):
         samples = design.samples
-        effects = np.zeros((draws.shape[0], len(samples.levels)))
-        indicators = draws[:, design.sample_indicator_positions()]
-        effects[:, 1:] = indicators.mean(axis=2)
+        positions = design.sample_indicator_positions()
+        effects = np.zeros((len(genes), len(samples.levels)))
+        effects[:, 1:] = mean[:, positions]
         # How precisely the fit pins each gene's sample effects: the counting noise in the spread
         # between samples, which the variance prior follows across genes.
-        measurement_noise = np.log(indicators.var(axis=2).mean(axis=1) + 1e-12)
+        indicator_variance = np.diagonal(covariance, axis1=1, axis2=2)[:, positions]
+        measurement_noise = np.log(indicator_variance.mean(axis=1) + 1e-12)
         result = sample_contrast(effects, samples.matrix, weights, measurement_noise)
         estimate, se, test_se = result.estimate, result.se, result.normal_se()
         extra = {"sample_sd": result.sample_sd, "df": np.full(len(estimate), result.df)}
@@ -93,10 +99,10 @@ def contrast_table(
         replicates = "samples"
         units = {level: int(samples.at_level(column, level).sum()) for level in (numerator, denominator)}
     else:
-        log2_fc = np.einsum("gks,k->gs", draws, weights)
         # Under the fitted q a contrast is a linear function of Gaussian coordinates, so it is
         # Gaussian itself: its mean and sd say all.
-        estimate, se = log2_fc.mean(axis=1), log2_fc.std(axis=1)
+        estimate = mean @ weights
+        se = np.sqrt(np.maximum(np.einsum("gkl,k,l->g", covariance, weights, weights), 0.0))
         test_se = se
         replicates = "cells"
         units = {level: int(mask.sum()) for level, mask in masks.items()}
@@ -123,7 +129,7 @@ def contrast_table(
             **extra,
             **{f"cells_expressing_{level}": _cells_expressing(expressed, mask) for level, mask in masks.items()},
         },
-        index=pd.Index(beta["gene"].values, name="gene"),
+        index=pd.Index(genes, name="gene"),
     )
     if symbols is not None:
         table.insert(0, "symbol", symbols.reindex(table.index).to_numpy())

@@ -10,6 +10,7 @@ import pandas as pd
 import pymc as pm
 import pytensor
 import pytensor.tensor as pt
+import xarray as xr
 from pytensor.graph.replace import vectorize_graph
 
 from scnbvi.inference import FitResult, pytensor_mode
@@ -17,6 +18,12 @@ from scnbvi.model import RAW_CELL_EFFECT
 from scnbvi.outputs import code_version
 
 RECORDED_PACKAGES = ("scnbvi", "pymc", "pytensor", "arviz", "numpy", "jax", "anndata")
+# Groups of trace.nc besides ``posterior``: every draw of the variables without a gene or cell
+# dimension when the posterior keeps fewer, and statistics over every draw (see sample_posterior).
+GLOBAL_GROUP = "posterior_global"
+STATISTICS_GROUP = "posterior_statistics"
+# Genes whose draws are centred at once for beta's covariance (draws x genes x coefficients in float64).
+COVARIANCE_GENES = 2048
 
 
 def posterior_variables(model: pm.Model) -> list[str]:
@@ -68,6 +75,7 @@ def sample_posterior(
     draws: int,
     seed: int,
     max_cells: int | None = None,
+    local_draws: int | None = None,
     chunk: int = 100,
     attrs: dict | None = None,
 ) -> tuple[az.InferenceData, pd.DataFrame]:
@@ -81,6 +89,13 @@ def sample_posterior(
     None), and their mean and sd over the same draws come for every cell as a table,
     ``{variable}_mean`` and ``{variable}_sd`` indexed by cell. A kept cell's draws are those
     it would have in a trace of every cell.
+
+    Per-gene draws would dominate next (39,241 genes x 1000 draws of gene_effect, alpha and each
+    coefficient of beta), so ``posterior`` keeps the first ``local_draws`` draws of every variable
+    (all when None): one joint sample that ArviZ and the predictive check read, a prefix of the
+    full one. The variables without a gene or cell dimension keep every draw in
+    :data:`GLOBAL_GROUP`, and the tables' statistics over every draw are in :data:`STATISTICS_GROUP`
+    (see :func:`draw_statistics`), so thinning changes no number downstream.
     """
     names = posterior_variables(model)
     dims = {name: list(model.named_vars_to_dims.get(name, ())) for name in names}
@@ -105,12 +120,67 @@ def sample_posterior(
                 posterior[name] = np.empty((1, draws, *value.shape[1:]), dtype=np.float32)
             posterior[name][0, start : start + size] = value
     coords["cell"] = [coords["cell"][i] for i in kept]
-    idata = az.from_dict(posterior=posterior, coords=coords, dims=dims)
-    idata.posterior.attrs.update(fit_attributes(result, seed, draws, attrs or {}))
+    full = az.from_dict(posterior=posterior, coords=coords, dims=dims).posterior
+    statistics = draw_statistics(full)
+    kept_draws = draws if local_draws is None else min(local_draws, draws)
+    idata = az.InferenceData(posterior=full.isel(draw=slice(0, kept_draws)))
+    if kept_draws < draws:
+        idata.add_groups({GLOBAL_GROUP: full[[name for name in names if not {"gene", "cell"} & set(dims[name])]]})
+    idata.add_groups({STATISTICS_GROUP: statistics})
+    idata.posterior.attrs.update(fit_attributes(result, seed, draws, {"local_draws": kept_draws, **(attrs or {})}))
     cells = pd.DataFrame(index=pd.Index(model.coords["cell"], name="cell"))
     for name, accumulated in moments.items():
         cells[f"{name}_mean"], cells[f"{name}_sd"] = accumulated.mean, accumulated.sd()
     return idata, cells
+
+
+def draw_statistics(posterior: xr.Dataset) -> xr.Dataset:
+    """What summary.csv, genes.tsv and the DE tables read, over every draw of ``posterior``.
+
+    Each variable without a cell dimension gets its ``mean``, ``sd`` and HDI bounds along a
+    ``statistic`` dimension, computed as ``az.summary(kind="stats")`` does; with per-gene alpha,
+    ``dispersion`` (1/alpha) gets the same. ``beta_covariance[gene, coefficient,
+    other_coefficient]`` is the covariance of each gene's coefficients over the draws (ddof 0):
+    with beta's mean, it gives the mean and sd of any linear contrast exactly. ``draws`` (an
+    attribute) is their number.
+    """
+    names = [name for name, variable in posterior.data_vars.items() if "cell" not in variable.dims]
+    data = posterior[names]
+    if "alpha" in data and "gene" in data["alpha"].dims:
+        data = data.assign(dispersion=1.0 / data["alpha"].astype(np.float64))
+    hdi_prob = az.rcParams["stats.ci_prob"]
+    hdi = az.hdi(data, hdi_prob=hdi_prob, multimodal=False)
+    tail = 100 * (1 - hdi_prob) / 2
+    statistics = xr.concat(
+        [data.mean(("chain", "draw")), data.std(("chain", "draw"), ddof=1),
+         hdi.sel(hdi="lower", drop=True), hdi.sel(hdi="higher", drop=True)],
+        dim="statistic",
+    ).assign_coords(statistic=["mean", "sd", f"hdi_{tail:g}%", f"hdi_{100 - tail:g}%"])
+    if "beta" in data:
+        beta = data["beta"].transpose("chain", "draw", "gene", "coefficient")
+        statistics["beta_covariance"] = (("gene", "coefficient", "other_coefficient"), _covariance(beta.values))
+    statistics.attrs["draws"] = int(posterior.sizes["chain"] * posterior.sizes["draw"])
+    return statistics
+
+
+def _covariance(draws: np.ndarray) -> np.ndarray:
+    """Per gene, the coefficients' covariance (ddof 0) over chains x draws x genes x coefficients,
+    in float64 over blocks of genes, stored as float32."""
+    flat = draws.reshape(-1, *draws.shape[2:])
+    covariance = np.empty((flat.shape[1], flat.shape[2], flat.shape[2]), dtype=np.float32)
+    for start in range(0, flat.shape[1], COVARIANCE_GENES):
+        block = flat[:, start : start + COVARIANCE_GENES].astype(np.float64)
+        block -= block.mean(axis=0)
+        covariance[start : start + COVARIANCE_GENES] = np.einsum("sgk,sgl->gkl", block, block) / len(block)
+    return covariance
+
+
+def posterior_statistics(idata: az.InferenceData) -> xr.Dataset:
+    """The statistics over every draw that the fit wrote (:data:`STATISTICS_GROUP`); for an
+    InferenceData made elsewhere (by NUTS, or by hand) computed from its posterior."""
+    if STATISTICS_GROUP in idata.groups():
+        return idata[STATISTICS_GROUP]
+    return draw_statistics(idata.posterior)
 
 
 def _kept_cells(n_cells: int, max_cells: int | None, seed: int) -> np.ndarray:

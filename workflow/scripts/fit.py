@@ -35,6 +35,7 @@ def main(snakemake):
     max_cells = snakemake.params.inference["cell_draws_max_cells"]
     idata, cell_moments = sample_posterior(
         model, result, settings.draws, settings.seed, max_cells=max_cells,
+        local_draws=snakemake.params.inference["local_draws"],
         attrs={"gene_dispersion": int(gene_dispersion), "cell_draws_max_cells": max_cells},
     )
     write_table(result.elbo_table(), snakemake.output.elbo, index=False)
