@@ -94,17 +94,12 @@ def cell_positions(cells, count_cells, source="trace.nc") -> np.ndarray:
     return positions
 
 
-def posterior_draws(idata: az.InferenceData, cells, n_draws: int, seed: int) -> PosteriorDraws:
-    """The draws the likelihood reads, for ``cells``: a seeded choice of ``n_draws`` of the joint
-    draws the posterior keeps (inference.local_draws of them; per-gene ones have no more), over
-    all chains, as float64."""
+def posterior_draws(idata: az.InferenceData, cells, max_draws: int, seed: int) -> PosteriorDraws:
+    """The draws the likelihood reads, for ``cells``: a seeded choice of at most ``max_draws`` of
+    the joint draws the posterior keeps (inference.local_draws of them; per-gene ones have no
+    more), over all chains, as float64."""
     posterior = idata.posterior.stack(sample=("chain", "draw"))
-    kept = posterior.sizes["sample"]
-    if n_draws > kept:
-        raise InputError("config", "ppc.draws", f"{n_draws} draws asked, but trace.nc keeps {kept} draws of the "
-                         "per-gene variables", f"lower ppc.draws to at most {kept}, or raise inference.local_draws "
-                         "(null keeps all inference.draws)")
-    keep = _choice(kept, n_draws, seed, 2)
+    keep = _choice(posterior.sizes["sample"], max_draws, seed, 2)
     posterior = posterior.isel(sample=keep).sel(cell=list(cells))
 
     def values(name, *dims):
