@@ -95,7 +95,8 @@ def read_counts_with_renames(path, block_entries: int = 50_000_000, duplicate_na
 def write_selection(adata: ad.AnnData, path) -> None:
     """Write the cells and genes of ``adata`` (its obs and var) and its counts' dtype, but not its counts:
     the later rules read those from the input through it (``read_selected_counts``), so that results/
-    holds no second copy of them."""
+    holds no second copy of them. ``obs["total_counts"]``, each cell's total over all genes, is needed:
+    it tells the reader that a cell's counts in the input changed."""
     selection = ad.AnnData(obs=adata.obs, var=adata.var, uns={SELECTION_KEY: {"dtype": str(adata.X.dtype)}})
     with atomic_output(path) as temporary_path:
         selection.write_h5ad(temporary_path)
