@@ -479,11 +479,13 @@ def assert_identical(read: ad.AnnData, expected: ad.AnnData):
 @pytest.mark.parametrize("as_stored", [sp.csr_matrix, sp.csc_matrix, lambda m: m.toarray().astype(np.float32)],
                          ids=["csr", "csc", "dense-float32"])
 @pytest.mark.parametrize("slicing", [RANDOM_SLICE, {"genes_method": "hvg", "n_genes": 10,
-                                                    "obs_filters": {"batch": ["A", "C"]}}],
-                         ids=["random", "hvg-filtered"])
+                                                    "obs_filters": {"batch": ["A", "C"]}},
+                                     {"obs_filters": {"group": ["x"]}, "genes_method": "first", "n_genes": 30}],
+                         ids=["random", "hvg-filtered", "two-runs-of-cells"])
 def test_selected_counts_read_from_the_input_are_those_the_slice_kept(tmp_path, as_stored, block_entries, slicing):
     stored = simulated_counts()
     stored.X = as_stored(stored.X)
+    stored.obs["group"] = np.repeat(["x", "y", "x"], 20)  # two runs of 20 kept cells: read as slices
     stored.uns["note"] = "kept"
     stored.write_h5ad(tmp_path / "input.h5ad")
     sliced = select_as_the_slice_rule_does(tmp_path / "input.h5ad", tmp_path / "selection.h5ad", **slicing)

@@ -22,6 +22,7 @@ DUPLICATE_NAME_ACTIONS = ("make_unique", "error")
 RENAMED_RECORD_LIMIT = 1000  # renamed entries listed per axis in qc.json; the count covers them all
 RAW_LAYER = "raw"  # load.layer's name for adata.raw.X
 SELECTION_KEY = "scnbvi_selection"  # uns entry of a selection file: the dtype of its counts
+MIN_MEAN_RUN = 8  # consecutive rows per slice, on average, below which rows are read one by one
 CANDIDATE_ENTRIES = 1_000_000  # entries read from each other matrix when looking for the counts
 SPARSE_ENCODINGS = ("csr_matrix", "csc_matrix")
 YAML_WORDS = {"null", "true", "false", "yes", "no", "on", "off", "y", "n"}  # read back as no string
@@ -132,7 +133,7 @@ def read_selected_counts(path, selection_path, duplicate_names: str = "make_uniq
         blocks, totals = [], []
         for start in range(0, len(cells), size):
             rows = cells[order[start : start + size]]
-            block = _checked_block(matrix[rows], names["obs"][rows], names["var"], path, field)
+            block = _checked_block(_read_rows(matrix, rows), names["obs"][rows], names["var"], path, field)
             totals.append(np.asarray(block.sum(axis=1, dtype=np.int64)).ravel())
             blocks.append(block[:, genes].astype(dtype))
     restore = np.argsort(order)
@@ -148,6 +149,15 @@ def read_selected_counts(path, selection_path, duplicate_names: str = "make_uniq
         counts = counts[restore]
     counts.sort_indices()  # genes listed in another order than the input's
     return ad.AnnData(X=counts, obs=selection.obs, var=selection.var, uns=uns)
+
+
+def _read_rows(matrix, rows: np.ndarray):
+    """Rows (increasing positions) of a matrix on disk. Runs of consecutive rows, as when most cells are
+    kept, are read as slices, far faster than row by row; scattered rows, as a random few, one by one."""
+    runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
+    if len(runs) * MIN_MEAN_RUN > len(rows):
+        return matrix[rows]
+    return sp.vstack([as_csr(matrix[run[0] : run[-1] + 1]) for run in runs], format="csr")
 
 
 def _selected_positions(names: pd.Index, selected: pd.Index, field, items, source, fix) -> np.ndarray:
