@@ -137,7 +137,7 @@ def test_rule_scores_a_simulated_data_set_and_is_opt_in(workflow_copy):
     result = snakemake(workflow_copy, "results/sim/cell_cycle.tsv", "--configfile", config)
     assert result.returncode == 0, result.stdout + result.stderr
     table = pd.read_csv(workflow_copy / "results" / "sim" / "cell_cycle.tsv", sep="\t", index_col="cell")
-    cells = ad.read_h5ad(workflow_copy / "results" / "sim" / "sliced.h5ad").obs_names
+    cells = ad.read_h5ad(workflow_copy / "results" / "sim" / "selection.h5ad").obs_names
     assert list(table.index) == list(cells)
     assert list(table.columns) == ["S_score", "G2M_score", "phase"]
     assert np.isfinite(table[["S_score", "G2M_score"]].to_numpy()).all()

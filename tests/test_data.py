@@ -11,9 +11,10 @@ import pytest
 import scipy.sparse as sp
 
 from scnbvi import data
-from scnbvi.data import read_counts, read_counts_with_renames, validate_counts, write_counts
+from scnbvi.data import (read_counts, read_counts_with_renames, read_selected_counts, validate_counts,
+                         write_counts, write_selection)
 from scnbvi.errors import InputError
-from scnbvi.qc import apply_qc_actions, qc_report, slice_counts
+from scnbvi.qc import apply_qc_actions, loaded_counts, qc_report, slice_counts
 
 SEED_DEMO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "seed_demo_1000x500.h5ad"
 N_VARIABLE_GENES = 5
@@ -447,3 +448,148 @@ def test_read_counts_sums_valid_repeated_entries(tmp_path):
 
     assert counts.X.has_canonical_format
     np.testing.assert_array_equal(counts.X.toarray(), [[1, 0, 0], [0, 0, 5]])
+
+
+LOAD_DEFAULTS = {"layer": None, "gene_symbols": None, "duplicate_names": "make_unique", "zero_cells": "drop",
+                 "zero_genes": "keep", "duplicate_cells": "keep"}
+RANDOM_SLICE = {"cells_method": "random", "n_cells": 40, "genes_method": "random", "n_genes": 30,
+                "drop_zero_cells": True, "drop_zero_genes": True, "seed": 5}
+
+
+def select_as_the_slice_rule_does(path, selection_path, load=None, **slicing) -> ad.AnnData:
+    """What the slice rule keeps of the input, in memory (what sliced.h5ad held), its selection written."""
+    adata = loaded_counts(path, {**LOAD_DEFAULTS, **(load or {})})
+    adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).ravel()
+    sliced = slice_counts(adata, **slicing)
+    write_selection(sliced, selection_path)
+    return sliced
+
+
+def assert_identical(read: ad.AnnData, expected: ad.AnnData):
+    """The same matrix, stored alike, and the same annotations."""
+    assert isinstance(read.X, sp.csr_matrix) and read.X.dtype == expected.X.dtype
+    for part in ("indptr", "indices", "data"):
+        np.testing.assert_array_equal(getattr(read.X, part), getattr(expected.X, part))
+    pd.testing.assert_frame_equal(read.obs, expected.obs)
+    pd.testing.assert_frame_equal(read.var, expected.var)
+    assert read.uns.keys() == expected.uns.keys()
+
+
+@pytest.mark.parametrize("block_entries", [50_000_000, 3 * 80], ids=["at-once", "in-blocks"])
+@pytest.mark.parametrize("as_stored", [sp.csr_matrix, sp.csc_matrix, lambda m: m.toarray().astype(np.float32)],
+                         ids=["csr", "csc", "dense-float32"])
+@pytest.mark.parametrize("slicing", [RANDOM_SLICE, {"genes_method": "hvg", "n_genes": 10,
+                                                    "obs_filters": {"batch": ["A", "C"]}},
+                                     {"obs_filters": {"group": ["x"]}, "genes_method": "first", "n_genes": 30}],
+                         ids=["random", "hvg-filtered", "two-runs-of-cells"])
+def test_selected_counts_read_from_the_input_are_those_the_slice_kept(tmp_path, as_stored, block_entries, slicing):
+    stored = simulated_counts()
+    stored.X = as_stored(stored.X)
+    stored.obs["group"] = np.repeat(["x", "y", "x"], 20)  # two runs of 20 kept cells: read as slices
+    stored.uns["note"] = "kept"
+    stored.write_h5ad(tmp_path / "input.h5ad")
+    sliced = select_as_the_slice_rule_does(tmp_path / "input.h5ad", tmp_path / "selection.h5ad", **slicing)
+
+    read = read_selected_counts(tmp_path / "input.h5ad", tmp_path / "selection.h5ad", block_entries=block_entries)
+
+    assert_identical(read, sliced)
+    assert read.uns["note"] == "kept"
+    selection = ad.read_h5ad(tmp_path / "selection.h5ad")
+    assert selection.X is None and not selection.layers and selection.raw is None
+
+
+def test_selected_counts_keep_the_dtype_the_whole_input_needed(tmp_path):
+    """One count above int32's range, in a cell the slice leaves out: the kept counts stay int64, as before."""
+    matrix = simulated_counts().X.astype(np.int64).tolil()
+    matrix[59, 0] = 2**33
+    with_matrix(matrix.tocsr()).write_h5ad(tmp_path / "input.h5ad")
+    sliced = select_as_the_slice_rule_does(tmp_path / "input.h5ad", tmp_path / "selection.h5ad",
+                                           cells_method="first", n_cells=10)
+
+    read = read_selected_counts(tmp_path / "input.h5ad", tmp_path / "selection.h5ad")
+
+    assert sliced.X.dtype == read.X.dtype == np.int64
+    assert_identical(read, sliced)
+
+
+def test_selected_counts_from_a_layer_and_from_raw(tmp_path):
+    counts = simulated_counts()
+    scanpy_like = counts.copy()
+    scanpy_like.layers["counts"] = counts.X.copy()
+    scanpy_like.X = counts.X.astype(np.float32) / 3
+    scanpy_like.write_h5ad(tmp_path / "layer.h5ad")
+    cellxgene_like = counts.copy()
+    cellxgene_like.X = counts.X.astype(np.float32)
+    cellxgene_like.raw = cellxgene_like
+    cellxgene_like = cellxgene_like[:, :50].copy()  # X holds fewer genes than raw
+    cellxgene_like.X = cellxgene_like.X / 3
+    cellxgene_like.write_h5ad(tmp_path / "raw.h5ad")
+
+    for name, layer in (("layer", "counts"), ("raw", "raw")):
+        sliced = select_as_the_slice_rule_does(tmp_path / f"{name}.h5ad", tmp_path / f"{name}_selection.h5ad",
+                                               load={"layer": layer}, **RANDOM_SLICE)
+        read = read_selected_counts(tmp_path / f"{name}.h5ad", tmp_path / f"{name}_selection.h5ad", layer=layer)
+
+        assert_identical(read, sliced)
+        assert read.n_vars == 30 and set(read.var_names) <= set(counts.var_names)
+
+
+def test_selected_counts_with_repeated_names_renamed_as_load_renamed_them(tmp_path):
+    genes = ["ACTB", "ACTB", "ACTB-1", "MALAT1", "ACTB", "MALAT1"]
+    adata = named(4, 6, ["c0", "c0", "c1", "c2"], genes)
+    adata.X = sp.csr_matrix(np.arange(1, 25).reshape(4, 6))
+    adata.write_h5ad(tmp_path / "dup.h5ad")
+    sliced = select_as_the_slice_rule_does(tmp_path / "dup.h5ad", tmp_path / "selection.h5ad",
+                                           genes_method="random", n_genes=4, seed=1)
+
+    read = read_selected_counts(tmp_path / "dup.h5ad", tmp_path / "selection.h5ad")
+
+    assert_identical(read, sliced)
+    assert list(read.obs_names) == ["c0", "c0-1", "c1", "c2"]
+    with pytest.raises(InputError, match="obs_names: 1 repeated names"):
+        read_selected_counts(tmp_path / "dup.h5ad", tmp_path / "selection.h5ad", duplicate_names="error")
+
+
+def test_selected_counts_follow_the_names_when_the_input_lists_them_in_another_order(tmp_path):
+    simulated_counts().write_h5ad(tmp_path / "input.h5ad")
+    sliced = select_as_the_slice_rule_does(tmp_path / "input.h5ad", tmp_path / "selection.h5ad", **RANDOM_SLICE)
+    shuffled = ad.read_h5ad(tmp_path / "input.h5ad")
+    rng = np.random.default_rng(0)
+    shuffled = shuffled[rng.permutation(shuffled.n_obs), rng.permutation(shuffled.n_vars)].copy()
+    shuffled.write_h5ad(tmp_path / "input.h5ad")
+
+    assert_identical(read_selected_counts(tmp_path / "input.h5ad", tmp_path / "selection.h5ad", block_entries=200),
+                     sliced)
+
+
+def _more_counts(adata: ad.AnnData) -> ad.AnnData:
+    counts = adata.X.tolil()
+    counts[0, 0] += 7
+    adata.X = counts.tocsr()
+    return adata
+
+
+CHANGES = {
+    "a kept cell removed": (lambda adata: adata[1:].copy(), r"obs_names: 1 of the 40 selected cells are not in the "
+                            r"input \(first: 'c0'\)"),
+    "a kept gene removed": (lambda adata: adata[:, 1:].copy(), r"var_names: 1 of the \d+ selected genes are not in "
+                            r"the input \(first: 'g0'\)"),
+    "a kept cell's counts changed": (_more_counts, r"X: 1 selected cells have other counts "
+                                     r"than when they were selected \(first: 'c0', total \d+, was \d+\)"),
+}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_an_input_changed_since_the_selection_is_refused_with_the_fix(tmp_path, change):
+    edit, problem = CHANGES[change]
+    path = tmp_path / "input.h5ad"
+    simulated_counts().write_h5ad(path)
+    select_as_the_slice_rule_does(path, tmp_path / "selection.h5ad", cells_method="first", n_cells=40,
+                                  genes_method="first", n_genes=60)
+    edit(ad.read_h5ad(path)).write_h5ad(path)
+
+    with pytest.raises(InputError, match=f"^{path}: {problem}; fix: the input changed after "
+                                         f"{tmp_path / 'selection.h5ad'} was written from it; rerun the workflow "
+                                         "with --forcerun load") as raised:
+        read_selected_counts(path, tmp_path / "selection.h5ad")
+    assert "\n" not in str(raised.value)

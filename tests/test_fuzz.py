@@ -20,7 +20,7 @@ import scipy.sparse as sp
 from hypothesis import HealthCheck, event, example, given, note, settings
 from hypothesis import strategies as st
 
-from scnbvi.data import read_counts_with_renames, write_counts
+from scnbvi.data import read_counts_with_renames, read_selected_counts, write_selection
 from scnbvi.errors import InputError
 from scnbvi.inference import InferenceSettings, fit
 from scnbvi.offsets import aligned_covariates, covariate_tables, write_covariates
@@ -219,14 +219,8 @@ def assert_one_line_input_error(error: InputError):
     assert len(message.splitlines()) == 1, message
 
 
-def through_disk(adata: ad.AnnData, directory: Path, name: str) -> ad.AnnData:
-    """As between two rules: written by one, read by the next."""
-    write_counts(adata, directory / name)
-    return ad.read_h5ad(directory / name)
-
-
 def load_slice_covariates(path: Path, case: dict, config: dict, expected):
-    """The package calls of the load, slice and covariates rules, with their files in between; each
+    """The package calls of the load, slice and covariates rules, with the selection file in between; each
     stops only where the case gives it a reason to."""
     load = dict(config["load"])
     duplicate_names = load.pop("duplicate_names")
@@ -239,11 +233,13 @@ def load_slice_covariates(path: Path, case: dict, config: dict, expected):
     # Dropping all-zero cells or genes empties the matrix only when every count is zero.
     with stops_only(adata.X.nnz == 0 and "drop" in (load["zero_cells"], load["zero_genes"])):
         validated = apply_qc_actions(adata, **load)
-    adata = through_disk(validated, path.parent, "validated.h5ad")
+    adata = validated  # the slice rule reads the input again as load did
     adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).ravel()  # as the slice rule records it
     with stops_only(False if slice_cannot_stop(config["slice"]) else None, blaming="slice."):
         sliced = slice_counts(adata, **config["slice"])
-    adata = through_disk(sliced, path.parent, "sliced.h5ad")
+    write_selection(sliced, path.parent / "selection.h5ad")
+    adata = read_selected_counts(path, path.parent / "selection.h5ad", duplicate_names=duplicate_names)
+    assert adata.X.dtype == sliced.X.dtype and (adata.X != sliced.X).nnz == 0, "the selection reads other counts"
     with stops_only(False if offsets_cannot_stop(config["covariates"]) else None, blaming="covariates"):
         cells, genes = covariate_tables(adata, config["covariates"])
     return adata, cells, genes

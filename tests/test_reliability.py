@@ -77,7 +77,7 @@ def test_full_disk_is_one_line_saying_how_much_to_free_and_leaves_no_file(tmp_pa
 
 
 def test_full_disk_estimate_is_the_previous_result_when_the_write_failed_early(tmp_path):
-    target = tmp_path / "validated.h5ad"
+    target = tmp_path / "simulated.h5ad"
     with open(target, "wb") as previous:
         previous.truncate(int(3.2e9))
 
@@ -85,7 +85,7 @@ def test_full_disk_estimate_is_the_previous_result_when_the_write_failed_early(t
         with atomic_output(target) as temporary:
             fail_after_writing(0, OSError(errno.ENOSPC, "No space left on device"))(temporary)
 
-    assert [path.name for path in tmp_path.iterdir()] == ["validated.h5ad"]
+    assert [path.name for path in tmp_path.iterdir()] == ["simulated.h5ad"]
 
 
 def test_other_write_errors_pass_unchanged_and_leave_no_file(tmp_path):
@@ -108,7 +108,7 @@ from scnbvi.outputs import atomic_output
 directory = sys.argv[1]
 counts = ad.AnnData(X=sp.random(2000, 300, density=0.3, format="csr", random_state=0))
 try:
-    write_counts(counts, f"{directory}/validated.h5ad")
+    write_counts(counts, f"{directory}/simulated.h5ad")
 except DiskFullError as error:
     print("h5ad:", error, "| left:", os.listdir(directory), flush=True)
 draws = xr.Dataset({"x": (("chain", "draw", "gene"), np.zeros((1, 1000, 300)))})
@@ -137,7 +137,7 @@ def test_writing_results_onto_a_really_full_disk(tmp_path):
     assert lines == [
         f"{kind}: no space left on device writing {mount}/{name}; free about 0.1 GB (0.0 GB free there now) "
         "and rerun | left: []"
-        for kind, name in (("h5ad", "validated.h5ad"), ("trace", "trace.nc"))
+        for kind, name in (("h5ad", "simulated.h5ad"), ("trace", "trace.nc"))
     ], result.stdout + result.stderr[-3000:]
 
 
@@ -234,11 +234,11 @@ def test_load_rule_makes_repeated_gene_names_unique_and_records_them(workflow_co
     path = _duplicate_named_file(workflow_copy / "dup.h5ad")
     config = write_config(workflow_copy, {"datasets": {"dup": {"path": path}}})
 
-    result = snakemake(workflow_copy, "results/dup/qc.json", "--configfile", config)
+    result = snakemake(workflow_copy, "results/dup/selection.h5ad", "--configfile", config)
 
     assert result.returncode == 0, result.stderr
     out = workflow_copy / "results" / "dup"
-    assert list(ad.read_h5ad(out / "validated.h5ad").var_names) == ["ACTB", "GAPDH", "ACTB-1", "MALAT1"]
+    assert list(ad.read_h5ad(out / "selection.h5ad").var_names) == ["ACTB", "GAPDH", "ACTB-1", "MALAT1"]
     qc = json.loads((out / "qc.json").read_text())
     assert qc["renamed"] == {"obs": {"count": 0, "names": {}}, "var": {"count": 1, "names": {"ACTB": ["ACTB-1"]}}}
     assert qc["actions"]["duplicate_names"] == "make_unique"
@@ -259,7 +259,6 @@ def test_load_rule_with_duplicate_names_error_stops_with_one_line(workflow_copy)
         f"scnbvi error in rule load: {path}: var_names: 1 repeated names (first: 'ACTB', 2 times); fix: make them "
         "unique in the file (adata.var_names_make_unique()) or set load.duplicate_names: make_unique"
     ], result.stderr
-    assert not (workflow_copy / "results" / "dup" / "validated.h5ad").exists()
     assert not (workflow_copy / "results" / "dup" / "qc.json").exists()
 
 
@@ -297,7 +296,6 @@ def test_editing_the_package_reruns_every_job_that_runs_it(workflow_copy):
     # runs the package, so a rule added without `code=CODE_VERSION` shows up here as "ok".
     status = _status_by_rule(snakemake(workflow_copy, "--configfile", config, "--summary"))
     assert set(PACKAGE_RULES) <= set(status)
-    status["load"].discard("removed temp file")  # validated.h5ad is a temporary output
     assert {rule: {"params changed"} for rule in status} == status
 
     engine.write_text(original)

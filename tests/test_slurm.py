@@ -36,11 +36,10 @@ from conftest import REPO, SMALL_SIMULATED, copy_workflow, preset, snakemake, wr
 SLURM_SH = REPO / ".ci" / "slurm.sh"
 REMOTE_RULES = {"simulate", "load", "slice", "covariates", "fit", "summary", "plot_elbo", "ppc", "anndata"}
 UPSTREAM_RULES = ("simulate", "load", "slice", "covariates")
-# validated.h5ad is temporary: deleted once sliced.h5ad is written.
 UPSTREAM_OUTPUTS = (
     "simulated.h5ad",
     "qc.json",
-    "sliced.h5ad",
+    "selection.h5ad",
     "covariates_cells.tsv",
     "covariates_genes.tsv",
 )

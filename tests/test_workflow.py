@@ -8,12 +8,15 @@ import time
 
 import anndata as ad
 import arviz as az
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
 
 from conftest import PRESETS, SHARED_DATA, SMALL_SIMULATED, preset, snakemake, write_config, write_h5ad
+from scnbvi.data import read_counts, read_selected_counts
+from scnbvi.qc import apply_qc_actions, slice_counts
 
 pytestmark = pytest.mark.slow
 
@@ -94,14 +97,22 @@ def test_default_workflow_runs_and_recovers_simulated_truth(workflow_copy):
     np.testing.assert_allclose(res.var["scnbvi_log_expression_mean"], genes["log_expression_mean"])
     assert res.uns["scnbvi"]["convergence"]["converged"] == 1
     assert res.uns["scnbvi"]["inference"]["cell_draws_max_cells"] == 10000
-    # The validated copy of the counts is temporary: the run keeps one copy, sliced.h5ad.
-    assert not (out / "validated.h5ad").exists()
+    assert_no_copy_of_the_counts(workflow_copy / "results", inputs={out / "simulated.h5ad"})
     elbo = pd.read_csv(out / "elbo.tsv", sep="\t")
     assert list(elbo.columns[:2]) == ["iteration", "loss"] and len(elbo) == attrs["iterations"]
     # Data from the model itself: the fit's replicates bracket the observed counts.
     ppc = json.loads((out / "ppc.json").read_text())
     assert (ppc["genes"], ppc["cells"], ppc["draws"]) == (300, 1000, 50)
     assert max(ppc["genes_outside_band"].values()) <= 0.2 and ppc["cells_outside_band"]["library_size"] <= 0.2, ppc
+
+
+def assert_no_copy_of_the_counts(results, inputs):
+    """No .h5ad under results/ but the inputs holds a matrix: the rules read the counts from the input."""
+    h5ads = set(results.rglob("*.h5ad")) - set(inputs)
+    assert {path.name for path in h5ads} >= {"selection.h5ad", "scnbvi.h5ad"}
+    for path in h5ads:
+        with h5py.File(path, "r") as file:
+            assert "X" not in file and len(file.get("layers", {})) == 0 and "raw" not in file, path
 
 
 def _mtimes(directory, names):
@@ -112,12 +123,10 @@ def test_changing_an_inference_setting_reruns_only_fit_and_downstream(workflow_c
     config = write_config(workflow_copy, SMALL_SIMULATED)
     assert snakemake(workflow_copy, "--configfile", config).returncode == 0
     out = workflow_copy / "results" / "sim"
-    upstream = ("simulated.h5ad", "qc.json", "sliced.h5ad", "covariates_cells.tsv")
+    upstream = ("simulated.h5ad", "qc.json", "selection.h5ad", "covariates_cells.tsv")
     downstream = ("trace.nc", "summary.csv", "cells.tsv", "scnbvi.h5ad", "elbo.png")
     before = _mtimes(out, upstream + downstream)
 
-    # validated.h5ad, a temporary file, is gone: that alone reruns nothing.
-    assert not (out / "validated.h5ad").exists()
     unchanged = snakemake(workflow_copy, "--configfile", config, "-n")
     assert "Nothing to be done" in unchanged.stdout + unchanged.stderr
 
@@ -127,13 +136,20 @@ def test_changing_an_inference_setting_reruns_only_fit_and_downstream(workflow_c
     planned = snakemake(workflow_copy, "--configfile", write_config(workflow_copy, operational, "run.yaml"), "-n")
     assert "Nothing to be done" in planned.stdout + planned.stderr, planned.stdout
 
-    # A slice setting reruns load too, to recreate the temporary input of slice.
+    # A slice setting reruns slice and what reads the counts through its selection, not load.
     sliced = preset("small_simulated")
     sliced["datasets"]["sim"]["slice"] = {"genes": {"method": "first", "n": 30}}
     planned = snakemake(workflow_copy, "--configfile", write_config(workflow_copy, sliced, "sliced.yaml"), "-n")
     assert planned.returncode == 0, planned.stderr
-    assert all(f"rule {rule}:" in planned.stdout for rule in ("load", "slice", "covariates", "fit", "summary"))
-    assert "rule simulate:" not in planned.stdout
+    assert all(f"rule {rule}:" in planned.stdout for rule in ("slice", "covariates", "fit", "summary"))
+    assert "rule simulate:" not in planned.stdout and "rule load:" not in planned.stdout
+
+    # A load setting that says how the counts are read reruns every rule that reads them.
+    renaming = preset("small_simulated")
+    renaming["datasets"]["sim"]["load"] = {"duplicate_names": "error"}
+    planned = snakemake(workflow_copy, "--configfile", write_config(workflow_copy, renaming, "load.yaml"), "-n")
+    assert planned.returncode == 0, planned.stderr
+    assert all(f"rule {rule}:" in planned.stdout for rule in ("load", "slice", "covariates", "fit", "summary", "ppc"))
 
     changed = preset("small_simulated")
     changed["datasets"]["sim"]["inference"]["learning_rate"] = 0.02
@@ -144,6 +160,30 @@ def test_changing_an_inference_setting_reruns_only_fit_and_downstream(workflow_c
     assert all(after[name] == before[name] for name in upstream)
     assert all(after[name] > before[name] for name in downstream)
     assert az.from_netcdf(out / "trace.nc").posterior.attrs["learning_rate"] == 0.02
+
+
+def test_the_counts_read_through_the_selection_are_those_a_sliced_copy_held(workflow_copy):
+    """Same config, same numbers: what the slice rule selected, read from the input, is what the slice of
+    the loaded counts in memory gives (what sliced.h5ad, the copy the rules read before, held)."""
+    config = preset("small_simulated")
+    slicing = {"cells": {"method": "random", "n": 200}, "genes": {"method": "hvg", "n": 25},
+               "drop_zero_cells": True, "drop_zero_genes": True, "seed": 4}
+    config["datasets"]["sim"]["slice"] = slicing
+    result = snakemake(workflow_copy, "results/sim/selection.h5ad", "--configfile", write_config(workflow_copy, config))
+    assert result.returncode == 0, result.stderr
+    out = workflow_copy / "results" / "sim"
+
+    loaded = apply_qc_actions(read_counts(out / "simulated.h5ad"))  # the load rule's default settings
+    loaded.obs["total_counts"] = np.asarray(loaded.X.sum(axis=1)).ravel()
+    sliced = slice_counts(loaded, cells_method="random", n_cells=200, genes_method="hvg", n_genes=25,
+                          drop_zero_cells=True, drop_zero_genes=True, seed=4)
+    read = read_selected_counts(out / "simulated.h5ad", out / "selection.h5ad")
+
+    assert read.shape == (200, 25) and read.X.dtype == sliced.X.dtype
+    assert list(read.obs_names) == list(sliced.obs_names) and list(read.var_names) == list(sliced.var_names)
+    assert (read.X != sliced.X).nnz == 0
+    pd.testing.assert_frame_equal(read.obs, sliced.obs)
+    pd.testing.assert_frame_equal(read.var, sliced.var)
 
 
 @pytest.mark.shared_data("seed_demo_1000x500.h5ad")
@@ -188,7 +228,7 @@ def test_bad_counts_fail_load_with_one_line_and_no_output(workflow_copy, kind):
     # One error, printed by the job and repeated among the run's closing lines.
     assert len(lines) == 2 and lines[0] == lines[1]
     assert f"rule {rule}" in lines[0] and words in lines[0] and "bad.h5ad" in lines[0]
-    assert not (workflow_copy / "results" / "bad" / "validated.h5ad").exists()
+    assert not (workflow_copy / "results" / "bad" / "qc.json").exists()
 
 
 def _run_expecting_error(workflow_copy, dataset: dict, expected: tuple[str, ...], absent: str):
@@ -202,7 +242,7 @@ def _run_expecting_error(workflow_copy, dataset: dict, expected: tuple[str, ...]
 
 
 def test_missing_input_file_is_reported(workflow_copy):
-    _run_expecting_error(workflow_copy, {"path": "no/such/file.h5ad"}, ("no/such/file.h5ad",), "validated.h5ad")
+    _run_expecting_error(workflow_copy, {"path": "no/such/file.h5ad"}, ("no/such/file.h5ad",), "qc.json")
 
 
 def test_missing_obs_column_names_the_column(workflow_copy):
@@ -251,7 +291,7 @@ def test_empty_slice_names_the_setting(workflow_copy):
     counts = _good_counts()
     path = write_h5ad(workflow_copy / "ok.h5ad", counts, obs={"batch": ["a"] * counts.shape[0]})
     dataset = {"path": path, "slice": {"obs_filters": {"batch": ["zzz"]}}}
-    _run_expecting_error(workflow_copy, dataset, ("slice.obs_filters.batch", "scnbvi error in rule slice"), "sliced.h5ad")
+    _run_expecting_error(workflow_copy, dataset, ("slice.obs_filters.batch", "scnbvi error in rule slice"), "selection.h5ad")
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,8 @@ RAW_COUNTS_FIX = ("pass raw counts, not normalised or scaled data (counts kept i
 DUPLICATE_NAME_ACTIONS = ("make_unique", "error")
 RENAMED_RECORD_LIMIT = 1000  # renamed entries listed per axis in qc.json; the count covers them all
 RAW_LAYER = "raw"  # load.layer's name for adata.raw.X
+SELECTION_KEY = "scnbvi_selection"  # uns entry of a selection file: the dtype of its counts
+MIN_MEAN_RUN = 8  # consecutive rows per slice, on average, below which rows are read one by one
 CANDIDATE_ENTRIES = 1_000_000  # entries read from each other matrix when looking for the counts
 SPARSE_ENCODINGS = ("csr_matrix", "csc_matrix")
 YAML_WORDS = {"null", "true", "false", "yes", "no", "on", "off", "y", "n"}  # read back as no string
@@ -63,19 +65,7 @@ def read_counts_with_renames(path, block_entries: int = 50_000_000, duplicate_na
         raise InputError("config", "load.duplicate_names", f"unknown action {duplicate_names!r}",
                          f"use one of {list(DUPLICATE_NAME_ACTIONS)}")
     path = Path(path)
-    if path.is_dir():
-        raise InputError(path, "file", "is a directory, not an .h5ad file", "give the path of the .h5ad file itself")
-    if not path.exists():
-        raise InputError(path, "file", "file not found", "check the path, or create the file before running")
-    if not path.is_file():
-        raise InputError(path, "file", "is not a regular file (a device, pipe or socket)",
-                         "give the path of an .h5ad file on disk")
-    try:
-        file = h5py.File(path, "r")
-    except OSError as error:
-        raise InputError(path, "file", f"not a readable .h5ad file ({type(error).__name__}: {error})",
-                         "write the counts with anndata's AnnData.write_h5ad") from error
-    with file:
+    with _open_h5ad(path) as file:
         matrix, field = _stored_matrix(file, layer, path)
         obs = _read_element(file, "obs", path)
         var = _read_element(file, "raw/var" if layer == RAW_LAYER else "var", path)
@@ -101,6 +91,99 @@ def read_counts_with_renames(path, block_entries: int = 50_000_000, duplicate_na
     dtype = max((block.dtype for block in blocks), key=lambda d: d.itemsize)
     counts = sp.vstack([block.astype(dtype, copy=False) for block in blocks], format="csr")
     return ad.AnnData(X=counts, obs=obs, var=var, uns=uns), renamed
+
+
+def write_selection(adata: ad.AnnData, path) -> None:
+    """Write the cells and genes of ``adata`` (its obs and var) and its counts' dtype, but not its counts:
+    the later rules read those from the input through it (``read_selected_counts``), so that results/
+    holds no second copy of them. ``obs["total_counts"]``, each cell's total over all genes, is needed:
+    it tells the reader that a cell's counts in the input changed."""
+    selection = ad.AnnData(obs=adata.obs, var=adata.var, uns={SELECTION_KEY: {"dtype": str(adata.X.dtype)}})
+    with atomic_output(path) as temporary_path:
+        selection.write_h5ad(temporary_path)
+
+
+def read_selected_counts(path, selection_path, duplicate_names: str = "make_unique", layer: str | None = None,
+                         block_entries: int = 50_000_000) -> ad.AnnData:
+    """The selected cells and genes of the input, as ``write_selection`` recorded them: the counts read as
+    ``read_counts`` reads them (``layer``, repeated names renamed by ``duplicate_names``, checked and
+    canonical CSR, in the recorded dtype), obs and var from the selection, uns from the input.
+
+    Only the selected cells are read, a block at a time. A selected cell or gene missing from the input,
+    or a selected cell whose total over all genes (``obs["total_counts"]``) is no longer what it was, means
+    the input changed after the selection was made: an InputError, rather than counts that do not belong
+    to the selection.
+    """
+    selection = ad.read_h5ad(selection_path)
+    path = Path(path)
+    fix = (f"the input changed after {selection_path} was written from it; rerun the workflow with "
+           "--forcerun load, so that its cells and genes are selected again")
+    with _open_h5ad(path) as file:
+        matrix, field = _stored_matrix(file, layer, path)
+        names = {}
+        for axis, key in (("obs", "obs"), ("var", "raw/var" if layer == RAW_LAYER else "var")):
+            names[axis] = _unique_names(_read_element(file, key, path).index, axis, duplicate_names, path)[0]
+        cells = _selected_positions(names["obs"], selection.obs_names, "obs_names", "cells", path, fix)
+        genes = _selected_positions(names["var"], selection.var_names, "var_names", "genes", path, fix)
+        uns = _read_element(file, "uns", path) if "uns" in file else {}
+        dtype = np.dtype(selection.uns[SELECTION_KEY]["dtype"])
+        # h5py reads rows in increasing order only: read them so, then put them back in the selection's order.
+        order = np.argsort(cells, kind="stable")
+        _, size = _cell_blocks(matrix, block_entries)[0]
+        blocks, totals = [], []
+        for start in range(0, len(cells), size):
+            rows = cells[order[start : start + size]]
+            block = _checked_block(_read_rows(matrix, rows), names["obs"][rows], names["var"], path, field)
+            totals.append(np.asarray(block.sum(axis=1, dtype=np.int64)).ravel())
+            blocks.append(block[:, genes].astype(dtype))
+    restore = np.argsort(order)
+    totals = np.concatenate(totals)[restore]
+    changed = np.flatnonzero(totals != selection.obs["total_counts"].to_numpy())
+    if len(changed):
+        first = changed[0]
+        raise InputError(path, field, f"{len(changed)} selected cells have other counts than when they were selected "
+                         f"(first: {selection.obs_names[first]!r}, total {totals[first]}, was "
+                         f"{selection.obs['total_counts'].iloc[first]})", fix)
+    counts = sp.vstack(blocks, format="csr")
+    if (order != np.arange(len(order))).any():
+        counts = counts[restore]
+    counts.sort_indices()  # genes listed in another order than the input's
+    return ad.AnnData(X=counts, obs=selection.obs, var=selection.var, uns=uns)
+
+
+def _read_rows(matrix, rows: np.ndarray):
+    """Rows (increasing positions) of a matrix on disk. Runs of consecutive rows, as when most cells are
+    kept, are read as slices, far faster than row by row; scattered rows, as a random few, one by one."""
+    runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
+    if len(runs) * MIN_MEAN_RUN > len(rows):
+        return matrix[rows]
+    return sp.vstack([as_csr(matrix[run[0] : run[-1] + 1]) for run in runs], format="csr")
+
+
+def _selected_positions(names: pd.Index, selected: pd.Index, field, items, source, fix) -> np.ndarray:
+    """Where each selected name lies among the input's names; a missing one is an InputError."""
+    positions = names.get_indexer(selected)
+    missing = positions < 0
+    if missing.any():
+        raise InputError(source, field, f"{int(missing.sum())} of the {len(selected)} selected {items} are not in "
+                         f"the input (first: {selected[missing][0]!r})", fix)
+    return positions
+
+
+def _open_h5ad(path: Path) -> h5py.File:
+    """The file opened for reading, or an InputError saying why it cannot be."""
+    if path.is_dir():
+        raise InputError(path, "file", "is a directory, not an .h5ad file", "give the path of the .h5ad file itself")
+    if not path.exists():
+        raise InputError(path, "file", "file not found", "check the path, or create the file before running")
+    if not path.is_file():
+        raise InputError(path, "file", "is not a regular file (a device, pipe or socket)",
+                         "give the path of an .h5ad file on disk")
+    try:
+        return h5py.File(path, "r")
+    except OSError as error:
+        raise InputError(path, "file", f"not a readable .h5ad file ({type(error).__name__}: {error})",
+                         "write the counts with anndata's AnnData.write_h5ad") from error
 
 
 def _require_symbol_column(var: pd.DataFrame, column, layer, source) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scnbvi.data import as_csr
+from scnbvi.data import as_csr, read_counts
 from scnbvi.errors import InputError
 
 QC_ACTIONS = ("keep", "drop")
@@ -51,6 +51,14 @@ def apply_qc_actions(adata: ad.AnnData, zero_cells="drop", zero_genes="keep", du
     if not keep_genes.any():
         raise InputError("config", "load.zero_genes", "every gene has zero counts", "check that X holds the counts")
     return _materialise(adata, keep_cells, keep_genes)
+
+
+def loaded_counts(path, load_settings: dict) -> ad.AnnData:
+    """The counts the load rule keeps: the input read with its settings, then its QC actions applied.
+    The slice rule reads them so again rather than from a copy that load would write."""
+    actions = dict(load_settings)
+    reading = {key: actions.pop(key) for key in ("duplicate_names", "layer", "gene_symbols")}
+    return apply_qc_actions(read_counts(path, **reading), **actions)
 
 
 def cells_passing(obs: pd.DataFrame, obs_filters, source="slice") -> np.ndarray:

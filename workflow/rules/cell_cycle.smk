@@ -4,7 +4,8 @@
 
 rule cell_cycle:
     input:
-        h5ad=f"{RESULTS}/{{dataset}}/sliced.h5ad",
+        h5ad=input_h5ad,
+        selection=f"{RESULTS}/{{dataset}}/selection.h5ad",
         lists=cell_cycle_lists,
     output:
         f"{RESULTS}/{{dataset}}/cell_cycle.tsv",
@@ -19,6 +20,7 @@ rule cell_cycle:
         runtime=scaled_runtime(10, 20),
     params:
         code=CODE_VERSION,
+        reading=counts_reading,
         settings=section("cell_cycle"),
     script:
         "../scripts/cell_cycle.py"

@@ -1,6 +1,7 @@
 rule check_nuts:
     input:
-        h5ad=f"{RESULTS}/{{dataset}}/sliced.h5ad",
+        h5ad=input_h5ad,
+        selection=f"{RESULTS}/{{dataset}}/selection.h5ad",
         cells=f"{RESULTS}/{{dataset}}/covariates_cells.tsv",
         genes=f"{RESULTS}/{{dataset}}/covariates_genes.tsv",
         design=f"{RESULTS}/{{dataset}}/design.json",
@@ -30,6 +31,7 @@ rule check_nuts:
         runtime=nuts_runtime,
     params:
         code=CODE_VERSION,
+        reading=counts_reading,
         nuts=nuts_section,
         inference=section("inference", leave_out=RUN_ONLY_INFERENCE_SETTINGS),
         model=section("model"),

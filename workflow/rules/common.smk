@@ -139,6 +139,13 @@ def input_h5ad(wildcards):
     return path if path else f"{RESULTS}/{wildcards.dataset}/simulated.h5ad"
 
 
+def counts_reading(wildcards):
+    """The load settings that say how the counts are read: the rules that read them from the input
+    through selection.h5ad take these as params, so that a change reruns them."""
+    load = dataset_config(wildcards)["load"]
+    return {key: load[key] for key in ("layer", "duplicate_names")}
+
+
 def input_identity(wildcards):
     """The input's size and a hash of 64 evenly spaced 64 KiB pieces of it (4 MiB read at most):
     a file replaced by other counts with an older modification time (cp -p, rsync -t, a restore

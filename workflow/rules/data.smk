@@ -21,8 +21,6 @@ rule load:
     input:
         input_h5ad,
     output:
-        # Only slice reads it: deleted once sliced.h5ad is written, so that a run keeps one copy of the counts.
-        h5ad=temp(f"{RESULTS}/{{dataset}}/validated.h5ad"),
         qc=f"{RESULTS}/{{dataset}}/qc.json",
     log:
         f"{RESULTS}/{{dataset}}/logs/load.log",
@@ -42,11 +40,13 @@ rule load:
         "../scripts/load.py"
 
 
+# Reads the input again as load did (no copy of the counts between them), after load's checks and report.
 rule slice:
     input:
-        f"{RESULTS}/{{dataset}}/validated.h5ad",
+        h5ad=input_h5ad,
+        qc=f"{RESULTS}/{{dataset}}/qc.json",
     output:
-        f"{RESULTS}/{{dataset}}/sliced.h5ad",
+        f"{RESULTS}/{{dataset}}/selection.h5ad",
     log:
         f"{RESULTS}/{{dataset}}/logs/slice.log",
     benchmark:
@@ -58,6 +58,7 @@ rule slice:
         runtime=scaled_runtime(10, 20),
     params:
         code=CODE_VERSION,
+        load=section("load"),
         settings=section("slice"),
     script:
         "../scripts/slice.py"
@@ -65,7 +66,8 @@ rule slice:
 
 rule covariates:
     input:
-        h5ad=f"{RESULTS}/{{dataset}}/sliced.h5ad",
+        h5ad=input_h5ad,
+        selection=f"{RESULTS}/{{dataset}}/selection.h5ad",
         annotation=covariate_files,
         cell_cycle=cell_cycle_table,
     output:
@@ -83,6 +85,7 @@ rule covariates:
         runtime=scaled_runtime(10, 10),
     params:
         code=CODE_VERSION,
+        reading=counts_reading,
         settings=section("covariates"),
         design=section("design"),
         contrasts=configured_contrasts,

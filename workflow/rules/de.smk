@@ -1,7 +1,8 @@
 rule de:
     input:
         trace=f"{RESULTS}/{{dataset}}/trace.nc",
-        h5ad=f"{RESULTS}/{{dataset}}/sliced.h5ad",
+        h5ad=input_h5ad,
+        selection=f"{RESULTS}/{{dataset}}/selection.h5ad",
         cells=f"{RESULTS}/{{dataset}}/covariates_cells.tsv",
         genes=f"{RESULTS}/{{dataset}}/covariates_genes.tsv",
         design=f"{RESULTS}/{{dataset}}/design.json",
@@ -41,6 +42,7 @@ rule de:
         runtime=scaled_runtime(15, 20),
     params:
         code=CODE_VERSION,
+        reading=counts_reading,
         contrast=contrast_of,
         settings=section("de"),
         gene_symbols=gene_symbols,
@@ -52,7 +54,8 @@ rule de:
 rule pseudobulk:
     input:
         table=f"{RESULTS}/{{dataset}}/de/{{contrast}}.tsv",
-        h5ad=f"{RESULTS}/{{dataset}}/sliced.h5ad",
+        h5ad=input_h5ad,
+        selection=f"{RESULTS}/{{dataset}}/selection.h5ad",
         cells=f"{RESULTS}/{{dataset}}/covariates_cells.tsv",
         genes=f"{RESULTS}/{{dataset}}/covariates_genes.tsv",
         design=f"{RESULTS}/{{dataset}}/design.json",
@@ -80,6 +83,7 @@ rule pseudobulk:
         runtime=scaled_runtime(10, 10),
     params:
         code=CODE_VERSION,
+        reading=counts_reading,
         contrast=contrast_of,
         lfsr_level=lambda wildcards: dataset_config(wildcards)["de"]["lfsr_level"],
     script:

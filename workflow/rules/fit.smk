@@ -1,6 +1,7 @@
 rule fit:
     input:
-        h5ad=f"{RESULTS}/{{dataset}}/sliced.h5ad",
+        h5ad=input_h5ad,
+        selection=f"{RESULTS}/{{dataset}}/selection.h5ad",
         cells=f"{RESULTS}/{{dataset}}/covariates_cells.tsv",
         genes=f"{RESULTS}/{{dataset}}/covariates_genes.tsv",
         design=f"{RESULTS}/{{dataset}}/design.json",
@@ -21,6 +22,7 @@ rule fit:
         runtime=fit_runtime,
     params:
         code=CODE_VERSION,
+        reading=counts_reading,
         inference=section("inference", leave_out=RUN_ONLY_INFERENCE_SETTINGS),
         model=section("model"),
         backend=config["backend"],
@@ -34,7 +36,8 @@ rule fit:
 rule summary:
     input:
         trace=f"{RESULTS}/{{dataset}}/trace.nc",
-        h5ad=f"{RESULTS}/{{dataset}}/sliced.h5ad",
+        h5ad=input_h5ad,
+        selection=f"{RESULTS}/{{dataset}}/selection.h5ad",
     output:
         summary=report(
             f"{RESULTS}/{{dataset}}/summary.csv",
@@ -65,6 +68,7 @@ rule summary:
         runtime=scaled_runtime(30, 20),
     params:
         code=CODE_VERSION,
+        reading=counts_reading,
         gene_symbols=gene_symbols,
     script:
         "../scripts/summary.py"

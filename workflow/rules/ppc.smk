@@ -4,7 +4,8 @@
 rule ppc:
     input:
         trace=f"{RESULTS}/{{dataset}}/trace.nc",
-        h5ad=f"{RESULTS}/{{dataset}}/sliced.h5ad",
+        h5ad=input_h5ad,
+        selection=f"{RESULTS}/{{dataset}}/selection.h5ad",
         cells=f"{RESULTS}/{{dataset}}/covariates_cells.tsv",
         genes=f"{RESULTS}/{{dataset}}/covariates_genes.tsv",
         design=f"{RESULTS}/{{dataset}}/design.json",
@@ -46,6 +47,7 @@ rule ppc:
         runtime=scaled_runtime(30, 20),
     params:
         code=CODE_VERSION,
+        reading=counts_reading,
         settings=section("ppc"),
     script:
         "../scripts/ppc.py"

@@ -2,8 +2,7 @@ from _runner import run
 
 
 def main(snakemake):
-    import anndata as ad
-
+    from scnbvi.data import read_selected_counts
     from scnbvi.design import read_design
     from scnbvi.inference import InferenceSettings
     from scnbvi.nuts_check import INTERVAL_MASS, NutsSettings, check_nuts
@@ -11,7 +10,7 @@ def main(snakemake):
     from scnbvi.outputs import atomic_output, code_version, write_json, write_table
     from scnbvi.plotting import plot_nuts_check
 
-    adata = ad.read_h5ad(snakemake.input.h5ad)
+    adata = read_selected_counts(snakemake.input.h5ad, snakemake.input.selection, **snakemake.params.reading)
     cells, genes = aligned_covariates(snakemake.input.cells, snakemake.input.genes, adata)
     design = read_design(snakemake.input.design, cells)
     table, record = check_nuts(

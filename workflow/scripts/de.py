@@ -6,10 +6,9 @@ from _runner import run
 def main(snakemake):
     import logging
 
-    import anndata as ad
     import arviz as az
 
-    from scnbvi.data import symbols_from_var
+    from scnbvi.data import read_selected_counts, symbols_from_var
     from scnbvi.de import contrast_table
     from scnbvi.design import read_design
     from scnbvi.offsets import aligned_covariates
@@ -18,7 +17,7 @@ def main(snakemake):
     from scnbvi.report_tables import SHOWN_ROWS, write_html_table
 
     settings = snakemake.params.settings
-    adata = ad.read_h5ad(snakemake.input.h5ad)
+    adata = read_selected_counts(snakemake.input.h5ad, snakemake.input.selection, **snakemake.params.reading)
     cells, genes = aligned_covariates(snakemake.input.cells, snakemake.input.genes, adata)
     design = read_design(snakemake.input.design, cells)
     contrast = tuple(str(part) for part in snakemake.params.contrast)

@@ -2,8 +2,7 @@ from _runner import run
 
 
 def main(snakemake):
-    import anndata as ad
-
+    from scnbvi.data import read_selected_counts
     from scnbvi.design import read_design
     from scnbvi.inference import InferenceSettings, fit
     from scnbvi.inference.checkpoint import remove_checkpoint
@@ -11,7 +10,7 @@ def main(snakemake):
     from scnbvi.outputs import atomic_output, code_version, write_json, write_table
     from scnbvi.posterior import sample_posterior, write_trace
 
-    adata = ad.read_h5ad(snakemake.input.h5ad)
+    adata = read_selected_counts(snakemake.input.h5ad, snakemake.input.selection, **snakemake.params.reading)
     cells, genes = aligned_covariates(snakemake.input.cells, snakemake.input.genes, adata)
     design = read_design(snakemake.input.design, cells)
     # The settings that only say how the fit runs are not params (see common.smk): from the config.

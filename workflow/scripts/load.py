@@ -5,7 +5,7 @@ def main(snakemake):
     import json
     import logging
 
-    from scnbvi.data import read_counts_with_renames, write_counts
+    from scnbvi.data import read_counts_with_renames
     from scnbvi.outputs import code_version, write_json
     from scnbvi.qc import apply_qc_actions, qc_report
 
@@ -19,7 +19,6 @@ def main(snakemake):
     report["actions"] = snakemake.params.settings
     report["after"] = qc_report(adata)
     logging.getLogger("scnbvi").info("quality report: %s", json.dumps(report))
-    write_counts(adata, snakemake.output.h5ad)
     write_json(report, snakemake.output.qc)
 
 

@@ -4,9 +4,9 @@ from _runner import run, stage_logger
 def main(snakemake):
     import logging
 
-    import anndata as ad
     import arviz as az
 
+    from scnbvi.data import read_selected_counts
     from scnbvi.design import read_design
     from scnbvi.offsets import aligned_covariates
     from scnbvi.outputs import atomic_output, write_json, write_table
@@ -24,7 +24,7 @@ def main(snakemake):
 
     stage = stage_logger("posterior predictive check")
     settings = snakemake.params.settings
-    adata = ad.read_h5ad(snakemake.input.h5ad)
+    adata = read_selected_counts(snakemake.input.h5ad, snakemake.input.selection, **snakemake.params.reading)
     cells, genes = aligned_covariates(snakemake.input.cells, snakemake.input.genes, adata)
     design = read_design(snakemake.input.design, cells)
     idata = az.from_netcdf(snakemake.input.trace)

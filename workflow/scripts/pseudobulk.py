@@ -4,15 +4,15 @@ from _runner import run
 def main(snakemake):
     import logging
 
-    import anndata as ad
     import pandas as pd
 
+    from scnbvi.data import read_selected_counts
     from scnbvi.design import read_design
     from scnbvi.offsets import aligned_covariates
     from scnbvi.outputs import write_table
     from scnbvi.pseudobulk import agreement, pseudobulk_counts, pydeseq2_table
 
-    adata = ad.read_h5ad(snakemake.input.h5ad)
+    adata = read_selected_counts(snakemake.input.h5ad, snakemake.input.selection, **snakemake.params.reading)
     cells, _ = aligned_covariates(snakemake.input.cells, snakemake.input.genes, adata)
     design = read_design(snakemake.input.design, cells)
     contrast = tuple(str(part) for part in snakemake.params.contrast)

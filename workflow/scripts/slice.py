@@ -4,14 +4,13 @@ from _runner import run
 def main(snakemake):
     import logging
 
-    import anndata as ad
     import numpy as np
 
-    from scnbvi.data import write_counts
-    from scnbvi.qc import slice_counts
+    from scnbvi.data import write_selection
+    from scnbvi.qc import loaded_counts, slice_counts
 
     settings = snakemake.params.settings
-    adata = ad.read_h5ad(snakemake.input[0])
+    adata = loaded_counts(snakemake.input.h5ad, snakemake.params.load)
     # Each cell's library size over all genes, before genes are selected: its sequencing depth.
     adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).ravel()
     sliced = slice_counts(
@@ -27,7 +26,7 @@ def main(snakemake):
         source="slice",
     )
     logging.getLogger("scnbvi").info("sliced %s -> %s", adata.shape, sliced.shape)
-    write_counts(sliced, snakemake.output[0])
+    write_selection(sliced, snakemake.output[0])
 
 
 run(snakemake, main)

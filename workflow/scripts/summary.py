@@ -2,17 +2,16 @@ from _runner import run, stage_logger
 
 
 def main(snakemake):
-    import anndata as ad
     import arviz as az
 
-    from scnbvi.data import symbols_from_var
+    from scnbvi.data import read_selected_counts, symbols_from_var
     from scnbvi.outputs import write_table
     from scnbvi.report_tables import SHOWN_ROWS, write_html_table
     from scnbvi.summary import gene_table, posterior_summary
 
     done = stage_logger("summary")  # silent for minutes on large data otherwise
     idata = az.from_netcdf(snakemake.input.trace)
-    adata = ad.read_h5ad(snakemake.input.h5ad)
+    adata = read_selected_counts(snakemake.input.h5ad, snakemake.input.selection, **snakemake.params.reading)
     done("read the trace and the counts")
     write_table(posterior_summary(idata), snakemake.output.summary, sep=",")
     done(f"wrote {snakemake.output.summary}")
