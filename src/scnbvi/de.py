@@ -87,7 +87,7 @@ def contrast_table(
         # between samples, which the variance prior follows across genes.
         measurement_noise = np.log(indicators.var(axis=2).mean(axis=1) + 1e-12)
         result = sample_contrast(effects, samples.matrix, weights, measurement_noise)
-        estimate, se, test_se = result.estimate, result.se, result.normal_se()
+        estimate, se, df = result.estimate, result.se, result.df
         extra = {"sample_sd": result.sample_sd, "df": np.full(len(estimate), result.df)}
         sample_sd = result.prior_sd
         replicates = "samples"
@@ -97,12 +97,12 @@ def contrast_table(
         # Under the fitted q a contrast is a linear function of Gaussian coordinates, so it is
         # Gaussian itself: its mean and sd say all.
         estimate, se = log2_fc.mean(axis=1), log2_fc.std(axis=1)
-        test_se = se
+        df = np.inf
         replicates = "cells"
         units = {level: int(mask.sum()) for level, mask in masks.items()}
     shift = composition_shift(estimate, se) if centre == "median" else 0.0
     estimate = estimate - shift
-    shrunk = adaptive_shrinkage(estimate, test_se, lfc_threshold=lfc_threshold, credible_mass=credible_mass)
+    shrunk = adaptive_shrinkage(estimate, se, df=df, lfc_threshold=lfc_threshold, credible_mass=credible_mass)
 
     size_factor = np.asarray(depth, dtype=np.float64) / np.mean(depth)
     normalised_mean = np.asarray((sp.diags(1.0 / size_factor) @ counts).mean(axis=0)).ravel()
