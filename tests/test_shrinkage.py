@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from scnbvi.shrinkage import adaptive_shrinkage
+from scnbvi.shrinkage import adaptive_shrinkage, t_scale_mixture
 
 
 def _sparse_effects(seed, n=5000, share=0.05, effect_sd=1.0):
@@ -28,6 +28,41 @@ def test_false_sign_share_among_calls_stays_below_the_level(seed, level):
     # A Gaussian lfsr without shrinkage calls nulls at the nominal one-sided rate.
     naive = stats.norm.cdf(-np.abs(estimate) / se) < level
     assert np.sum(naive & (effect == 0)) > np.sum(called & (effect == 0))
+
+
+@pytest.mark.parametrize("df", [3.0, 6.0, 40.0, 1e5])
+def test_normal_scale_mixture_is_the_t(df):
+    precision, weights = t_scale_mixture(df)
+    assert weights.sum() == pytest.approx(1.0) and np.all(precision > 0)
+    u = np.linspace(0.0, 5.0, 11)
+    mixture = np.sum(weights * stats.norm.pdf(u[:, None], scale=1 / np.sqrt(precision)), axis=1)
+    np.testing.assert_allclose(mixture, stats.t.pdf(u, df), rtol=0.03 if df < 6 else 0.002)
+    assert t_scale_mixture(np.inf) == (np.ones(1), np.ones(1))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_t_likelihood_keeps_the_false_share_when_the_se_is_estimated(seed):
+    """Standard errors from 8 degrees of freedom: many genes' are well below their true value,
+    so a normal likelihood calls nulls; the t likelihood holds the level."""
+    rng = np.random.default_rng(seed)
+    effect, estimate, true_se = _sparse_effects(seed, share=0.1, effect_sd=1.5)
+    se = true_se * np.sqrt(rng.chisquare(8, len(true_se)) / 8)
+    for df, holds in ((8.0, True), (np.inf, False)):
+        shrunk = adaptive_shrinkage(estimate, se, df=df)
+        called = shrunk.lfsr < 0.05
+        wrong = called & (np.sign(shrunk.mean) != np.sign(effect))
+        assert called.sum() > 50
+        assert (wrong.sum() / called.sum() <= 0.05) == holds
+
+
+def test_t_likelihood_with_many_degrees_of_freedom_is_the_normal_one():
+    effect, estimate, se = _sparse_effects(7, n=2000)
+    normal = adaptive_shrinkage(estimate, se)
+    t = adaptive_shrinkage(estimate, se, df=1e5)
+    np.testing.assert_allclose(t.lfsr, normal.lfsr, atol=1e-3)
+    np.testing.assert_allclose(t.mean, normal.mean, atol=1e-3)
+    with pytest.raises(ValueError, match="positive degrees of freedom"):
+        adaptive_shrinkage(estimate, se, df=0.0)
 
 
 def test_null_data_calls_nothing_and_the_prior_is_all_null():

@@ -93,7 +93,7 @@ def contrast_table(
         indicator_variance = np.diagonal(covariance, axis1=1, axis2=2)[:, positions]
         measurement_noise = np.log(indicator_variance.mean(axis=1) + 1e-12)
         result = sample_contrast(effects, samples.matrix, weights, measurement_noise)
-        estimate, se, test_se = result.estimate, result.se, result.normal_se()
+        estimate, se, df = result.estimate, result.se, result.df
         extra = {"sample_sd": result.sample_sd, "df": np.full(len(estimate), result.df)}
         sample_sd = result.prior_sd
         replicates = "samples"
@@ -103,12 +103,12 @@ def contrast_table(
         # Gaussian itself: its mean and sd say all.
         estimate = mean @ weights
         se = np.sqrt(np.maximum(np.einsum("gkl,k,l->g", covariance, weights, weights), 0.0))
-        test_se = se
+        df = np.inf
         replicates = "cells"
         units = {level: int(mask.sum()) for level, mask in masks.items()}
     shift = composition_shift(estimate, se) if centre == "median" else 0.0
     estimate = estimate - shift
-    shrunk = adaptive_shrinkage(estimate, test_se, lfc_threshold=lfc_threshold, credible_mass=credible_mass)
+    shrunk = adaptive_shrinkage(estimate, se, df=df, lfc_threshold=lfc_threshold, credible_mass=credible_mass)
 
     size_factor = np.asarray(depth, dtype=np.float64) / np.mean(depth)
     normalised_mean = np.asarray((sp.diags(1.0 / size_factor) @ counts).mean(axis=0)).ravel()

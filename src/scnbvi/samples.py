@@ -18,12 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import special, stats
+from scipy import special
 
 
 @dataclass(frozen=True)
 class SampleContrast:
-    """Per gene: the contrast's estimate, its standard error and degrees of freedom, and the
+    """Per gene: the contrast's estimate, its standard error and degrees of freedom (the
+    estimate's error over ``se`` is a t on ``df``: adaptive shrinkage's likelihood), and the
     gene's sample sd (the moderated sigma_g); ``prior_sd`` (the median gene's) and
     ``prior_df`` describe the scale shared across genes."""
 
@@ -33,15 +34,6 @@ class SampleContrast:
     sample_sd: np.ndarray
     prior_sd: float
     prior_df: float
-
-    def normal_se(self) -> np.ndarray:
-        """The standard error a normal estimate would need for the same two-sided tail
-        probability as the t statistic: how the t result enters adaptive shrinkage."""
-        t = np.abs(self.estimate) / self.se
-        log_tail = stats.t.logsf(t, self.df)
-        z = stats.norm.isf(np.exp(np.maximum(log_tail, -700.0)))
-        # Near t = 0 the two tails agree with the plain se; beyond, match the tail probability.
-        return np.where(t > 1e-6, np.abs(self.estimate) / np.maximum(z, 1e-300), self.se)
 
 
 def trigamma_inverse(values: np.ndarray | float) -> np.ndarray:
