@@ -496,6 +496,20 @@ def test_selected_counts_read_from_the_input_are_those_the_slice_kept(tmp_path, 
     assert read.uns["note"] == "kept"
     selection = ad.read_h5ad(tmp_path / "selection.h5ad")
     assert selection.X is None and not selection.layers and selection.raw is None
+    # Some of the selected cells, in another order: those rows only.
+    some = list(sliced.obs_names[::-3])
+    part = read_selected_counts(tmp_path / "input.h5ad", tmp_path / "selection.h5ad", block_entries=block_entries,
+                                cells=some)
+    assert_identical(part, sliced[some].copy())
+
+
+def test_only_selected_cells_can_be_read(tmp_path):
+    simulated_counts().write_h5ad(tmp_path / "input.h5ad")
+    sliced = select_as_the_slice_rule_does(tmp_path / "input.h5ad", tmp_path / "selection.h5ad", **RANDOM_SLICE)
+    unselected = next(name for name in simulated_counts().obs_names if name not in sliced.obs_names)
+    with pytest.raises(InputError, match=rf"selection.h5ad: obs_names: 1 of the 2 selected cells are not in the selection .*{unselected}"):
+        read_selected_counts(tmp_path / "input.h5ad", tmp_path / "selection.h5ad",
+                             cells=[sliced.obs_names[0], unselected])
 
 
 def test_selected_counts_keep_the_dtype_the_whole_input_needed(tmp_path):

@@ -350,6 +350,16 @@ def test_the_plot_and_the_stopping_rule_load_without_pymc():
     assert result.stdout.strip() == "[]"
 
 
+def test_the_rules_that_read_a_trace_load_without_pymc():
+    """summary, de and anndata read trace.nc: PyMC's import (seconds) is no part of their start."""
+    script = ("import sys, scnbvi.summary, scnbvi.de, scnbvi.trace\n"
+              "print(sorted(m for m in ('pymc', 'pytensor', 'arviz') if m in sys.modules))")
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"
+
+
 def test_parameter_layout_round_trips_the_models_free_variables(simulated):
     from scnbvi.inference import ParameterLayout
     from scnbvi.model import build_model

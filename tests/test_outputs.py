@@ -21,8 +21,10 @@ from scnbvi.errors import InputError
 from scnbvi.inference import FitResult, InferenceSettings
 from scnbvi.model import build_model
 from scnbvi.outputs import atomic_output, current_umask, write_json, write_table
-from scnbvi.posterior import draw_posterior, sample_posterior, write_trace
+from scnbvi.posterior import draw_posterior, sample_posterior
+from scnbvi.qc import gene_counts
 from scnbvi.summary import fit_record, gene_table, hdf5_safe, posterior_summary, result_anndata
+from scnbvi.trace import write_trace
 
 N_CELLS, N_GENES = 40, 6
 README = REPO / "README.md"
@@ -145,7 +147,7 @@ def _results(tmp_path):
     counts = np.arange(12).reshape(4, 3) % 4
     idata = az.from_dict(posterior={"gene_effect": np.ones((1, 5, 3)), "alpha": np.ones((1, 5))},
                          coords={"gene": ["g0", "g1", "g2"]}, dims={"gene_effect": ["gene"]})
-    genes = gene_table(idata, sp.csr_matrix(counts), ["g0", "g1", "g2"])
+    genes = gene_table(idata, gene_counts(sp.csr_matrix(counts), ["g0", "g1", "g2"]))
     path = tmp_path / "scnbvi.h5ad"
     with atomic_output(path) as temporary:
         result_anndata(cells, genes, _record()).write_h5ad(temporary)
@@ -198,7 +200,7 @@ def test_gene_table_and_contrasts_carry_symbols_into_the_anndata(tmp_path):
     var = pd.DataFrame({"feature_name": pd.Categorical(["TP53", None, "MYC"])}, index=["ENSG1", "ENSG2", "ENSG3"])
     symbols = symbols_from_var(var, "feature_name")
     assert list(symbols) == ["TP53", "ENSG2", "MYC"] and symbols_from_var(var, None) is None
-    genes = gene_table(idata, sp.csr_matrix(np.eye(3, dtype=int)), var.index, symbols)
+    genes = gene_table(idata, gene_counts(sp.csr_matrix(np.eye(3, dtype=int)), var.index), symbols)
     assert genes.columns[0] == "symbol" and list(genes["symbol"]) == ["TP53", "ENSG2", "MYC"]
     de = pd.DataFrame({"symbol": ["MYC", "TP53", "ENSG2"], "lfsr": [0.01, 0.2, 0.9]},
                       index=pd.Index(["ENSG3", "ENSG1", "ENSG2"], name="gene"))
@@ -251,7 +253,7 @@ def test_gene_table_names_dispersion_as_deseq2_and_its_inverse_as_scvi_tools():
     alpha = np.array([[[0.5, 2.0], [1.0, 4.0], [2.0, 4.0]]])  # 1 chain x 3 draws x 2 genes
     idata = az.from_dict(posterior={"gene_effect": np.zeros((1, 3, 2)), "alpha": alpha},
                          coords={"gene": ["g0", "g1"]}, dims={"gene_effect": ["gene"], "alpha": ["gene"]})
-    genes = gene_table(idata, sp.csr_matrix(np.ones((2, 2))), ["g0", "g1"])
+    genes = gene_table(idata, gene_counts(sp.csr_matrix(np.ones((2, 2))), ["g0", "g1"]))
     np.testing.assert_allclose(genes["dispersion_mean"], [np.mean([2.0, 1.0, 0.5]), np.mean([0.5, 0.25, 0.25])])
     np.testing.assert_allclose(genes["inverse_dispersion_mean"], [3.5 / 3, 10.0 / 3])
     np.testing.assert_allclose(genes["dispersion_sd"], [np.std([2.0, 1.0, 0.5]), np.std([0.5, 0.25, 0.25])])

@@ -13,10 +13,12 @@ import pytest
 from scnbvi.de import contrast_table
 from scnbvi.design import build_design
 from scnbvi.inference import InferenceSettings, fit
-from scnbvi.posterior import GLOBAL_GROUP, STATISTICS_GROUP, sample_posterior, write_trace
+from scnbvi.posterior import sample_posterior
 from scnbvi.ppc import posterior_draws
+from scnbvi.qc import gene_counts
 from scnbvi.simulate import SimulationTruth, simulate_counts
 from scnbvi.summary import gene_table, posterior_summary
+from scnbvi.trace import GLOBAL_GROUP, STATISTICS_GROUP, write_trace
 
 pytestmark = pytest.mark.fit
 
@@ -74,8 +76,8 @@ def test_summary_and_gene_table_are_those_of_every_draw(traces):
     expected = az.summary(full, var_names=names, kind="stats", round_to="none")
     pd.testing.assert_frame_equal(summary, expected, rtol=1e-6)
 
-    genes = gene_table(thinned, adata.X, adata.var_names)
-    pd.testing.assert_frame_equal(genes, gene_table(full, adata.X, adata.var_names))
+    genes = gene_table(thinned, gene_counts(adata.X, adata.var_names))
+    pd.testing.assert_frame_equal(genes, gene_table(full, gene_counts(adata.X, adata.var_names)))
     posterior = full.posterior.stack(sample=("chain", "draw"))
     alpha = posterior["alpha"].astype(np.float64)
     np.testing.assert_allclose(genes["log_expression_mean"], posterior["gene_effect"].mean("sample"), rtol=1e-6)

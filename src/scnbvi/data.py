@@ -104,17 +104,22 @@ def write_selection(adata: ad.AnnData, path) -> None:
 
 
 def read_selected_counts(path, selection_path, duplicate_names: str = "make_unique", layer: str | None = None,
-                         block_entries: int = 50_000_000) -> ad.AnnData:
+                         block_entries: int = 50_000_000, cells=None) -> ad.AnnData:
     """The selected cells and genes of the input, as ``write_selection`` recorded them: the counts read as
     ``read_counts`` reads them (``layer``, repeated names renamed by ``duplicate_names``, checked and
     canonical CSR, in the recorded dtype), obs and var from the selection, uns from the input.
 
-    Only the selected cells are read, a block at a time. A selected cell or gene missing from the input,
+    Only the selected cells are read (of them only ``cells``, in that order, when given), a block at a time. A selected cell or gene missing from the input,
     or a selected cell whose total over all genes (``obs["total_counts"]``) is no longer what it was, means
     the input changed after the selection was made: an InputError, rather than counts that do not belong
     to the selection.
     """
     selection = ad.read_h5ad(selection_path)
+    if cells is not None:
+        wanted = pd.Index([str(cell) for cell in cells])
+        _selected_positions(selection.obs_names, wanted, "obs_names", "cells", selection_path,
+                            "ask only for cells of the selection", among="the selection")
+        selection = selection[wanted].copy()
     path = Path(path)
     fix = (f"the input changed after {selection_path} was written from it; rerun the workflow with "
            "--forcerun load, so that its cells and genes are selected again")
@@ -160,13 +165,14 @@ def _read_rows(matrix, rows: np.ndarray):
     return sp.vstack([as_csr(matrix[run[0] : run[-1] + 1]) for run in runs], format="csr")
 
 
-def _selected_positions(names: pd.Index, selected: pd.Index, field, items, source, fix) -> np.ndarray:
-    """Where each selected name lies among the input's names; a missing one is an InputError."""
+def _selected_positions(names: pd.Index, selected: pd.Index, field, items, source, fix,
+                        among="the input") -> np.ndarray:
+    """Where each selected name lies among ``names``; a missing one is an InputError."""
     positions = names.get_indexer(selected)
     missing = positions < 0
     if missing.any():
         raise InputError(source, field, f"{int(missing.sum())} of the {len(selected)} selected {items} are not in "
-                         f"the input (first: {selected[missing][0]!r})", fix)
+                         f"{among} (first: {selected[missing][0]!r})", fix)
     return positions
 
 

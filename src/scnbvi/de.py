@@ -17,16 +17,19 @@ Three steps, each a documented choice (docs in the README's DE section):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import arviz as az
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from scnbvi.design import Design
-from scnbvi.posterior import posterior_statistics
 from scnbvi.samples import sample_contrast
 from scnbvi.shrinkage import adaptive_shrinkage
+from scnbvi.trace import posterior_statistics
+
+if TYPE_CHECKING:
+    import arviz as az
 
 
 @dataclass(frozen=True)

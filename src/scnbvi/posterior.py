@@ -10,20 +10,14 @@ import pandas as pd
 import pymc as pm
 import pytensor
 import pytensor.tensor as pt
-import xarray as xr
 from pytensor.graph.replace import vectorize_graph
 
 from scnbvi.inference import FitResult, pytensor_mode
 from scnbvi.model import RAW_CELL_EFFECT
 from scnbvi.outputs import code_version
+from scnbvi.trace import GLOBAL_GROUP, STATISTICS_GROUP, draw_statistics
 
 RECORDED_PACKAGES = ("scnbvi", "pymc", "pytensor", "arviz", "numpy", "jax", "anndata")
-# Groups of trace.nc besides ``posterior``: every draw of the variables without a gene or cell
-# dimension when the posterior keeps fewer, and statistics over every draw (see sample_posterior).
-GLOBAL_GROUP = "posterior_global"
-STATISTICS_GROUP = "posterior_statistics"
-# Genes whose draws are centred at once for beta's covariance (draws x genes x coefficients in float64).
-COVARIANCE_GENES = 2048
 
 
 def posterior_variables(model: pm.Model) -> list[str]:
@@ -134,55 +128,6 @@ def sample_posterior(
     return idata, cells
 
 
-def draw_statistics(posterior: xr.Dataset) -> xr.Dataset:
-    """What summary.csv, genes.tsv and the DE tables read, over every draw of ``posterior``.
-
-    Each variable without a cell dimension gets its ``mean``, ``sd`` and HDI bounds along a
-    ``statistic`` dimension, computed as ``az.summary(kind="stats")`` does; with per-gene alpha,
-    ``dispersion`` (1/alpha) gets the same. ``beta_covariance[gene, coefficient,
-    other_coefficient]`` is the covariance of each gene's coefficients over the draws (ddof 0):
-    with beta's mean, it gives the mean and sd of any linear contrast exactly. ``draws`` (an
-    attribute) is their number.
-    """
-    names = [name for name, variable in posterior.data_vars.items() if "cell" not in variable.dims]
-    data = posterior[names]
-    if "alpha" in data and "gene" in data["alpha"].dims:
-        data = data.assign(dispersion=1.0 / data["alpha"].astype(np.float64))
-    hdi_prob = az.rcParams["stats.ci_prob"]
-    hdi = az.hdi(data, hdi_prob=hdi_prob, multimodal=False)
-    tail = 100 * (1 - hdi_prob) / 2
-    statistics = xr.concat(
-        [data.mean(("chain", "draw")), data.std(("chain", "draw"), ddof=1),
-         hdi.sel(hdi="lower", drop=True), hdi.sel(hdi="higher", drop=True)],
-        dim="statistic",
-    ).assign_coords(statistic=["mean", "sd", f"hdi_{tail:g}%", f"hdi_{100 - tail:g}%"])
-    if "beta" in data:
-        beta = data["beta"].transpose("chain", "draw", "gene", "coefficient")
-        statistics["beta_covariance"] = (("gene", "coefficient", "other_coefficient"), _covariance(beta.values))
-    statistics.attrs["draws"] = int(posterior.sizes["chain"] * posterior.sizes["draw"])
-    return statistics
-
-
-def _covariance(draws: np.ndarray) -> np.ndarray:
-    """Per gene, the coefficients' covariance (ddof 0) over chains x draws x genes x coefficients,
-    in float64 over blocks of genes, stored as float32."""
-    flat = draws.reshape(-1, *draws.shape[2:])
-    covariance = np.empty((flat.shape[1], flat.shape[2], flat.shape[2]), dtype=np.float32)
-    for start in range(0, flat.shape[1], COVARIANCE_GENES):
-        block = flat[:, start : start + COVARIANCE_GENES].astype(np.float64)
-        block -= block.mean(axis=0)
-        covariance[start : start + COVARIANCE_GENES] = np.einsum("sgk,sgl->gkl", block, block) / len(block)
-    return covariance
-
-
-def posterior_statistics(idata: az.InferenceData) -> xr.Dataset:
-    """The statistics over every draw that the fit wrote (:data:`STATISTICS_GROUP`); for an
-    InferenceData made elsewhere (by NUTS, or by hand) computed from its posterior."""
-    if STATISTICS_GROUP in idata.groups():
-        return idata[STATISTICS_GROUP]
-    return draw_statistics(idata.posterior)
-
-
 def _kept_cells(n_cells: int, max_cells: int | None, seed: int) -> np.ndarray:
     if max_cells is None or max_cells >= n_cells:
         return np.arange(n_cells)
@@ -207,16 +152,6 @@ class _Moments:
 
     def sd(self) -> np.ndarray:
         return np.sqrt(self.m2 / self.n)
-
-
-def write_trace(idata: az.InferenceData, path) -> None:
-    """The trace as netCDF, each variable zlib-compressed after byte shuffling (float32 draws
-    shrink by about 17 %, with zlib alone by 7 %)."""
-    for i, group in enumerate(idata.groups()):
-        data = idata[group]
-        encoding = {name: {"zlib": True, "shuffle": True} for name, variable in data.data_vars.items()
-                    if variable.dtype.kind in "fiub"}
-        data.to_netcdf(path, mode="a" if i else "w", group=group, engine="h5netcdf", encoding=encoding)
 
 
 def fit_attributes(result: FitResult, seed: int, draws: int, extra: dict) -> dict:

@@ -17,8 +17,8 @@ import logging
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
-import arviz as az
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +29,9 @@ from scipy import special
 from scnbvi.design import Design
 from scnbvi.errors import InputError
 from scnbvi.likelihood.moments import cumulants, log_zero_probability
+
+if TYPE_CHECKING:
+    import arviz as az
 
 BAND = 0.9  # mass of the band of replicated statistics
 BLOCK_ENTRIES = 2**18  # cells x genes at once: the terms of a block stay in cache

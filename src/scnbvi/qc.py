@@ -61,6 +61,15 @@ def loaded_counts(path, load_settings: dict) -> ad.AnnData:
     return apply_qc_actions(read_counts(path, **reading), **actions)
 
 
+def gene_counts(counts, var_names) -> pd.DataFrame:
+    """Each gene's total count and number of cells expressing it, over the fitted cells: the slice
+    records them in the selection's var, so that the per-gene table needs no second read of the counts."""
+    counts = sp.csr_matrix(counts)
+    return pd.DataFrame({"total_counts": np.asarray(counts.sum(axis=0)).ravel().astype(np.int64),
+                         "n_cells_expressed": np.diff(sp.csc_matrix(counts > 0).indptr).astype(np.int64)},
+                        index=pd.Index(var_names, name="gene"))
+
+
 def cells_passing(obs: pd.DataFrame, obs_filters, source="slice") -> np.ndarray:
     """Positions of the cells whose obs values pass every filter of ``obs_filters`` (column ->
     allowed values), in order; a missing column, or a filter that keeps no cell, is an InputError."""

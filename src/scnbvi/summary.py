@@ -4,15 +4,17 @@ the AnnData of results that joins onto the user's own object."""
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import anndata as ad
-import arviz as az
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from scnbvi.inference import InferenceSettings
-from scnbvi.posterior import posterior_statistics
+from scnbvi.trace import posterior_statistics
+
+if TYPE_CHECKING:
+    import arviz as az
 
 # In scnbvi.h5ad every column carries it, so that joining onto a user's obs and var (which
 # often hold total_counts, depth or the design columns already) never clashes.
@@ -48,11 +50,10 @@ def posterior_summary(idata: az.InferenceData) -> pd.DataFrame:
     return pd.concat(frames)
 
 
-def gene_table(
-    idata: az.InferenceData, counts: sp.spmatrix, var_names, symbols: pd.Series | None = None
-) -> pd.DataFrame:
-    """One row per gene, indexed like ``adata.var``, so ``adata.var.join(table)`` just works;
-    ``symbols`` (from ``load.gene_symbols``, indexed by gene) become the first column, ``symbol``.
+def gene_table(idata: az.InferenceData, counts: pd.DataFrame, symbols: pd.Series | None = None) -> pd.DataFrame:
+    """One row per gene of ``counts`` (``qc.gene_counts``: total counts and cells expressing, indexed
+    like ``adata.var``), so ``adata.var.join(table)`` just works; ``symbols`` (from
+    ``load.gene_symbols``, indexed by gene) become the first column, ``symbol``.
     Means and sds are over every draw (the fit's statistics), the sds with ddof 0."""
     statistics = posterior_statistics(idata)
     draws = statistics.attrs["draws"]
@@ -62,7 +63,7 @@ def gene_table(
     def mean_and_sd(name):
         return statistics[name].sel(statistic="mean").values, statistics[name].sel(statistic="sd").values * ddof0
 
-    table = pd.DataFrame(index=pd.Index(list(var_names), name="gene"))
+    table = pd.DataFrame(index=pd.Index(list(counts.index), name="gene"))
     table["log_expression_mean"], table["log_expression_sd"] = mean_and_sd("gene_effect")
     if symbols is not None:
         table.insert(0, "symbol", symbols.reindex(table.index).to_numpy())
@@ -78,8 +79,8 @@ def gene_table(
         for position, name in enumerate(statistics["coefficient"].values):
             columns[f"beta_{name}_mean"], columns[f"beta_{name}_sd"] = beta_mean[:, position], beta_sd[:, position]
         table = pd.concat([table, pd.DataFrame(columns, index=table.index)], axis=1)
-    table["total_counts"] = np.asarray(counts.sum(axis=0)).ravel().astype(np.int64)
-    table["n_cells_expressed"] = np.asarray((counts > 0).sum(axis=0)).ravel().astype(np.int64)
+    for column in ("total_counts", "n_cells_expressed"):
+        table[column] = counts[column].to_numpy(dtype=np.int64)
     return table
 
 

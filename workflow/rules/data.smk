@@ -66,7 +66,6 @@ rule slice:
 
 rule covariates:
     input:
-        h5ad=input_h5ad,
         selection=f"{RESULTS}/{{dataset}}/selection.h5ad",
         annotation=covariate_files,
         cell_cycle=cell_cycle_table,
@@ -85,7 +84,6 @@ rule covariates:
         runtime=scaled_runtime(10, 10),
     params:
         code=CODE_VERSION,
-        reading=counts_reading,
         settings=section("covariates"),
         design=section("design"),
         contrasts=configured_contrasts,

@@ -36,7 +36,6 @@ rule fit:
 rule summary:
     input:
         trace=f"{RESULTS}/{{dataset}}/trace.nc",
-        h5ad=input_h5ad,
         selection=f"{RESULTS}/{{dataset}}/selection.h5ad",
     output:
         summary=report(
@@ -68,7 +67,6 @@ rule summary:
         runtime=scaled_runtime(30, 20),
     params:
         code=CODE_VERSION,
-        reading=counts_reading,
         gene_symbols=gene_symbols,
     script:
         "../scripts/summary.py"

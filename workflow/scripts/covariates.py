@@ -2,13 +2,14 @@ from _runner import run
 
 
 def main(snakemake):
+    import anndata as ad
     import pandas as pd
 
-    from scnbvi.data import read_selected_counts
     from scnbvi.design import design_from_config, write_design
     from scnbvi.offsets import covariate_tables, write_covariates
 
-    adata = read_selected_counts(snakemake.input.h5ad, snakemake.input.selection, **snakemake.params.reading)
+    # The cells' totals over all genes are in the selection's obs: the counts themselves are not needed.
+    adata = ad.read_h5ad(snakemake.input.selection)
     obs = adata.obs
     for table in snakemake.input.cell_cycle:
         obs = obs.join(pd.read_csv(table, sep="\t", index_col="cell", dtype={"cell": str}))

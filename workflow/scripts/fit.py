@@ -8,7 +8,8 @@ def main(snakemake):
     from scnbvi.inference.checkpoint import remove_checkpoint
     from scnbvi.offsets import aligned_covariates
     from scnbvi.outputs import atomic_output, code_version, write_json, write_table
-    from scnbvi.posterior import sample_posterior, write_trace
+    from scnbvi.posterior import sample_posterior
+    from scnbvi.trace import write_trace
 
     adata = read_selected_counts(snakemake.input.h5ad, snakemake.input.selection, **snakemake.params.reading)
     cells, genes = aligned_covariates(snakemake.input.cells, snakemake.input.genes, adata)

@@ -4,6 +4,7 @@ from _runner import run, stage_logger
 def main(snakemake):
     import logging
 
+    import anndata as ad
     import arviz as az
 
     from scnbvi.data import read_selected_counts
@@ -24,23 +25,26 @@ def main(snakemake):
 
     stage = stage_logger("posterior predictive check")
     settings = snakemake.params.settings
-    adata = read_selected_counts(snakemake.input.h5ad, snakemake.input.selection, **snakemake.params.reading)
-    cells, genes = aligned_covariates(snakemake.input.cells, snakemake.input.genes, adata)
+    # Every fitted cell's covariates (the design is centred over them all), the checked cells' counts only.
+    selection = ad.read_h5ad(snakemake.input.selection)
+    cells, genes = aligned_covariates(snakemake.input.cells, snakemake.input.genes, selection)
     design = read_design(snakemake.input.design, cells)
     idata = az.from_netcdf(snakemake.input.trace)
     checked = select_cells(idata.posterior["cell"].values, settings["cells"], settings["seed"])
-    rows = cell_positions(checked, adata.obs_names, snakemake.input.trace)
+    rows = cell_positions(checked, selection.obs_names, snakemake.input.trace)
+    counts = read_selected_counts(snakemake.input.h5ad, snakemake.input.selection, **snakemake.params.reading,
+                                  cells=checked).X
     draws = posterior_draws(idata, checked, settings["draws"], settings["seed"])
     covariates = centred_covariates(design, draws.coefficients)[rows] if draws.beta is not None else None
     stage(f"read the counts, the design and {draws.n_draws} draws of {len(checked)} cells")
     result = check(
-        adata.X[rows],
+        counts,
         draws,
         cells["log_offset"].to_numpy()[rows],
         genes["log_offset"].to_numpy(),
         covariates,
         cell_names=checked,
-        gene_names=adata.var_names,
+        gene_names=selection.var_names,
         seed=settings["seed"],
     )
     write_table(result.genes, snakemake.output.genes)

@@ -7,7 +7,7 @@ def main(snakemake):
     import numpy as np
 
     from scnbvi.data import write_selection
-    from scnbvi.qc import loaded_counts, slice_counts
+    from scnbvi.qc import gene_counts, loaded_counts, slice_counts
 
     settings = snakemake.params.settings
     adata = loaded_counts(snakemake.input.h5ad, snakemake.params.load)
@@ -26,6 +26,8 @@ def main(snakemake):
         source="slice",
     )
     logging.getLogger("scnbvi").info("sliced %s -> %s", adata.shape, sliced.shape)
+    for column, values in gene_counts(sliced.X, sliced.var_names).items():
+        sliced.var[column] = values.to_numpy()
     write_selection(sliced, snakemake.output[0])
 
 

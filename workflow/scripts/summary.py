@@ -4,19 +4,22 @@ from _runner import run, stage_logger
 def main(snakemake):
     import arviz as az
 
-    from scnbvi.data import read_selected_counts, symbols_from_var
+    import anndata as ad
+
+    from scnbvi.data import symbols_from_var
     from scnbvi.outputs import write_table
     from scnbvi.report_tables import SHOWN_ROWS, write_html_table
     from scnbvi.summary import gene_table, posterior_summary
 
     done = stage_logger("summary")  # silent for minutes on large data otherwise
     idata = az.from_netcdf(snakemake.input.trace)
-    adata = read_selected_counts(snakemake.input.h5ad, snakemake.input.selection, **snakemake.params.reading)
-    done("read the trace and the counts")
+    # The genes' totals are in the selection's var: no counts to read.
+    selection = ad.read_h5ad(snakemake.input.selection)
+    done("read the trace and the selection")
     write_table(posterior_summary(idata), snakemake.output.summary, sep=",")
     done(f"wrote {snakemake.output.summary}")
-    symbols = symbols_from_var(adata.var, snakemake.params.gene_symbols)
-    genes = gene_table(idata, adata.X, adata.var_names, symbols)
+    symbols = symbols_from_var(selection.var, snakemake.params.gene_symbols)
+    genes = gene_table(idata, selection.var[["total_counts", "n_cells_expressed"]], symbols)
     write_table(genes, snakemake.output.genes)
     # The report's page, to browse: the most expressed genes; genes.tsv holds every gene.
     shown = genes.sort_values("log_expression_mean", ascending=False, kind="stable").head(SHOWN_ROWS)
