@@ -216,7 +216,16 @@ def _highly_variable_gene_index(adata, cell_index, n_genes, field) -> np.ndarray
 
 
 def _materialise(adata, cell_selector, gene_selector) -> ad.AnnData:
-    """An independent AnnData of the selection, with CSR counts."""
-    result = adata[cell_selector, gene_selector].copy()
-    result.X = as_csr(result.X)
-    return result
+    """An independent AnnData of the selection, with CSR counts. The annotations are subset by anndata
+    (unused categories dropped, as always); the counts by rows, then by columns only if a gene is left
+    out: anndata's indexing of both at once took 4 s on an atlas that kept every gene."""
+    annotations = ad.AnnData(obs=adata.obs, var=adata.var, uns=adata.uns)[cell_selector, gene_selector].copy()
+    rows = np.arange(adata.n_obs)[cell_selector]
+    columns = np.arange(adata.n_vars)[gene_selector]
+    counts = as_csr(adata.X)
+    if not np.array_equal(rows, np.arange(adata.n_obs)):
+        counts = counts[rows]
+    if not np.array_equal(columns, np.arange(adata.n_vars)):
+        counts = counts[:, columns]
+    annotations.X = as_csr(counts.copy() if counts is adata.X else counts)
+    return annotations
