@@ -14,7 +14,7 @@ from scnbvi import data
 from scnbvi.data import (read_counts, read_counts_with_renames, read_selected_counts, validate_counts,
                          write_counts, write_selection)
 from scnbvi.errors import InputError
-from scnbvi.qc import apply_qc_actions, loaded_counts, qc_report, slice_counts
+from scnbvi.qc import apply_qc_actions, gene_counts, loaded_counts, qc_report, slice_counts
 
 SEED_DEMO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "seed_demo_1000x500.h5ad"
 N_VARIABLE_GENES = 5
@@ -607,3 +607,13 @@ def test_an_input_changed_since_the_selection_is_refused_with_the_fix(tmp_path, 
                                          "with --forcerun load") as raised:
         read_selected_counts(path, tmp_path / "selection.h5ad")
     assert "\n" not in str(raised.value)
+
+
+def test_gene_counts_are_the_totals_and_expressing_cells_of_each_gene():
+    dense = np.array([[0, 3, 1], [2, 0, 0], [5, 7, 0]])
+    counts = sp.csr_matrix(dense)
+    counts.data[counts.data == 1] = 0  # an explicit zero is stored but expresses nothing
+    table = gene_counts(counts, ["a", "b", "c"])
+    assert table["total_counts"].tolist() == [7, 10, 0]
+    assert table["n_cells_expressed"].tolist() == [2, 2, 0]
+    assert table.index.tolist() == ["a", "b", "c"] and table.dtypes.tolist() == [np.int64, np.int64]

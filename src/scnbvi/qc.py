@@ -64,9 +64,12 @@ def loaded_counts(path, load_settings: dict) -> ad.AnnData:
 def gene_counts(counts, var_names) -> pd.DataFrame:
     """Each gene's total count and number of cells expressing it, over the fitted cells: the slice
     records them in the selection's var, so that the per-gene table needs no second read of the counts."""
-    counts = sp.csr_matrix(counts)
-    return pd.DataFrame({"total_counts": np.asarray(counts.sum(axis=0)).ravel().astype(np.int64),
-                         "n_cells_expressed": np.diff(sp.csc_matrix(counts > 0).indptr).astype(np.int64)},
+    counts = as_csr(counts)
+    n_genes = counts.shape[1]
+    # Sums over the entries by gene, with no transposed copy of an atlas's counts.
+    totals = np.bincount(counts.indices, weights=counts.data.astype(np.float64), minlength=n_genes)
+    expressing = np.bincount(counts.indices[counts.data > 0], minlength=n_genes)
+    return pd.DataFrame({"total_counts": np.rint(totals).astype(np.int64), "n_cells_expressed": expressing.astype(np.int64)},
                         index=pd.Index(var_names, name="gene"))
 
 

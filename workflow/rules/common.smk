@@ -86,10 +86,19 @@ def failed_jobs_errors():
     return list(dict.fromkeys(lines))
 
 
+def has_design(settings):
+    """Whether a data set read from a file names design columns or contrasts: what the preflight checks."""
+    design = settings["design"]
+    terms = design["categorical"] or design["continuous"] or design.get("random")
+    return bool(settings.get("path")) and bool(terms or settings["contrasts"])
+
+
 def design_errors():
     """Each data set's design and contrasts checked against the obs of its input before any job runs,
     by scnbvi.preflight in a python of its own (this process imports no numpy or pandas): its one-line
     errors. A check that cannot run is only a warning: the covariates rule checks the same."""
+    if not any(has_design(config["datasets"][name]) for name in DATASETS):
+        return []  # nothing to check: no python of its own to start
     source = os.pathsep.join(filter(None, (str(Path(workflow.basedir) / "src"), os.environ.get("PYTHONPATH"))))
     result = subprocess.run(
         [sys.executable, "-m", "scnbvi.preflight"],
