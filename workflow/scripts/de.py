@@ -1,7 +1,5 @@
 from _runner import run
 
-# Genes in the report's browsable table of a contrast.
-
 
 def main(snakemake):
     import logging
