@@ -617,3 +617,27 @@ def test_gene_counts_are_the_totals_and_expressing_cells_of_each_gene():
     assert table["total_counts"].tolist() == [7, 10, 0]
     assert table["n_cells_expressed"].tolist() == [2, 2, 0]
     assert table.index.tolist() == ["a", "b", "c"] and table.dtypes.tolist() == [np.int64, np.int64]
+
+
+def test_duplicate_cells_are_exact_repeats_of_an_earlier_cell():
+    rng = np.random.default_rng(3)
+    dense = rng.poisson(0.4, (60, 30))
+    dense[10] = dense[2]  # repeats
+    dense[50] = dense[2]
+    dense[11] = dense[3]
+    dense[12] = dense[4]
+    dense[12, np.flatnonzero(dense[12])[0]] += 1  # one count more: not a repeat
+    dense[13] = np.roll(dense[5], 1)  # the same counts on other genes: not a repeat
+    dense[20] = dense[21] = 0  # all-zero cells repeat each other
+    adata = ad.AnnData(sp.csr_matrix(dense))
+    adata.obs_names = [f"c{i}" for i in range(len(dense))]
+    seen, repeats = set(), []
+    for name, row in zip(adata.obs_names, dense):
+        if tuple(row) in seen:
+            repeats.append(name)
+        seen.add(tuple(row))
+    assert {"c10", "c50", "c11", "c21"} <= set(repeats) and not {"c2", "c12", "c13", "c20"} & set(repeats)
+
+    assert qc_report(adata)["duplicate_cells"] == len(repeats)
+    kept = apply_qc_actions(adata, zero_cells="keep", duplicate_cells="drop").obs_names
+    assert list(kept) == [name for name in adata.obs_names if name not in repeats]
