@@ -203,6 +203,7 @@ def test_seed_demo_with_the_original_settings(workflow_copy):
     assert 1 <= idata.posterior.attrs["iterations"] <= 3000
     qc = json.loads((out / "qc.json").read_text())
     assert qc["before"]["all_zero_genes"] == 250
+    assert qc["after"] == qc["before"]  # load.zero_cells: keep, zero_genes: keep (the default): nothing dropped
 
 
 def _good_counts():

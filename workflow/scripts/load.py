@@ -15,9 +15,11 @@ def main(snakemake):
                                               gene_symbols=gene_symbols)
     report = {"input": str(snakemake.input[0]), "code_version": code_version(), "renamed": renamed,
               "before": qc_report(adata)}
+    shape = adata.shape
     adata = apply_qc_actions(adata, **settings)
     report["actions"] = snakemake.params.settings
-    report["after"] = qc_report(adata)
+    # The actions only drop cells and genes: with none dropped, the counts and so their report are the same.
+    report["after"] = report["before"] if adata.shape == shape else qc_report(adata)
     logging.getLogger("scnbvi").info("quality report: %s", json.dumps(report))
     write_json(report, snakemake.output.qc)
 
