@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import xarray as xr
 
 from conftest import REPO, make_adata, write_h5ad
 from scnbvi.data import read_counts, symbols_from_var
@@ -24,7 +25,7 @@ from scnbvi.outputs import atomic_output, current_umask, write_json, write_table
 from scnbvi.posterior import draw_posterior, sample_posterior
 from scnbvi.qc import gene_counts
 from scnbvi.summary import fit_record, gene_table, hdf5_safe, posterior_summary, result_anndata
-from scnbvi.trace import write_trace
+from scnbvi.trace import draw_statistics, write_trace
 
 N_CELLS, N_GENES = 40, 6
 README = REPO / "README.md"
@@ -257,3 +258,23 @@ def test_gene_table_names_dispersion_as_deseq2_and_its_inverse_as_scvi_tools():
     np.testing.assert_allclose(genes["dispersion_mean"], [np.mean([2.0, 1.0, 0.5]), np.mean([0.5, 0.25, 0.25])])
     np.testing.assert_allclose(genes["inverse_dispersion_mean"], [3.5 / 3, 10.0 / 3])
     np.testing.assert_allclose(genes["dispersion_sd"], [np.std([2.0, 1.0, 0.5]), np.std([0.5, 0.25, 0.25])])
+
+
+def test_trace_statistics_are_arvizs_mean_sd_and_highest_density_interval():
+    rng = np.random.default_rng(0)
+    posterior = xr.Dataset(
+        {"gene_effect": (("chain", "draw", "gene"), rng.gamma(2.0, 1.0, (1, 400, 30)).astype(np.float32)),
+         "mu_gene": (("chain", "draw"), rng.normal(size=(1, 400))),
+         "beta": (("chain", "draw", "gene", "coefficient"), rng.normal(size=(1, 400, 30, 2)))},
+        coords={"gene": [f"g{i}" for i in range(30)], "coefficient": ["a", "b"]},
+    )
+    statistics = draw_statistics(posterior)
+    hdi = az.hdi(posterior, hdi_prob=az.rcParams["stats.ci_prob"], multimodal=False)
+    for name in posterior.data_vars:
+        np.testing.assert_array_equal(statistics[name].sel(statistic="hdi_3%").values, hdi[name].sel(hdi="lower").values)
+        np.testing.assert_array_equal(statistics[name].sel(statistic="hdi_97%").values, hdi[name].sel(hdi="higher").values)
+        np.testing.assert_allclose(statistics[name].sel(statistic="mean").values,
+                                   posterior[name].mean(("chain", "draw")).values, rtol=1e-6)
+        np.testing.assert_allclose(statistics[name].sel(statistic="sd").values,
+                                   posterior[name].std(("chain", "draw"), ddof=1).values, rtol=1e-6)
+    assert statistics.attrs["draws"] == 400

@@ -36,11 +36,11 @@ def draw_statistics(posterior: xr.Dataset) -> xr.Dataset:
     import arviz as az
 
     hdi_prob = az.rcParams["stats.ci_prob"]
-    hdi = az.hdi(data, hdi_prob=hdi_prob, multimodal=False)
+    lower, upper = _highest_density_bounds(data, hdi_prob)
     tail = 100 * (1 - hdi_prob) / 2
+    draws = ("chain", "draw")
     statistics = xr.concat(
-        [data.mean(("chain", "draw")), data.std(("chain", "draw"), ddof=1),
-         hdi.sel(hdi="lower", drop=True), hdi.sel(hdi="higher", drop=True)],
+        [data.mean(draws, skipna=False), data.std(draws, ddof=1, skipna=False), lower, upper],
         dim="statistic",
     ).assign_coords(statistic=["mean", "sd", f"hdi_{tail:g}%", f"hdi_{100 - tail:g}%"])
     if "beta" in data:
@@ -48,6 +48,27 @@ def draw_statistics(posterior: xr.Dataset) -> xr.Dataset:
         statistics["beta_covariance"] = (("gene", "coefficient", "other_coefficient"), _covariance(beta.values))
     statistics.attrs["draws"] = int(posterior.sizes["chain"] * posterior.sizes["draw"])
     return statistics
+
+
+def _highest_density_bounds(data: xr.Dataset, probability: float) -> tuple[xr.Dataset, xr.Dataset]:
+    """Each variable's narrowest interval holding ``probability`` of its draws, by ArviZ's own rule
+    (``az.hdi``, unimodal: the shortest of the windows of floor(probability x draws) sorted draws),
+    for every gene at once: az.hdi loops over genes in Python (2.5 s at 39,241 genes)."""
+    lower, upper = {}, {}
+    for name, variable in data.data_vars.items():
+        rest = [dim for dim in variable.dims if dim not in ("chain", "draw")]
+        values = variable.transpose(*rest, "chain", "draw").values
+        shape = values.shape[: len(rest)]
+        # One row of draws per element, contiguous: sorting rows is several times faster than columns.
+        ordered = np.sort(values.reshape(int(np.prod(shape)), -1), axis=1)
+        inside = int(np.floor(probability * ordered.shape[1]))
+        widths = np.subtract(ordered[:, inside:], ordered[:, : ordered.shape[1] - inside], dtype=np.float64)
+        start = np.argmin(widths, axis=1)[:, None]
+        coords = {dim: variable[dim] for dim in rest if dim in variable.coords}
+        for bounds, offset in ((lower, 0), (upper, inside)):
+            bound = np.take_along_axis(ordered, start + offset, axis=1)[:, 0].reshape(shape)
+            bounds[name] = xr.DataArray(bound, dims=rest, coords=coords)
+    return xr.Dataset(lower), xr.Dataset(upper)
 
 
 def _covariance(draws: np.ndarray) -> np.ndarray:
