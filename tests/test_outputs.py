@@ -25,7 +25,7 @@ from scnbvi.outputs import atomic_output, current_umask, write_json, write_table
 from scnbvi.posterior import draw_posterior, sample_posterior
 from scnbvi.qc import gene_counts
 from scnbvi.summary import fit_record, gene_table, hdf5_safe, posterior_summary, result_anndata
-from scnbvi.trace import draw_statistics, write_trace
+from scnbvi.trace import STATISTICS_GROUP, draw_statistics, posterior_statistics, read_trace, write_trace
 
 N_CELLS, N_GENES = 40, 6
 README = REPO / "README.md"
@@ -278,3 +278,20 @@ def test_trace_statistics_are_arvizs_mean_sd_and_highest_density_interval():
         np.testing.assert_allclose(statistics[name].sel(statistic="sd").values,
                                    posterior[name].std(("chain", "draw"), ddof=1).values, rtol=1e-6)
     assert statistics.attrs["draws"] == 400
+
+
+def test_read_trace_gives_the_groups_arviz_reads(tmp_path):
+    rng = np.random.default_rng(1)
+    idata = az.from_dict(posterior={"gene_effect": rng.normal(size=(1, 20, 4)), "mu_gene": rng.normal(size=(1, 20))},
+                         coords={"gene": ["a", "b", "c", "d"]}, dims={"gene_effect": ["gene"]})
+    idata.add_groups({STATISTICS_GROUP: draw_statistics(idata.posterior)})
+    idata.posterior.attrs["engine"] = "jax"
+    write_trace(idata, tmp_path / "trace.nc")
+
+    groups, expected = read_trace(tmp_path / "trace.nc"), az.from_netcdf(tmp_path / "trace.nc")
+    assert sorted(groups) == sorted(expected.groups()) == ["posterior", STATISTICS_GROUP]
+    for name in groups:
+        xr.testing.assert_identical(groups[name], expected[name])
+    assert groups["posterior"].attrs["engine"] == "jax"
+    xr.testing.assert_identical(posterior_statistics(groups), posterior_statistics(expected))
+    pd.testing.assert_frame_equal(posterior_summary(groups), posterior_summary(expected))

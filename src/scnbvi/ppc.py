@@ -29,6 +29,7 @@ from scipy import special
 from scnbvi.design import Design
 from scnbvi.errors import InputError
 from scnbvi.likelihood.moments import cumulants, log_zero_probability
+from scnbvi.trace import trace_group
 
 if TYPE_CHECKING:
     import arviz as az
@@ -101,7 +102,7 @@ def posterior_draws(idata: az.InferenceData, cells, max_draws: int, seed: int) -
     """The draws the likelihood reads, for ``cells``: a seeded choice of at most ``max_draws`` of
     the joint draws the posterior keeps (inference.local_draws of them; per-gene ones have no
     more), over all chains, as float64."""
-    posterior = idata.posterior.stack(sample=("chain", "draw"))
+    posterior = trace_group(idata, "posterior").stack(sample=("chain", "draw"))
     keep = _choice(posterior.sizes["sample"], max_draws, seed, 2)
     posterior = posterior.isel(sample=keep).sel(cell=list(cells))
 

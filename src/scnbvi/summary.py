@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from scnbvi.inference import InferenceSettings
-from scnbvi.trace import posterior_statistics
+from scnbvi.trace import posterior_statistics, trace_group
 
 if TYPE_CHECKING:
     import arviz as az
@@ -33,7 +33,7 @@ def posterior_summary(idata: az.InferenceData) -> pd.DataFrame:
     Variational draws are independent by construction, so chain diagnostics (R-hat, ESS) say
     nothing here; the summary keeps the statistics only.
     """
-    names = [name for name, variable in idata.posterior.data_vars.items() if "cell" not in variable.dims]
+    names = [name for name, variable in trace_group(idata, "posterior").data_vars.items() if "cell" not in variable.dims]
     statistics = posterior_statistics(idata)
     columns = list(statistics["statistic"].values)
     frames = []

@@ -3,6 +3,7 @@ writing. Free of PyMC, so that the rules reading a trace start in a second, not 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -83,12 +84,25 @@ def _covariance(draws: np.ndarray) -> np.ndarray:
     return covariance
 
 
-def posterior_statistics(idata: az.InferenceData) -> xr.Dataset:
-    """The statistics over every draw that the fit wrote (:data:`STATISTICS_GROUP`); for an
-    InferenceData made elsewhere (by NUTS, or by hand) computed from its posterior."""
-    if STATISTICS_GROUP in idata.groups():
-        return idata[STATISTICS_GROUP]
-    return draw_statistics(idata.posterior)
+def read_trace(path) -> dict[str, xr.Dataset]:
+    """trace.nc's groups by name, read by xarray alone (as a DataTree, the layout ArviZ's own
+    reader uses): the rules that only read a trace start without ArviZ's import, 1.4 s of each."""
+    with xr.open_datatree(path, engine="h5netcdf") as tree:
+        return {name: node.to_dataset().load() for name, node in tree.children.items()}
+
+
+def trace_group(trace: az.InferenceData | Mapping[str, xr.Dataset], name: str) -> xr.Dataset | None:
+    """A group of an InferenceData or of :func:`read_trace`'s groups; None when there is none."""
+    if isinstance(trace, Mapping):
+        return trace.get(name)
+    return trace[name] if name in trace.groups() else None
+
+
+def posterior_statistics(trace: az.InferenceData | Mapping[str, xr.Dataset]) -> xr.Dataset:
+    """The statistics over every draw that the fit wrote (:data:`STATISTICS_GROUP`); for a trace
+    made elsewhere (by NUTS, or by hand) computed from its posterior."""
+    statistics = trace_group(trace, STATISTICS_GROUP)
+    return statistics if statistics is not None else draw_statistics(trace_group(trace, "posterior"))
 
 
 def write_trace(idata: az.InferenceData, path) -> None:

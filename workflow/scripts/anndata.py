@@ -5,11 +5,11 @@ def main(snakemake):
     import json
     from pathlib import Path
 
-    import arviz as az
     import pandas as pd
 
     from scnbvi.outputs import atomic_output
     from scnbvi.summary import fit_record, result_anndata
+    from scnbvi.trace import read_trace
 
     def read_json(path):
         return json.loads(Path(path).read_text())
@@ -28,7 +28,7 @@ def main(snakemake):
         snakemake.params.model,
         read_json(snakemake.input.design),
         read_json(snakemake.input.qc),
-        az.from_netcdf(snakemake.input.trace).posterior.attrs,
+        read_trace(snakemake.input.trace)["posterior"].attrs,
     )
     contrasts = snakemake.params.contrasts
     record["contrasts"] = contrasts

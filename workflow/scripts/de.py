@@ -4,8 +4,6 @@ from _runner import run
 def main(snakemake):
     import logging
 
-    import arviz as az
-
     from scnbvi.data import read_selected_counts, symbols_from_var
     from scnbvi.de import contrast_table
     from scnbvi.design import read_design
@@ -13,6 +11,7 @@ def main(snakemake):
     from scnbvi.outputs import atomic_output, write_table
     from scnbvi.plotting import plot_contrast
     from scnbvi.report_tables import SHOWN_ROWS, write_html_table
+    from scnbvi.trace import read_trace
 
     settings = snakemake.params.settings
     adata = read_selected_counts(snakemake.input.h5ad, snakemake.input.selection, **snakemake.params.reading)
@@ -20,7 +19,7 @@ def main(snakemake):
     design = read_design(snakemake.input.design, cells)
     contrast = tuple(str(part) for part in snakemake.params.contrast)
     result = contrast_table(
-        az.from_netcdf(snakemake.input.trace),
+        read_trace(snakemake.input.trace),
         design,
         contrast,
         adata.X,

@@ -5,7 +5,6 @@ def main(snakemake):
     import logging
 
     import anndata as ad
-    import arviz as az
 
     from scnbvi.data import read_selected_counts
     from scnbvi.design import read_design
@@ -22,6 +21,7 @@ def main(snakemake):
         select_cells,
         typical_dispersion,
     )
+    from scnbvi.trace import read_trace
 
     stage = stage_logger("posterior predictive check")
     settings = snakemake.params.settings
@@ -29,8 +29,8 @@ def main(snakemake):
     selection = ad.read_h5ad(snakemake.input.selection)
     cells, genes = aligned_covariates(snakemake.input.cells, snakemake.input.genes, selection)
     design = read_design(snakemake.input.design, cells)
-    idata = az.from_netcdf(snakemake.input.trace)
-    checked = select_cells(idata.posterior["cell"].values, settings["cells"], settings["seed"])
+    idata = read_trace(snakemake.input.trace)
+    checked = select_cells(idata["posterior"]["cell"].values, settings["cells"], settings["seed"])
     rows = cell_positions(checked, selection.obs_names, snakemake.input.trace)
     counts = read_selected_counts(snakemake.input.h5ad, snakemake.input.selection, **snakemake.params.reading,
                                   cells=checked).X

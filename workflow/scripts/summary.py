@@ -2,7 +2,6 @@ from _runner import run, stage_logger
 
 
 def main(snakemake):
-    import arviz as az
 
     import anndata as ad
 
@@ -10,9 +9,10 @@ def main(snakemake):
     from scnbvi.outputs import write_table
     from scnbvi.report_tables import SHOWN_ROWS, write_html_table
     from scnbvi.summary import gene_table, posterior_summary
+    from scnbvi.trace import read_trace
 
     done = stage_logger("summary")  # silent for minutes on large data otherwise
-    idata = az.from_netcdf(snakemake.input.trace)
+    idata = read_trace(snakemake.input.trace)
     # The genes' totals are in the selection's var: no counts to read.
     selection = ad.read_h5ad(snakemake.input.selection)
     done("read the trace and the selection")
