@@ -1,5 +1,6 @@
-"""trace.nc on disk: its groups, the statistics over every draw that the tables read, and its
-writing. Free of PyMC, so that the rules reading a trace start in a second, not in several."""
+"""trace.nc on disk: its groups, the statistics over every draw that the tables read, its writing
+and its reading. Free of PyMC and ArviZ, so that the rules reading a trace start in a second, not
+in several; the functions that take a trace accept an InferenceData or :func:`read_trace`'s groups."""
 
 from __future__ import annotations
 
