@@ -109,10 +109,10 @@ def read_selected_counts(path, selection_path, duplicate_names: str = "make_uniq
     ``read_counts`` reads them (``layer``, repeated names renamed by ``duplicate_names``, checked and
     canonical CSR, in the recorded dtype), obs and var from the selection, uns from the input.
 
-    Only the selected cells are read (of them only ``cells``, in that order, when given), a block at a time. A selected cell or gene missing from the input,
-    or a selected cell whose total over all genes (``obs["total_counts"]``) is no longer what it was, means
-    the input changed after the selection was made: an InputError, rather than counts that do not belong
-    to the selection.
+    Only the selected cells are read (of them only ``cells``, in that order, when given), a block at a
+    time. A selected cell or gene missing from the input, or a selected cell whose total over all genes
+    (``obs["total_counts"]``) is no longer what it was, means the input changed after the selection was
+    made: an InputError, rather than counts that do not belong to the selection.
     """
     selection = ad.read_h5ad(selection_path)
     if cells is not None:

@@ -69,8 +69,8 @@ def gene_counts(counts, var_names) -> pd.DataFrame:
     # Sums over the entries by gene, with no transposed copy of an atlas's counts.
     totals = np.bincount(counts.indices, weights=counts.data.astype(np.float64), minlength=n_genes)
     expressing = np.bincount(counts.indices[counts.data > 0], minlength=n_genes)
-    return pd.DataFrame({"total_counts": np.rint(totals).astype(np.int64), "n_cells_expressed": expressing.astype(np.int64)},
-                        index=pd.Index(var_names, name="gene"))
+    return pd.DataFrame({"total_counts": np.rint(totals).astype(np.int64),
+                         "n_cells_expressed": expressing.astype(np.int64)}, index=pd.Index(var_names, name="gene"))
 
 
 def cells_passing(obs: pd.DataFrame, obs_filters, source="slice") -> np.ndarray:

@@ -33,7 +33,8 @@ def posterior_summary(idata: az.InferenceData) -> pd.DataFrame:
     Variational draws are independent by construction, so chain diagnostics (R-hat, ESS) say
     nothing here; the summary keeps the statistics only.
     """
-    names = [name for name, variable in trace_group(idata, "posterior").data_vars.items() if "cell" not in variable.dims]
+    posterior = trace_group(idata, "posterior")
+    names = [name for name, variable in posterior.data_vars.items() if "cell" not in variable.dims]
     statistics = posterior_statistics(idata)
     columns = list(statistics["statistic"].values)
     frames = []
@@ -79,7 +80,7 @@ def gene_table(idata: az.InferenceData, counts: pd.DataFrame, symbols: pd.Series
         for position, name in enumerate(statistics["coefficient"].values):
             columns[f"beta_{name}_mean"], columns[f"beta_{name}_sd"] = beta_mean[:, position], beta_sd[:, position]
         table = pd.concat([table, pd.DataFrame(columns, index=table.index)], axis=1)
-    for column in ("total_counts", "n_cells_expressed"):
+    for column in counts.columns:
         table[column] = counts[column].to_numpy(dtype=np.int64)
     return table
 

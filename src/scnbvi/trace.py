@@ -55,7 +55,8 @@ def draw_statistics(posterior: xr.Dataset) -> xr.Dataset:
 def _highest_density_bounds(data: xr.Dataset, probability: float) -> tuple[xr.Dataset, xr.Dataset]:
     """Each variable's narrowest interval holding ``probability`` of its draws, by ArviZ's own rule
     (``az.hdi``, unimodal: the shortest of the windows of floor(probability x draws) sorted draws),
-    for every gene at once: az.hdi loops over genes in Python (2.5 s at 39,241 genes)."""
+    for every gene at once: az.hdi loops over genes in Python (1.6 s against 1.05 s for four variables
+    of 39,241 genes x 1,000 draws)."""
     lower, upper = {}, {}
     for name, variable in data.data_vars.items():
         rest = [dim for dim in variable.dims if dim not in ("chain", "draw")]
