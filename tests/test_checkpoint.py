@@ -94,7 +94,9 @@ def test_a_checkpoint_of_another_version_of_the_code_is_never_used(data, monkeyp
     from scnbvi.inference import checkpoint
 
     counts = data[0]
-    arguments = (counts, {"cell_log_offset": data[1]}, SETTINGS, {"backend": "jax"})
+    from scnbvi.cell_rows import InMemoryRows
+
+    arguments = (InMemoryRows(counts).statistics().digest, {"cell_log_offset": data[1]}, SETTINGS, {"backend": "jax"})
     before = checkpoint.fingerprint(*arguments)
     assert checkpoint.fingerprint(*arguments) == before
     monkeypatch.setattr(checkpoint, "source_hash", lambda: "another-version")

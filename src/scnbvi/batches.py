@@ -1,4 +1,5 @@
-"""Minibatches streamed from a sparse count matrix, with counts and indices kept aligned.
+"""Minibatches drawn from the cells' counts (a sparse matrix, or a store that streams them from
+disk: :mod:`scnbvi.cell_rows`), with counts and indices kept aligned.
 
 A block of cells is passed as its non-zero entries, so nothing is densified and memory scales
 with the batch, not with the data set.
@@ -34,57 +35,99 @@ def empty_batch(mode: str, batch_size: int) -> dict[str, np.ndarray]:
     return make_batch(mode, **{name: np.zeros(sizes.get(name, batch_size)) for name in BATCH_LAYOUT[mode]})
 
 
-class BatchSampler:
-    """Draws minibatches in one of the model's layouts from a CSR matrix (cells x genes).
+# The shuffle of each epoch: cells in chunks of SHUFFLE_CHUNK_CELLS consecutive ones, chunks in a random
+# order, SHUFFLE_WINDOW_CHUNKS of them (a window) shuffled together. A streamed fit then reads a window
+# as a few dozen sequential runs and holds only it (about 0.5 GB of an atlas's counts); a data set of
+# one window is shuffled whole, as one permutation of its cells.
+SHUFFLE_CHUNK_CELLS = 1024
+SHUFFLE_WINDOW_CHUNKS = 64
 
-    ``cells``: epochs of a seeded permutation of the cells, cut into blocks of ``batch_size``
-    whole cells (a block that straddles two epochs takes its tail from the next permutation,
-    so every block has the same shape). ``entries``: ``batch_size`` (cell, gene) pairs drawn
-    uniformly with replacement from all cells x genes, zeros included, as the original notebook.
+
+def epoch_windows(rng: np.random.Generator, n_cells: int) -> list[np.ndarray]:
+    """One epoch's order of the cells, as the windows it reads them in."""
+    n_chunks = -(-n_cells // SHUFFLE_CHUNK_CELLS)
+    if n_chunks <= SHUFFLE_WINDOW_CHUNKS:
+        return [rng.permutation(n_cells)]
+    chunks = rng.permutation(n_chunks)
+    windows = []
+    for first in range(0, n_chunks, SHUFFLE_WINDOW_CHUNKS):
+        starts = np.sort(chunks[first:first + SHUFFLE_WINDOW_CHUNKS]) * SHUFFLE_CHUNK_CELLS
+        cells = np.concatenate([np.arange(start, min(start + SHUFFLE_CHUNK_CELLS, n_cells)) for start in starts])
+        windows.append(rng.permutation(cells))
+    return windows
+
+
+def cell_rows(counts):
+    """A store of the cells' counts (:mod:`scnbvi.cell_rows`) as is, any matrix as one held in memory."""
+    from scnbvi.cell_rows import InMemoryRows
+
+    return counts if hasattr(counts, "admit") else InMemoryRows(counts)
+
+
+class BatchSampler:
+    """Draws minibatches in one of the model's layouts from the cells' counts (cells x genes): a
+    matrix, or a store of :mod:`scnbvi.cell_rows` that streams them from disk.
+
+    ``cells``: epochs of a seeded shuffle of the cells (:func:`epoch_windows`), cut into blocks of
+    ``batch_size`` whole cells (a block that straddles two windows takes its tail from the next, so
+    every block has the same shape). ``entries``: ``batch_size`` (cell, gene) pairs drawn uniformly
+    with replacement from all cells x genes, zeros included, as the original notebook; it needs the
+    counts in memory.
     """
 
-    def __init__(self, counts: sp.csr_matrix, mode: str, batch_size: int, seed: int):
+    def __init__(self, counts, mode: str, batch_size: int, seed: int):
         if mode not in MINIBATCH_MODES:
             raise ValueError(f"minibatch mode must be one of {MINIBATCH_MODES}, got {mode!r}")
-        self.counts = sp.csr_matrix(counts)
+        self.rows = cell_rows(counts)
+        if mode == "entries" and not hasattr(self.rows, "counts"):
+            raise ValueError("the entries layout draws entries from anywhere in the matrix: it needs the counts "
+                             "in memory")
         self.mode = mode
-        self.n_cells, self.n_genes = self.counts.shape
+        self.n_cells, self.n_genes = self.rows.shape
         limit = self.n_cells if mode == "cells" else self.n_cells * self.n_genes
         self.batch_size = int(min(batch_size, limit))
         self._rng = np.random.default_rng(seed)
         self._queue = np.empty(0, dtype=np.int64)
+        self._windows: list[np.ndarray] = []  # the current epoch's windows not queued yet
         self.steps_per_epoch = limit / self.batch_size
 
     def _next_cells(self) -> np.ndarray:
         while len(self._queue) < self.batch_size:
-            self._queue = np.concatenate([self._queue, self._rng.permutation(self.n_cells)])
+            if not self._windows:
+                self._windows = epoch_windows(self._rng, self.n_cells)
+            window = self._windows.pop(0)
+            self.rows.admit(window, keep=self._queue)
+            self._queue = np.concatenate([self._queue, window])
         cells, self._queue = self._queue[: self.batch_size], self._queue[self.batch_size :]
         return np.sort(cells)
 
     def get_state(self) -> dict:
         """Where the sampler is: its RNG and the rest of the current epoch (for checkpoints)."""
-        return {"rng": self._rng.bit_generator.state, "queue": self._queue.copy()}
+        return {"rng": self._rng.bit_generator.state, "queue": self._queue.copy(),
+                "windows": [window.copy() for window in self._windows]}
 
     def set_state(self, state: dict) -> None:
         self._rng.bit_generator.state = state["rng"]
         self._queue = state["queue"].copy()
+        self._windows = [window.copy() for window in state["windows"]]
+        self.rows.admit(self._queue)
 
     def next_stack(self, length: int, capacity: int = 0) -> tuple[dict[str, np.ndarray], int]:
         """The next ``length`` minibatches stacked, one per row, as a scan over steps takes
         them. ``cells`` blocks are padded to one non-zero capacity, at least ``capacity`` (grown
         only if a block needs more). Returns the stack and the capacity used."""
         if self.mode == "cells":
-            return stack_cell_blocks(self.counts, [self._next_cells() for _ in range(length)], capacity)
+            return stack_cell_blocks(self.rows, [self._next_cells() for _ in range(length)], capacity)
         batches = [self.next() for _ in range(length)]
         return {name: np.stack([b[name] for b in batches]) for name in batches[0]}, capacity
 
     def next(self) -> dict[str, np.ndarray]:
         """The next minibatch, as arrays named after the model's data containers."""
         if self.mode == "cells":
-            return cell_block(self.counts, self._next_cells())
+            return cell_block(self.rows, self._next_cells())
         flat = self._rng.integers(0, self.n_cells * self.n_genes, size=self.batch_size)
         cells, genes = np.divmod(flat, self.n_genes)
-        return make_batch("entries", counts=self.counts[cells, genes], cell_index=cells, gene_index=genes)
+        return make_batch("entries", counts=self.rows.counts[cells, genes], cell_index=cells, gene_index=genes)
 
     def evaluation_batch(self, n_cells: int, seed: int) -> dict[str, np.ndarray]:
         """A fixed batch of whole cells for a low-noise estimate of the full-data ELBO.
@@ -96,10 +139,10 @@ class BatchSampler:
         n_eval = min(n_cells, self.n_cells)
         cells = np.sort(np.random.default_rng(seed).choice(self.n_cells, n_eval, replace=False))
         if self.mode == "cells":
-            return cell_block(self.counts, cells)
+            return cell_block(self.rows, cells)
         return make_batch(
             "entries",
-            counts=self.counts[cells].toarray(),
+            counts=self.rows.rows(cells).toarray(),
             cell_index=np.repeat(cells, self.n_genes),
             gene_index=np.tile(np.arange(self.n_genes), n_eval),
         )
@@ -110,14 +153,15 @@ def entry_positions(rows: sp.csr_matrix, positions: np.ndarray) -> np.ndarray:
     return np.repeat(np.asarray(positions, dtype=np.int32), np.diff(rows.indptr))
 
 
-def cell_block(counts: sp.csr_matrix, cells: np.ndarray) -> dict[str, np.ndarray]:
-    """The given cells in the ``cells`` layout: their indices and their non-zero entries."""
-    rows = counts[np.asarray(cells)]
+def cell_block(counts, cells: np.ndarray) -> dict[str, np.ndarray]:
+    """The given cells (of a matrix or a store of rows) in the ``cells`` layout: their indices and
+    their non-zero entries."""
+    rows = cell_rows(counts).rows(np.asarray(cells))
     return make_batch("cells", cell_index=cells, nz_row=entry_positions(rows, np.arange(len(cells))),
                       nz_gene=rows.indices, nz_count=rows.data)
 
 
-def stack_cell_blocks(counts: sp.csr_matrix, blocks: list[np.ndarray], capacity: int = 0) -> tuple[dict, int]:
+def stack_cell_blocks(counts, blocks: list[np.ndarray], capacity: int = 0) -> tuple[dict, int]:
     """Blocks of equally many cells as stacked ``cells`` batches, each block's non-zero entries
     padded with zero counts to one capacity, at least ``capacity``: what :func:`cell_block` and
     :func:`pad_nonzeros` give block by block, from one row gather of all the blocks' cells
@@ -126,7 +170,7 @@ def stack_cell_blocks(counts: sp.csr_matrix, blocks: list[np.ndarray], capacity:
     capacity used."""
     size = len(blocks[0])
     cells = np.concatenate(blocks)
-    rows = counts[cells]  # scipy's row gather: a copy in C of just these cells' entries
+    rows = cell_rows(counts).rows(cells)  # scipy's row gather: a copy in C of just these cells' entries
     bounds = rows.indptr[::size]
     per_block = np.diff(bounds)
     capacity = max(capacity, nonzero_capacity(int(per_block.max())))
@@ -150,12 +194,12 @@ def nonzero_capacity(nnz: int, minimum: int = 1024) -> int:
     return -(-nnz // grain) * grain
 
 
-def block_capacity(counts: sp.csr_matrix, batch_size: int) -> int:
+def block_capacity(cell_nnz: np.ndarray, batch_size: int) -> int:
     """A non-zero capacity that a random block of ``batch_size`` cells almost never exceeds
     (the mean of a block's non-zeros plus five standard deviations, at most those of the
     largest cells): one compiled step then serves the whole fit, where a capacity fitted to
     each chunk of blocks would recompile whenever a chunk's largest block crossed a size."""
-    per_cell = np.diff(counts.indptr)
+    per_cell = np.asarray(cell_nnz)
     bound = batch_size * per_cell.mean() + 5 * np.sqrt(batch_size) * per_cell.std()
     largest = np.sort(per_cell)[-batch_size:].sum()
     return nonzero_capacity(int(min(bound, largest)))

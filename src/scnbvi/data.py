@@ -114,46 +114,95 @@ def read_selected_counts(path, selection_path, duplicate_names: str = "make_uniq
     (``obs["total_counts"]``) is no longer what it was, means the input changed after the selection was
     made: an InputError, rather than counts that do not belong to the selection.
     """
-    selection = ad.read_h5ad(selection_path)
-    if cells is not None:
-        wanted = pd.Index([str(cell) for cell in cells])
-        _selected_positions(selection.obs_names, wanted, "obs_names", "cells", selection_path,
-                            "ask only for cells of the selection", among="the selection")
-        selection = selection[wanted].copy()
-    path = Path(path)
-    fix = (f"the input changed after {selection_path} was written from it; rerun the workflow with "
-           "--forcerun load, so that its cells and genes are selected again")
-    with _open_h5ad(path) as file:
-        matrix, field = _stored_matrix(file, layer, path)
-        names = {}
-        for axis, key in (("obs", "obs"), ("var", "raw/var" if layer == RAW_LAYER else "var")):
-            names[axis] = _unique_names(_read_element(file, key, path).index, axis, duplicate_names, path)[0]
-        cells = _selected_positions(names["obs"], selection.obs_names, "obs_names", "cells", path, fix)
-        genes = _selected_positions(names["var"], selection.var_names, "var_names", "genes", path, fix)
-        uns = _read_element(file, "uns", path) if "uns" in file else {}
-        dtype = np.dtype(selection.uns[SELECTION_KEY]["dtype"])
-        # h5py reads rows in increasing order only: read them so, then put them back in the selection's order.
-        order = np.argsort(cells, kind="stable")
-        _, size = _cell_blocks(matrix, block_entries)[0]
-        blocks, totals = [], []
-        for start in range(0, len(cells), size):
-            rows = cells[order[start : start + size]]
-            block = _checked_block(_read_rows(matrix, rows), names["obs"][rows], names["var"], path, field)
-            totals.append(np.asarray(block.sum(axis=1, dtype=np.int64)).ravel())
-            blocks.append(block[:, genes].astype(dtype))
-    restore = np.argsort(order)
-    totals = np.concatenate(totals)[restore]
-    changed = np.flatnonzero(totals != selection.obs["total_counts"].to_numpy())
-    if len(changed):
-        first = changed[0]
-        raise InputError(path, field, f"{len(changed)} selected cells have other counts than when they were selected "
-                         f"(first: {selection.obs_names[first]!r}, total {totals[first]}, was "
-                         f"{selection.obs['total_counts'].iloc[first]})", fix)
-    counts = sp.vstack(blocks, format="csr")
-    if (order != np.arange(len(order))).any():
-        counts = counts[restore]
-    counts.sort_indices()  # genes listed in another order than the input's
-    return ad.AnnData(X=counts, obs=selection.obs, var=selection.var, uns=uns)
+    with SelectedCounts(path, selection_path, duplicate_names, layer) as reader:
+        return reader.anndata(block_entries, cells)
+
+
+class SelectedCounts:
+    """The input opened and read through its selection (see ``read_selected_counts``), cells by their
+    positions in the selection: what the fit streams when the selected counts are too many to hold."""
+
+    def __init__(self, path, selection_path, duplicate_names: str = "make_unique", layer: str | None = None):
+        self.selection, self.selection_path = ad.read_h5ad(selection_path), selection_path
+        self.path = Path(path)
+        self._fix = (f"the input changed after {selection_path} was written from it; rerun the workflow with "
+                     "--forcerun load, so that its cells and genes are selected again")
+        self._file = _open_h5ad(self.path)
+        try:
+            self._matrix, self._field = _stored_matrix(self._file, layer, self.path)
+            names = {}
+            for axis, key in (("obs", "obs"), ("var", "raw/var" if layer == RAW_LAYER else "var")):
+                names[axis] = _unique_names(_read_element(self._file, key, self.path).index, axis, duplicate_names,
+                                            self.path)[0]
+            self._cell_names, self._gene_names = names["obs"], names["var"]
+            self._rows = _selected_positions(names["obs"], self.selection.obs_names, "obs_names", "cells", self.path,
+                                             self._fix)
+            self._genes = _selected_positions(names["var"], self.selection.var_names, "var_names", "genes",
+                                              self.path, self._fix)
+            self.uns = _read_element(self._file, "uns", self.path) if "uns" in self._file else {}
+        except BaseException:
+            self._file.close()
+            raise
+        self._every_gene = np.array_equal(self._genes, np.arange(len(self._gene_names)))
+        self.dtype = np.dtype(self.selection.uns[SELECTION_KEY]["dtype"])
+        self._totals = self.selection.obs["total_counts"].to_numpy()
+        self.shape = (self.selection.n_obs, self.selection.n_vars)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def anndata(self, block_entries: int = 50_000_000, cells=None) -> ad.AnnData:
+        """The counts of the selection's cells (of ``cells`` only, in that order, when given) with their
+        obs and var, the input's uns, read a block at a time."""
+        selection = self.selection
+        positions = np.arange(self.shape[0])
+        if cells is not None:
+            wanted = pd.Index([str(cell) for cell in cells])
+            positions = _selected_positions(selection.obs_names, wanted, "obs_names", "cells",
+                                            self.selection_path, "ask only for cells of the selection", among="the selection")
+            selection = selection[wanted].copy()
+        order = np.argsort(positions, kind="stable")
+        counts = sp.vstack([self.read(positions[order[start:start + size]])
+                            for start, size in self.block_spans(block_entries, len(positions))], format="csr")
+        if (order != np.arange(len(order))).any():
+            counts = counts[np.argsort(order)]
+        return ad.AnnData(X=counts, obs=selection.obs, var=selection.var, uns=self.uns)
+
+    def block_spans(self, block_entries: int, n_cells: int | None = None) -> list[tuple[int, int]]:
+        """(first, number) of consecutive blocks of ``n_cells`` cells (all of them by default), each about
+        ``block_entries`` stored values of the input."""
+        n_cells = self.shape[0] if n_cells is None else n_cells
+        _, size = _cell_blocks(self._matrix, block_entries)[0]
+        return [(start, min(size, n_cells - start)) for start in range(0, n_cells, size)]
+
+    def blocks(self, block_entries: int):
+        """Every selected cell's counts, in order, a block at a time."""
+        for start, size in self.block_spans(block_entries):
+            yield self.read(np.arange(start, start + size))
+
+    def read(self, cells: np.ndarray) -> sp.csr_matrix:
+        """The counts of the selection's ``cells`` (increasing positions), checked and canonical, in the
+        selected genes and the recorded dtype; an InputError if a cell's total is not what it was."""
+        rows = self._rows[cells]
+        block = _checked_block(_read_rows(self._matrix, rows), self._cell_names[rows], self._gene_names, self.path,
+                               self._field)
+        totals = np.asarray(block.sum(axis=1, dtype=np.int64)).ravel()
+        changed = np.flatnonzero(totals != self._totals[cells])
+        if len(changed):
+            first = cells[changed[0]]
+            raise InputError(self.path, self._field, f"{len(changed)} selected cells have other counts than when they "
+                             f"were selected (first: {self.selection.obs_names[first]!r}, total "
+                             f"{totals[changed[0]]}, was {self._totals[first]})", self._fix)
+        if not self._every_gene:
+            block = block[:, self._genes]
+            block.sort_indices()  # genes listed in another order than the input's
+        return block.astype(self.dtype)
 
 
 def _read_rows(matrix, rows: np.ndarray):

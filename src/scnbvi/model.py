@@ -27,7 +27,6 @@ from __future__ import annotations
 import numpy as np
 import pymc as pm
 import pytensor.tensor as pt
-import scipy.sparse as sp
 
 from scnbvi.batches import MINIBATCH_MODES, empty_batch
 from scnbvi.likelihood.pytensor_form import observed_entries, sparse_block_nb_logp
@@ -160,6 +159,13 @@ def cell_effects(cells, centring: np.ndarray | None):
 
 
 def cell_centring_weights(counts, cell_log_offset) -> np.ndarray:
+    """:func:`centring_weights` of a count matrix."""
+    from scnbvi.cell_rows import InMemoryRows
+
+    return centring_weights(InMemoryRows(counts).statistics(), cell_log_offset)
+
+
+def centring_weights(statistics, cell_log_offset) -> np.ndarray:
     """Per cell, w_i = I_i s^2 / (1 + I_i s^2): the share of the cell effect's posterior
     precision that comes from its data, the weight that decouples the effect from
     ``sigma_cond`` in a Normal model (Gorinova, Moore & Hoffman 2020).
@@ -170,11 +176,10 @@ def cell_centring_weights(counts, cell_log_offset) -> np.ndarray:
     but not their counting noise, which would dominate the variance of either. Any weights give
     the same model; they only change how well q and NUTS can follow it.
     """
-    counts = sp.csr_matrix(counts)
-    totals = np.asarray(counts.sum(axis=1), dtype=float).ravel()
-    halves = [np.log(np.asarray(counts[:, first::2].sum(axis=1), dtype=float).ravel() + 0.5)
-              - np.asarray(cell_log_offset, dtype=float) for first in (0, 1)]
-    shared = np.cov(*halves)[0, 1] if counts.shape[1] > 1 and counts.shape[0] > 1 else 0.0
+    totals = statistics.cell_totals
+    halves = [np.log(half + 0.5) - np.asarray(cell_log_offset, dtype=float) for half in statistics.cell_half_totals]
+    n_genes = len(statistics.gene_totals)
+    shared = np.cov(*halves)[0, 1] if n_genes > 1 and len(totals) > 1 else 0.0
     spread = max(shared, MIN_CELL_SPREAD**2)
     return totals * spread / (1.0 + totals * spread)
 

@@ -129,7 +129,7 @@ def dataset_config(wildcards):
 
 # Inference settings that cannot change the numbers, only how a fit runs: kept out of the rules'
 # params (a change would rerun the fit and everything after it); the fit reads them from the config.
-RUN_ONLY_INFERENCE_SETTINGS = ("checkpoint_minutes", "memory_limit_gb")
+RUN_ONLY_INFERENCE_SETTINGS = ("checkpoint_minutes", "memory_limit_gb", "stream_above_gb")
 
 
 def section(name, leave_out=()):

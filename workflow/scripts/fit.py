@@ -2,7 +2,7 @@ from _runner import run
 
 
 def main(snakemake):
-    from scnbvi.data import read_selected_counts
+    from scnbvi.cell_rows import selected_counts
     from scnbvi.design import read_design
     from scnbvi.inference import InferenceSettings, fit
     from scnbvi.inference.checkpoint import remove_checkpoint
@@ -11,27 +11,28 @@ def main(snakemake):
     from scnbvi.posterior import sample_posterior
     from scnbvi.trace import write_trace
 
-    adata = read_selected_counts(snakemake.input.h5ad, snakemake.input.selection, **snakemake.params.reading)
-    cells, genes = aligned_covariates(snakemake.input.cells, snakemake.input.genes, adata)
-    design = read_design(snakemake.input.design, cells)
     # The settings that only say how the fit runs are not params (see common.smk): from the config.
     run_only = snakemake.config["datasets"][snakemake.wildcards.dataset]["inference"]
     settings = InferenceSettings.from_config(
         {**snakemake.params.inference, **{key: run_only[key] for key in snakemake.params.run_only}}
     )
     gene_dispersion = snakemake.params.model["gene_dispersion"]
-    model, result = fit(
-        adata.X,
-        cells["log_offset"].to_numpy(),
-        genes["log_offset"].to_numpy(),
-        settings,
-        backend=snakemake.params.backend,
-        gene_dispersion=gene_dispersion,
-        cell_names=adata.obs_names,
-        gene_names=adata.var_names,
-        design=design if design.n_coefficients else None,
-        checkpoint_path=snakemake.params.checkpoint,
-    )
+    with selected_counts(snakemake.input.h5ad, snakemake.input.selection, run_only["stream_above_gb"],
+                         **snakemake.params.reading) as (selection, counts):
+        cells, genes = aligned_covariates(snakemake.input.cells, snakemake.input.genes, selection)
+        design = read_design(snakemake.input.design, cells)
+        model, result = fit(
+            counts,
+            cells["log_offset"].to_numpy(),
+            genes["log_offset"].to_numpy(),
+            settings,
+            backend=snakemake.params.backend,
+            gene_dispersion=gene_dispersion,
+            cell_names=selection.obs_names,
+            gene_names=selection.var_names,
+            design=design if design.n_coefficients else None,
+            checkpoint_path=snakemake.params.checkpoint,
+        )
     max_cells = snakemake.params.inference["cell_draws_max_cells"]
     idata, cell_moments = sample_posterior(
         model, result, settings.draws, settings.seed, max_cells=max_cells,

@@ -6,9 +6,9 @@ import logging
 
 import numpy as np
 import pymc as pm
-import scipy.sparse as sp
 
-from scnbvi.batches import BatchSampler
+from scnbvi.batches import BatchSampler, cell_rows
+from scnbvi.cell_rows import CountStatistics
 from scnbvi.design import Design
 from scnbvi.errors import InputError
 from scnbvi.inference import jax_engine, pymc_engine
@@ -19,7 +19,7 @@ from scnbvi.inference.initialization import data_driven_initvals
 from scnbvi.inference.memory import check_memory
 from scnbvi.inference.result import FitResult
 from scnbvi.inference.settings import InferenceSettings, effective_settings
-from scnbvi.model import build_model, cell_centring_weights
+from scnbvi.model import build_model, centring_weights
 from scnbvi.offsets import MAX_ABS_LOG_OFFSET
 
 log = logging.getLogger("scnbvi")
@@ -28,14 +28,14 @@ log = logging.getLogger("scnbvi")
 ENGINES = {"pymc": pymc_engine.run, "jax": jax_engine.run}
 
 
-def require_finite_inputs(counts: sp.csr_matrix, cell_log_offset, gene_log_offset, design: Design | None) -> None:
+def require_finite_inputs(statistics: CountStatistics, cell_log_offset, gene_log_offset, design: Design | None) -> None:
     """Stop before fitting on inputs that make the log density non-finite, so a loss that is
     not finite later can only come from the optimisation (and lowering the step size helps)."""
     def usable(offsets) -> bool:
         return bool(np.all(np.abs(offsets) <= MAX_ABS_LOG_OFFSET))  # False for NaN and inf too
 
     problems = {
-        "counts": not np.all(np.isfinite(counts.data)) or np.any(counts.data < 0),
+        "counts": not statistics.valid,
         "cell_log_offset": not usable(cell_log_offset),
         "gene_log_offset": not usable(gene_log_offset),
         "design": design is not None and not np.all(np.isfinite(design.matrix)),
@@ -49,7 +49,7 @@ def require_finite_inputs(counts: sp.csr_matrix, cell_log_offset, gene_log_offse
 
 
 def fit(
-    counts: sp.csr_matrix,
+    counts,
     cell_log_offset: np.ndarray,
     gene_log_offset: np.ndarray,
     settings: InferenceSettings,
@@ -60,7 +60,10 @@ def fit(
     design: Design | None = None,
     checkpoint_path=None,
 ) -> tuple[pm.Model, FitResult]:
-    """Fit the model to a sparse cells x genes count matrix; returns the model and the fit.
+    """Fit the model to cells x genes counts; returns the model and the fit.
+
+    ``counts``: a matrix, or a store of rows that streams them from disk (:mod:`scnbvi.cell_rows`):
+    the same fit either way.
 
     ``design``: per-cell covariates (:func:`scnbvi.design.build_design`), each with one
     effect per gene. ``checkpoint_path``: where the fit saves its progress every
@@ -71,14 +74,16 @@ def fit(
     if settings.hyperparameters not in HYPERPARAMETER_ESTIMATES:
         raise ValueError(f"hyperparameters must be one of {HYPERPARAMETER_ESTIMATES}, got {settings.hyperparameters!r}")
     engine = engine_for(backend)
-    counts = sp.csr_matrix(counts)
-    require_finite_inputs(counts, cell_log_offset, gene_log_offset, design)
-    sampler = BatchSampler(counts, settings.minibatch, settings.batch_size, settings.seed)
+    rows = cell_rows(counts)
+    statistics = rows.statistics()
+    require_finite_inputs(statistics, cell_log_offset, gene_log_offset, design)
+    sampler = BatchSampler(rows, settings.minibatch, settings.batch_size, settings.seed)
     settings = effective_settings(settings, sampler.batch_size, sampler.steps_per_epoch,
                                   refits_cells=engine == "jax" and settings.minibatch == "cells")
-    log.info("fitting %d cells x %d genes with engine %s, backend %s, effective %s",
-             *counts.shape, engine, backend, settings)
-    check_memory(*counts.shape, counts.nnz, settings)
+    streamed = not hasattr(rows, "counts")
+    log.info("fitting %d cells x %d genes with engine %s, backend %s, counts %s, effective %s",
+             *rows.shape, engine, backend, "streamed from disk" if streamed else "in memory", settings)
+    check_memory(*rows.shape, rows.nnz, settings, streamed=streamed)
     model = build_model(
         cell_log_offset=cell_log_offset,
         gene_log_offset=gene_log_offset,
@@ -87,19 +92,19 @@ def fit(
         gene_dispersion=gene_dispersion,
         cell_names=cell_names,
         gene_names=gene_names,
-        initvals=data_driven_initvals(counts, cell_log_offset, gene_log_offset) if settings.init == "data" else None,
+        initvals=data_driven_initvals(statistics, cell_log_offset, gene_log_offset) if settings.init == "data" else None,
         jax_forms=engine == "jax",
         design=None if design is None else design.matrix,
         coefficient_names=None if design is None else design.names,
         sample_coefficients=0 if design is None else design.n_sample_coefficients,
-        cell_centring=cell_centring_weights(counts, cell_log_offset),
+        cell_centring=centring_weights(statistics, cell_log_offset),
     )
     checkpoint = None
     if checkpoint_path is not None:
         arrays = {"cell_log_offset": cell_log_offset, "gene_log_offset": gene_log_offset,
                   "design": np.zeros((0, 0)) if design is None else design.matrix}
         options = {"backend": backend, "gene_dispersion": gene_dispersion}
-        checkpoint = Checkpoint(checkpoint_path, fingerprint(counts, arrays, settings, options),
+        checkpoint = Checkpoint(checkpoint_path, fingerprint(statistics.digest, arrays, settings, options),
                                 60 * settings.checkpoint_minutes)
     result = ENGINES[engine](model, sampler, settings, backend, checkpoint)
     if settings.hyperparameters == "collapsed":

@@ -22,7 +22,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 
 from scnbvi.errors import ScnbviError
 from scnbvi.inference.settings import InferenceSettings
@@ -38,11 +37,12 @@ class FitInterrupted(ScnbviError):
     """The fit was asked to stop; its progress is saved and the same command resumes it."""
 
 
-def fingerprint(counts: sp.csr_matrix, arrays: dict, settings: InferenceSettings, options: dict) -> str:
+def fingerprint(counts_digest: str, arrays: dict, settings: InferenceSettings, options: dict) -> str:
     """What a fit's numbers depend on, hashed, the package's code included: a checkpoint of any
-    other fit, or of another version of the engine (whose saved state may differ), is never used."""
-    digest = hashlib.sha256(source_hash().encode())
-    for array in (counts.indptr, counts.indices, counts.data, *(np.asarray(a) for a in arrays.values())):
+    other fit, or of another version of the engine (whose saved state may differ), is never used.
+    ``counts_digest``: the counts' (:class:`scnbvi.cell_rows.CountStatistics`)."""
+    digest = hashlib.sha256((source_hash() + counts_digest).encode())
+    for array in (np.asarray(a) for a in arrays.values()):
         digest.update(np.ascontiguousarray(array).tobytes())
     fixed = {k: v for k, v in asdict(settings).items() if k not in NOT_FINGERPRINTED}
     digest.update(repr((sorted(fixed.items()), sorted(options.items()), list(arrays))).encode())

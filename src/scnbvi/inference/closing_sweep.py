@@ -4,9 +4,9 @@ parameters, block by block, until each has settled."""
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
 
-from scnbvi.batches import BATCH_LAYOUT, block_capacity, cell_block, nonzero_capacity, pad_nonzeros
+from scnbvi import batches
+from scnbvi.batches import BATCH_LAYOUT, block_capacity, cell_block, cell_rows, nonzero_capacity, pad_nonzeros
 from scnbvi.inference.elbo import cells_per_block
 from scnbvi.inference.jax_objective import Objective
 
@@ -41,13 +41,13 @@ def closing_refit(target: Objective):
     return jax.jit(refit_and_measure)
 
 
-def sweep_shapes(counts: sp.csr_matrix, block_size: int) -> tuple[int, int]:
+def sweep_shapes(rows, block_size: int) -> tuple[int, int]:
     """The block of the closing sweep (at most every cell) and its usual non-zero capacity."""
-    block_size = min(block_size, counts.shape[0])
-    return block_size, block_capacity(counts, block_size)
+    block_size = min(block_size, rows.shape[0])
+    return block_size, block_capacity(rows.cell_nnz, block_size)
 
 
-def refit_every_cell(refit, params: dict, counts: sp.csr_matrix, block_size: int) -> dict:
+def refit_every_cell(refit, params: dict, counts, block_size: int) -> dict:
     """Every cell at its optimum given the final global parameters, block by block: a cell's
     q was last updated when its block came round, before the global parameters settled.
     ``refit`` is :func:`closing_refit` of the fit's objective.
@@ -55,15 +55,20 @@ def refit_every_cell(refit, params: dict, counts: sp.csr_matrix, block_size: int
     Each pass gives the cells still short of their optimum one Newton step and estimates the
     error each step left; the next pass takes only the cells whose error is above
     ``SETTLED_ERROR`` sds. On the stacked atlas one pass settles 81 % of the cells and five
-    settle all: 1.2 steps per cell, where a fixed count needed three.
+    settle all: 1.2 steps per cell, where a fixed count needed three. ``counts``: a matrix or a
+    store of rows (:mod:`scnbvi.cell_rows`), which holds a window of the sampler's size at a time.
     """
-    block_size, capacity = sweep_shapes(counts, block_size)
-    fillers = np.argsort(np.diff(counts.indptr), kind="stable")[:block_size]
-    moving = np.arange(counts.shape[0])
+    rows = cell_rows(counts)
+    block_size, capacity = sweep_shapes(rows, block_size)
+    fillers = np.argsort(rows.cell_nnz, kind="stable")[:block_size]
+    blocks_per_window = max(1, batches.SHUFFLE_CHUNK_CELLS * batches.SHUFFLE_WINDOW_CHUNKS // block_size)
+    moving = np.arange(rows.shape[0])
     for _ in range(MAX_CLOSING_PASSES):
         blocks, errors = blocks_covering(moving, block_size, fillers), []
-        for cells in blocks:
-            block = cell_block(counts, cells)
+        for number, cells in enumerate(blocks):
+            if number % blocks_per_window == 0:
+                rows.admit(np.unique(np.concatenate(blocks[number:number + blocks_per_window])))
+            block = cell_block(rows, cells)
             capacity = max(capacity, nonzero_capacity(len(block["nz_count"])))
             params, block_errors = refit(params, pad_nonzeros(block, capacity))
             errors.append(block_errors)  # read after the pass: the next block is staged meanwhile
@@ -86,11 +91,11 @@ def blocks_covering(cells: np.ndarray, block_size: int, fillers: np.ndarray) -> 
     return [np.sort(block) for block in blocks]
 
 
-def compile_sweep(sweep, params: dict, counts: sp.csr_matrix, block_size: int) -> None:
+def compile_sweep(sweep, params: dict, rows, block_size: int) -> None:
     """Compile the sweep's step ahead, with the checks, so that it is not on the clock of the fit."""
     import jax
 
-    block_size, capacity = sweep_shapes(counts, block_size)
+    block_size, capacity = sweep_shapes(rows, block_size)
     shapes = {name: jax.ShapeDtypeStruct((block_size if name == "cell_index" else capacity,), dtype)
               for name, dtype in BATCH_LAYOUT["cells"].items()}
     sweep.lower(params, shapes).compile()

@@ -5,20 +5,18 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import scipy.sparse as sp
 
+from scnbvi.cell_rows import CountStatistics
 from scnbvi.inference.settings import InferenceSettings
 
 
-def data_driven_initvals(counts: sp.csr_matrix, cell_log_offset, gene_log_offset) -> dict:
+def data_driven_initvals(statistics: CountStatistics, cell_log_offset, gene_log_offset) -> dict:
     """Start gene effects at log mean expression and cell effects at log library size.
 
     The cell effects are centred (their prior mean is 0), so the shared level starts in the
     gene effects; this places the fit near the optimum and cuts the number of steps ADVI needs.
     """
-    counts = sp.csr_matrix(counts)
-    cell_totals = np.asarray(counts.sum(axis=1)).ravel()
-    gene_totals = np.asarray(counts.sum(axis=0)).ravel()
+    cell_totals, gene_totals = statistics.cell_totals, statistics.gene_totals
     cell_effect = np.log(cell_totals + 0.5) - cell_log_offset
     cell_effect -= cell_effect.mean()
     log_cell_exposure = np.logaddexp.reduce(cell_effect + cell_log_offset)

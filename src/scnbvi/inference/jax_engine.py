@@ -118,7 +118,7 @@ def chunk_length(sampler: BatchSampler, settings: InferenceSettings, noise_size:
     """Steps per jitted scan: one check interval, split so that the staged batches and the
     steps' noise (``noise_size`` float32 values a step) fit the budget."""
     if sampler.mode == "cells":
-        block_nnz = sampler.counts.nnz / sampler.n_cells * sampler.batch_size
+        block_nnz = sampler.rows.nnz / sampler.n_cells * sampler.batch_size
         bytes_per_step = 2 * 16 * max(block_nnz, 1024) + 4 * sampler.batch_size
     else:
         bytes_per_step = 16 * sampler.batch_size
@@ -157,7 +157,7 @@ def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, bac
     if settings.convergence == "elbo":  # the checks' ELBO compiled before the clock of the fit starts
         engine.evaluate(state, {})
     if sweep is not None:  # compiled with the checks, not on the clock of the fit
-        compile_sweep(sweep, state.params, sampler.counts, sweep_block_size(sampler.n_genes))
+        compile_sweep(sweep, state.params, sampler.rows, sweep_block_size(sampler.n_genes))
     return FitLoop(engine, sampler, settings, backend, checkpoint).run(state, time.perf_counter() - start)
 
 
@@ -170,7 +170,7 @@ def build_engine(target: Objective, optimizer, sampler: BatchSampler, settings: 
 
     averaging = settings.convergence == "elbo"
     chunk_program = jax.jit(partial(run_chunk, target, optimizer, jax.random.PRNGKey(settings.seed), averaging))
-    capacity = block_capacity(sampler.counts, sampler.batch_size) if sampler.mode == "cells" else 0
+    capacity = block_capacity(sampler.rows.cell_nnz, sampler.batch_size) if sampler.mode == "cells" else 0
 
     def run_steps(state: ADVIState, first_step: int, length: int, learning_rate: float):
         nonlocal capacity
@@ -194,7 +194,7 @@ def build_engine(target: Objective, optimizer, sampler: BatchSampler, settings: 
     def fitted(state: ADVIState, final_iterate: dict):
         final = {**state.params, **final_iterate}
         if sweep is not None:
-            final = refit_every_cell(sweep, final, sampler.counts, sweep_block_size(sampler.n_genes))
+            final = refit_every_cell(sweep, final, sampler.rows, sweep_block_size(sampler.n_genes))
         final = {k: np.asarray(v) for k, v in final.items()}
         means, stds = target.layout.split(final["mean"]), target.layout.split(np.exp(final["log_sd"]))
         means[target.cell_name], stds[target.cell_name] = final["cell_mean"], np.exp(final["cell_log_sd"])

@@ -6,14 +6,18 @@ import logging
 import os
 
 from scnbvi.errors import InsufficientMemoryError
+from scnbvi.batches import SHUFFLE_CHUNK_CELLS, SHUFFLE_WINDOW_CHUNKS
 from scnbvi.inference.elbo import evaluation_cells
 from scnbvi.inference.settings import InferenceSettings
 
 log = logging.getLogger("scnbvi")
+WINDOW_CELLS = SHUFFLE_CHUNK_CELLS * SHUFFLE_WINDOW_CHUNKS
 
 
-def estimate_memory_bytes(n_cells: int, n_genes: int, nnz: int, settings: InferenceSettings) -> dict[str, float]:
-    """Peak bytes of a fit, by part."""
+def estimate_memory_bytes(n_cells: int, n_genes: int, nnz: int, settings: InferenceSettings,
+                          streamed: bool = False) -> dict[str, float]:
+    """Peak bytes of a fit, by part. Streamed counts (:mod:`scnbvi.cell_rows`) hold one window of
+    cells, read while the last is still held."""
     parameters = 2 * (n_cells + n_genes) + n_genes + 8
     if settings.minibatch == "cells":
         block_nnz = nnz / max(n_cells, 1) * settings.batch_size
@@ -21,7 +25,7 @@ def estimate_memory_bytes(n_cells: int, n_genes: int, nnz: int, settings: Infere
     else:
         step = settings.batch_size * 8 * 16
     return {
-        "counts": nnz * 8 * 2 + n_cells * 16,
+        "counts": (min(nnz, 2 * WINDOW_CELLS * nnz / max(n_cells, 1)) if streamed else nnz) * 8 * 2 + n_cells * 16,
         "variational parameters": parameters * 8 * 12,
         "minibatch step": step + 2 * 256e6,
         "convergence check": evaluation_cells(settings, n_genes) * n_genes * 8 * 8,
@@ -41,8 +45,8 @@ def available_memory_bytes(settings: InferenceSettings) -> float:
     return float(psutil.virtual_memory().available)
 
 
-def check_memory(n_cells: int, n_genes: int, nnz: int, settings: InferenceSettings) -> None:
-    parts = estimate_memory_bytes(n_cells, n_genes, nnz, settings)
+def check_memory(n_cells: int, n_genes: int, nnz: int, settings: InferenceSettings, streamed: bool = False) -> None:
+    parts = estimate_memory_bytes(n_cells, n_genes, nnz, settings, streamed)
     needed, available = sum(parts.values()), available_memory_bytes(settings)
     largest = max(parts, key=parts.get)
     log.info("memory estimate %.2f GB of %.2f GB available (largest part: %s)", needed / 1e9, available / 1e9, largest)

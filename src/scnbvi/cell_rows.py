@@ -1,0 +1,136 @@
+"""The cells' counts as the fit reads them: held in memory, or streamed from the input a window of cells
+at a time, behind one small interface, so that the sampler, the closing sweep and the statistics the
+model starts from are the same code, and give the same numbers, either way.
+
+A store has ``shape``, ``nnz``, ``cell_nnz`` (non-zeros per cell), ``rows(cells)`` (those cells'
+counts, CSR, in that order) and ``admit(cells, keep)`` (the cells about to be asked for: a streamed
+store reads them in one pass and keeps only them and ``keep``; in memory it does nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from typing import Iterable, NamedTuple
+
+import numpy as np
+import scipy.sparse as sp
+
+from scnbvi.data import SelectedCounts, as_csr
+
+log = logging.getLogger("scnbvi")
+
+
+class CountStatistics(NamedTuple):
+    """What the fit needs of all the counts besides its minibatches, gathered in one pass."""
+
+    cell_totals: np.ndarray  # per cell, over the selected genes
+    cell_half_totals: tuple[np.ndarray, np.ndarray]  # per cell, over the even and over the odd genes
+    cell_nnz: np.ndarray
+    gene_totals: np.ndarray
+    valid: bool  # every value finite and non-negative
+    digest: str  # of the counts' layout and values, however they were cut into blocks
+
+    @property
+    def nnz(self) -> int:
+        return int(self.cell_nnz.sum())
+
+
+def count_statistics(blocks: Iterable[sp.csr_matrix], n_genes: int) -> CountStatistics:
+    """The statistics of consecutive blocks of cells (all genes each); a whole matrix is one block.
+    Integer counts sum exactly in float64, so any cutting into blocks gives the same numbers."""
+    totals, halves, nnz, valid = [], ([], []), [], True
+    gene_totals = np.zeros(n_genes)
+    hashes = [hashlib.sha256() for _ in range(3)]
+    for block in blocks:
+        block = as_csr(block)
+        data = block.data.astype(np.float64)
+        rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+        valid &= bool(np.all(np.isfinite(data)) and np.all(data >= 0))
+        totals.append(np.bincount(rows, weights=data, minlength=block.shape[0]))
+        even = block.indices % 2 == 0
+        for half, chosen in zip(halves, (even, ~even)):
+            half.append(np.bincount(rows[chosen], weights=data[chosen], minlength=block.shape[0]))
+        nnz.append(np.diff(block.indptr).astype(np.int64))
+        gene_totals += np.bincount(block.indices, weights=data, minlength=n_genes)
+        for digest, values in zip(hashes, (nnz[-1], block.indices.astype(np.int64), data)):
+            digest.update(np.ascontiguousarray(values).tobytes())
+    return CountStatistics(np.concatenate(totals), tuple(np.concatenate(half) for half in halves),
+                           np.concatenate(nnz), gene_totals, valid, "".join(h.hexdigest()[:32] for h in hashes))
+
+
+class InMemoryRows:
+    """Every cell's counts in one CSR matrix."""
+
+    def __init__(self, counts):
+        self.counts = as_csr(counts)
+        self.shape = self.counts.shape
+        self.cell_nnz = np.diff(self.counts.indptr)
+        self.nnz = int(self.counts.nnz)
+
+    def rows(self, cells) -> sp.csr_matrix:
+        return self.counts[np.asarray(cells)]
+
+    def admit(self, cells, keep=()) -> None:
+        """Nothing to read ahead: every row is here."""
+
+    def statistics(self) -> CountStatistics:
+        return count_statistics([self.counts], self.shape[1])
+
+
+class StreamedRows:
+    """The counts of the selection read from the input as they are needed: at most the cells last
+    admitted (a window of the sampler's order, a group of the closing sweep's blocks) are held, and a
+    cell asked for outside them is read on its own. ``reader`` is an open
+    :class:`scnbvi.data.SelectedCounts`; ``block_entries`` bounds each read of the statistics' pass."""
+
+    def __init__(self, reader, block_entries: int):
+        self.reader = reader
+        self.shape = reader.shape
+        self._statistics = count_statistics(reader.blocks(block_entries), self.shape[1])
+        self.cell_nnz = self._statistics.cell_nnz
+        self.nnz = self._statistics.nnz
+        self._held = sp.csr_matrix((0, self.shape[1]), dtype=reader.dtype)
+        self._slot = np.full(self.shape[0], -1, dtype=np.int64)  # each cell's row in _held, or -1
+
+    def statistics(self) -> CountStatistics:
+        return self._statistics
+
+    def rows(self, cells) -> sp.csr_matrix:
+        cells = np.asarray(cells)
+        slots = self._slot[cells]
+        if np.all(slots >= 0):
+            return self._held[slots]
+        unique, where = np.unique(cells, return_inverse=True)
+        return self.reader.read(unique)[where]
+
+    def admit(self, cells, keep=()) -> None:
+        """Hold ``cells`` and ``keep``, and nothing else: those held already are kept, the others read
+        from the input in increasing order."""
+        wanted = np.union1d(np.asarray(cells, dtype=np.int64), np.asarray(keep, dtype=np.int64))
+        held = self._slot[wanted] >= 0
+        parts = [self._held[self._slot[wanted[held]]]]
+        if not held.all():
+            parts.append(self.reader.read(wanted[~held]))
+        self._held = sp.vstack(parts, format="csr")
+        self._slot[:] = -1
+        self._slot[np.concatenate([wanted[held], wanted[~held]])] = np.arange(len(wanted))
+
+
+@contextlib.contextmanager
+def selected_counts(path, selection_path, stream_above_gb: float, block_entries: int = 50_000_000, **reading):
+    """The selection (an AnnData of its obs and var) and a store of its counts, read from the input
+    as ``scnbvi.data.read_selected_counts`` reads them (``reading``: its layer and duplicate_names):
+    held in memory, or streamed when they would take more than ``stream_above_gb`` (4 bytes of index
+    and the value's bytes per non-zero, from the selection's record of each gene's cells)."""
+    with SelectedCounts(path, selection_path, **reading) as reader:
+        selection = reader.selection
+        nnz = int(selection.var["n_cells_expressed"].sum())
+        if nnz * (reader.dtype.itemsize + 4) <= stream_above_gb * 1e9:
+            adata = reader.anndata(block_entries)
+            yield adata, InMemoryRows(adata.X)
+        else:
+            log.info("streaming the counts from %s: %d non-zeros, more than inference.stream_above_gb (%g GB)",
+                     path, nnz, stream_above_gb)
+            yield selection, StreamedRows(reader, block_entries)
