@@ -206,6 +206,13 @@ def scaled_runtime(base_minutes, minutes_per_gb):
     return runtime
 
 
+def fit_mem_mb(wildcards, input, attempt):
+    """Memory that grows with the input, up to what the fit holds when it streams its counts (the
+    counts it holds are at most inference.stream_above_gb; larger ones stay on disk)."""
+    stream_above_mb = dataset_config(wildcards)["inference"]["stream_above_gb"] * 1000
+    return int((2000 + min(8 * input_mb(input), 3 * stream_above_mb)) * attempt)
+
+
 def fit_runtime(wildcards, input, attempt):
     """Minutes: an upper bound from max_iterations (a generous 20 ms/step) and the input size."""
     iterations = dataset_config(wildcards)["inference"]["max_iterations"]

@@ -18,7 +18,7 @@ rule fit:
         "../../envs/fit.yaml"
     threads: config["threads"]
     resources:
-        mem_mb=scaled_mem_mb(2000, 8),
+        mem_mb=fit_mem_mb,
         runtime=fit_runtime,
     params:
         code=CODE_VERSION,
