@@ -22,6 +22,7 @@ rule load:
         input_h5ad,
     output:
         qc=f"{RESULTS}/{{dataset}}/qc.json",
+        loaded=f"{RESULTS}/{{dataset}}/loaded.h5ad",
     log:
         f"{RESULTS}/{{dataset}}/logs/load.log",
     benchmark:
@@ -40,11 +41,12 @@ rule load:
         "../scripts/load.py"
 
 
-# Reads the input again as load did (no copy of the counts between them), after load's checks and report.
+# Selects from the cells and genes load kept (loaded.h5ad, no counts); reads the input's counts, as load
+# did, only for what needs them. The input is an input here too: a file changed after load reruns it.
 rule slice:
     input:
         h5ad=input_h5ad,
-        qc=f"{RESULTS}/{{dataset}}/qc.json",
+        loaded=f"{RESULTS}/{{dataset}}/loaded.h5ad",
     output:
         f"{RESULTS}/{{dataset}}/selection.h5ad",
     log:
@@ -58,7 +60,7 @@ rule slice:
         runtime=scaled_runtime(10, 20),
     params:
         code=CODE_VERSION,
-        load=section("load"),
+        reading=counts_reading,
         settings=section("slice"),
     script:
         "../scripts/slice.py"
