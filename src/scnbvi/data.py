@@ -119,23 +119,26 @@ def checked_count_blocks(path, block_entries: int = 50_000_000, duplicate_names:
         yield CountBlocks(obs, var, uns, renamed, blocks())
 
 
-def checked_row_blocks(path, cell_names: pd.Index, duplicate_names: str = "make_unique", layer: str | None = None,
-                       block_entries: int = 50_000_000) -> Iterator[sp.csr_matrix]:
-    """The checked counts of the named cells (in the input's order), a block of them at a time, read as
-    ``checked_count_blocks`` reads them: only those rows are read, so a few cells of an atlas cost little."""
+def checked_row_blocks(path, cell_names: pd.Index, gene_names: pd.Index, duplicate_names: str = "make_unique",
+                       layer: str | None = None, block_entries: int = 50_000_000) -> Iterator[sp.csr_matrix]:
+    """The checked counts of the named cells (in the input's order) and genes (in the given order), a block of
+    cells at a time, read as ``checked_count_blocks`` reads them: only those rows are read, so that a few
+    cells of an atlas cost little."""
     path = Path(path)
+    fix = "the input changed after load read it; rerun the workflow with --forcerun load"
     with _open_h5ad(path) as file:
         matrix, field = _stored_matrix(file, layer, path)
         names = {}
         for axis, key in (("obs", "obs"), ("var", "raw/var" if layer == RAW_LAYER else "var")):
             names[axis] = _unique_names(_read_element(file, key, path).index, axis, duplicate_names, path)[0]
-        rows = np.sort(_selected_positions(names["obs"], cell_names, "obs_names", "cells", path,
-                                           "the input changed after load read it; rerun the workflow with "
-                                           "--forcerun load"))
+        rows = np.sort(_selected_positions(names["obs"], cell_names, "obs_names", "cells", path, fix))
+        genes = _selected_positions(names["var"], gene_names, "var_names", "genes", path, fix)
+        every_gene = np.array_equal(genes, np.arange(len(names["var"])))
         _, size = _cell_blocks(matrix, block_entries)[0]
         for start in range(0, len(rows), size):
             block_rows = rows[start : start + size]
-            yield _checked_block(_read_rows(matrix, block_rows), names["obs"][block_rows], names["var"], path, field)
+            block = _checked_block(_read_rows(matrix, block_rows), names["obs"][block_rows], names["var"], path, field)
+            yield block if every_gene else block[:, genes]
 
 
 def write_selection(adata: ad.AnnData, path) -> None:

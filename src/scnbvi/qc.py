@@ -203,11 +203,11 @@ def slice_loaded(
     ``total_counts``, var with ``total_counts`` and ``n_cells_expressed``): the selection's obs, and its var
     with the genes' totals over the selected cells.
 
-    ``read_rows(positions)`` gives the counts of those loaded cells (increasing positions) as CSR blocks of
-    cells, in order. Only what needs the counts reads them, one block at a time: ``drop_zero_cells``,
-    ``drop_zero_genes`` and the genes' totals over some of the cells. ``genes_method: hvg`` holds the
-    selected cells' counts at once, the one path whose memory grows with the cells. With every cell and
-    gene, nothing is read.
+    ``read_rows(positions)`` gives the counts of those loaded cells (increasing positions) in the loaded
+    genes, as CSR blocks of cells, in order. Only what needs the counts reads them, one block at a time:
+    ``drop_zero_cells``, ``drop_zero_genes`` and the genes' totals over some of the cells.
+    ``genes_method: hvg`` holds the selected cells' counts at once, the one path whose memory grows with
+    the cells. With every cell and gene, nothing is read.
     """
     selection = _select(loaded.obs, loaded.n_vars, read_rows, cells_method=cells_method, n_cells=n_cells,
                         genes_method=genes_method, n_genes=n_genes, obs_filters=obs_filters,

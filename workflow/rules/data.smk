@@ -30,7 +30,8 @@ rule load:
     conda:
         "../../envs/data.yaml"
     resources:
-        mem_mb=scaled_mem_mb(1000, 6),
+        # One block of cells and the per-cell statistics: not the matrix, whatever the input's size.
+        mem_mb=scaled_mem_mb(3000, 0),
         runtime=scaled_runtime(10, 20),
     params:
         code=CODE_VERSION,
@@ -39,6 +40,14 @@ rule load:
         identity=input_identity,
     script:
         "../scripts/load.py"
+
+
+def slice_mem_mb(wildcards, input, attempt):
+    """Highly variable genes are ranked on the selected cells' counts at once; every other selection
+    reads at most a block of cells at a time."""
+    if dataset_config(wildcards)["slice"]["genes"]["method"] == "hvg":
+        return scaled_mem_mb(1000, 6)(wildcards, input, attempt)
+    return scaled_mem_mb(3000, 0)(wildcards, input, attempt)
 
 
 # Selects from the cells and genes load kept (loaded.h5ad, no counts); reads the input's counts, as load
@@ -56,7 +65,7 @@ rule slice:
     conda:
         "../../envs/data.yaml"
     resources:
-        mem_mb=scaled_mem_mb(1000, 6),
+        mem_mb=slice_mem_mb,
         runtime=scaled_runtime(10, 20),
     params:
         code=CODE_VERSION,

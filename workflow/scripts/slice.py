@@ -13,7 +13,7 @@ def main(snakemake):
     loaded = ad.read_h5ad(snakemake.input.loaded)
 
     def read_rows(positions):
-        return checked_row_blocks(snakemake.input.h5ad, loaded.obs_names[positions], **reading)
+        return checked_row_blocks(snakemake.input.h5ad, loaded.obs_names[positions], loaded.var_names, **reading)
 
     obs, var = slice_loaded(
         loaded,
