@@ -43,8 +43,9 @@ def read_counts(path, block_entries: int = 50_000_000, duplicate_names: str = "m
 def read_counts_with_renames(path, block_entries: int = 50_000_000, duplicate_names: str = "make_unique",
                              layer: str | None = None, gene_symbols: str | None = None) -> tuple[ad.AnnData, dict]:
     """Load an .h5ad as checked integer counts in CSR, the layout every later step expects: the blocks of
-    ``checked_count_blocks`` stacked, in the largest integer type any of them needs. The second value
-    records the renamed names for qc.json (see there)."""
+    ``checked_count_blocks`` stacked, in the largest integer type any of them needs, so that a file whose
+    matrix would not fit in memory as stored (dense, or float64 values with int64 indices) loads as long
+    as its non-zero counts fit. The second value is ``CountBlocks.renamed``, the names made unique."""
     with checked_count_blocks(path, block_entries, duplicate_names, layer, gene_symbols) as counts:
         blocks = list(counts.blocks)
     dtype = max((block.dtype for block in blocks), key=lambda d: d.itemsize)
