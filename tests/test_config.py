@@ -10,11 +10,11 @@ import pytest
 import yaml
 from conftest import copy_workflow, snakemake, write_config
 
-from scnbvi.data import read_counts, read_counts_with_renames
+from scnbvi.data import checked_count_blocks, checked_row_blocks, read_counts, read_counts_with_renames
 from scnbvi.offsets import impute_gene_lengths, log_offsets, sequencing_depth
 from scnbvi.inference import InferenceSettings
 from scnbvi.nuts_check import NutsSettings
-from scnbvi.qc import apply_qc_actions, slice_counts
+from scnbvi.qc import apply_qc_actions, qc_masks, slice_counts, slice_loaded
 from scnbvi.simulate import SimulationTruth, simulate_counts
 
 SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
@@ -46,9 +46,10 @@ def assert_defaults(function, expected: dict, *, optional=False):
         )
 
 
-def test_slice_defaults_match_schema(dataset_defaults):
+@pytest.mark.parametrize("function", [slice_counts, slice_loaded])
+def test_slice_defaults_match_schema(dataset_defaults, function):
     section = dataset_defaults["slice"]
-    assert_defaults(slice_counts, {
+    assert_defaults(function, {
         "cells_method": section["cells"]["method"],
         "n_cells": section["cells"]["n"],
         "genes_method": section["genes"]["method"],
@@ -64,7 +65,10 @@ def test_load_defaults_match_schema(dataset_defaults):
     read_options = {key: section.pop(key) for key in ("duplicate_names", "layer", "gene_symbols")}
     assert_defaults(read_counts, read_options)
     assert_defaults(read_counts_with_renames, read_options)
+    assert_defaults(checked_count_blocks, read_options)
+    assert_defaults(checked_row_blocks, {key: read_options[key] for key in ("duplicate_names", "layer")})
     assert_defaults(apply_qc_actions, section)
+    assert_defaults(qc_masks, section)
 
 
 def test_covariate_defaults_match_schema(dataset_defaults):

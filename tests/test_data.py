@@ -14,7 +14,7 @@ from scnbvi import data
 from scnbvi.data import (read_counts, read_counts_with_renames, read_selected_counts, validate_counts,
                          write_counts, write_selection)
 from scnbvi.errors import InputError
-from scnbvi.qc import apply_qc_actions, gene_counts, loaded_counts, qc_report, slice_counts
+from scnbvi.qc import apply_qc_actions, gene_counts, qc_report, slice_counts
 
 SEED_DEMO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "seed_demo_1000x500.h5ad"
 N_VARIABLE_GENES = 5
@@ -458,7 +458,9 @@ RANDOM_SLICE = {"cells_method": "random", "n_cells": 40, "genes_method": "random
 
 def select_as_the_slice_rule_does(path, selection_path, load=None, **slicing) -> ad.AnnData:
     """What the slice rule keeps of the input, in memory (what sliced.h5ad held), its selection written."""
-    adata = loaded_counts(path, {**LOAD_DEFAULTS, **(load or {})})
+    actions = {**LOAD_DEFAULTS, **(load or {})}
+    reading = {key: actions.pop(key) for key in ("duplicate_names", "layer", "gene_symbols")}
+    adata = apply_qc_actions(read_counts(path, **reading), **actions)
     adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).ravel()
     sliced = slice_counts(adata, **slicing)
     write_selection(sliced, selection_path)

@@ -3,7 +3,10 @@ expects; the QC of the cells and genes and their slicing live in :mod:`scnbvi.qc
 
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import anndata as ad
 import h5py
@@ -39,27 +42,51 @@ def read_counts(path, block_entries: int = 50_000_000, duplicate_names: str = "m
 
 def read_counts_with_renames(path, block_entries: int = 50_000_000, duplicate_names: str = "make_unique",
                              layer: str | None = None, gene_symbols: str | None = None) -> tuple[ad.AnnData, dict]:
-    """Load an .h5ad as checked integer counts in CSR, the layout every later step expects.
+    """Load an .h5ad as checked integer counts in CSR, the layout every later step expects: the blocks of
+    ``checked_count_blocks`` stacked, in the largest integer type any of them needs, so that a file whose
+    matrix would not fit in memory as stored (dense, or float64 values with int64 indices) loads as long
+    as its non-zero counts fit. The second value is ``CountBlocks.renamed``, the names made unique."""
+    with checked_count_blocks(path, block_entries, duplicate_names, layer, gene_symbols) as counts:
+        blocks = list(counts.blocks)
+    dtype = max((block.dtype for block in blocks), key=lambda d: d.itemsize)
+    stacked = sp.vstack([block.astype(dtype, copy=False) for block in blocks], format="csr")
+    return ad.AnnData(X=stacked, obs=counts.obs, var=counts.var, uns=counts.uns), counts.renamed
+
+
+class CountBlocks(NamedTuple):
+    """The annotations of an input and its checked counts, one block of cells at a time, in order."""
+
+    obs: pd.DataFrame
+    var: pd.DataFrame
+    uns: dict
+    renamed: dict
+    blocks: Iterator[sp.csr_matrix]
+
+
+@contextmanager
+def checked_count_blocks(path, block_entries: int = 50_000_000, duplicate_names: str = "make_unique",
+                         layer: str | None = None, gene_symbols: str | None = None) -> Iterator[CountBlocks]:
+    """The input's annotations and its counts as checked integer CSR blocks of cells, read while the file is open.
 
     ``layer`` names the matrix holding the counts: None for X, a key of ``adata.layers``, or
     ``raw`` for ``adata.raw.X`` with ``adata.raw.var`` as genes (scanpy and CELLxGENE files keep
-    the counts there and normalised values in X). The result has the counts in X. When the
-    matrix holds no counts but another one of the file does, the error names the config line
-    that reads it. ``gene_symbols`` names the var column (of ``adata.raw.var`` with ``raw``)
-    holding the genes' symbols: checked here, so that a wrong name stops the run before the fit,
-    and kept in var for the tables that show it (see ``symbols_from_var``).
+    the counts there and normalised values in X). When the matrix holds no counts but another one
+    of the file does, the error names the config line that reads it. ``gene_symbols`` names the var
+    column (of ``adata.raw.var`` with ``raw``) holding the genes' symbols: checked here, so that a
+    wrong name stops the run before the fit, and kept in var for the tables that show it (see
+    ``symbols_from_var``).
 
     Repeated obs or var names (a gene symbol listed twice is common, and its counts are still
     valid) break the posterior's coordinates much later, so they are handled here, before the
     counts are read: ``make_unique`` suffixes repeats as anndata's ``var_names_make_unique``
-    does (-1, -2, ...), ``error`` stops. The second value records the renames for qc.json: per
-    axis, the count and original -> new names of at most RENAMED_RECORD_LIMIT renamed entries.
+    does (-1, -2, ...), ``error`` stops. ``renamed`` records them for qc.json: per axis, the
+    count and original -> new names of at most RENAMED_RECORD_LIMIT renamed entries.
 
-    The matrix is read from disk one block of cells at a time (``block_entries`` dense entries
-    or stored values), and each block is checked and shrunk to int32 CSR before the next is
-    read. So a file whose matrix would not fit in memory as stored (dense, or float64 values
-    with int64 indices) loads as long as its non-zero counts fit. The file is opened with h5py,
-    not anndata's backed mode, which would load every layer and obsm into memory.
+    Each block (``block_entries`` dense entries or stored values) is read from disk, checked and
+    shrunk to int32 CSR (int64 where a count needs it) when the iteration reaches it: a caller that
+    keeps statistics of the blocks rather than the blocks handles a matrix that would not fit in
+    memory. The file is opened with h5py, not anndata's backed mode, which would load every layer
+    and obsm into memory.
     """
     if duplicate_names not in DUPLICATE_NAME_ACTIONS:
         raise InputError("config", "load.duplicate_names", f"unknown action {duplicate_names!r}",
@@ -78,19 +105,41 @@ def read_counts_with_renames(path, block_entries: int = 50_000_000, duplicate_na
         renamed = {}
         for axis, frame in (("obs", obs), ("var", var)):
             frame.index, renamed[axis] = _unique_names(frame.index, axis, duplicate_names, path)
-        try:
-            blocks = [
-                _checked_block(matrix[start : start + size], obs.index[start : start + size], var.index, path, field)
-                for start, size in _cell_blocks(matrix, block_entries)
-            ]
-        except InputError as error:
-            fix = _counts_elsewhere(file, field, block_entries)
-            if fix is None:
-                raise
-            raise InputError(error.source, error.field, error.problem, fix) from None
-    dtype = max((block.dtype for block in blocks), key=lambda d: d.itemsize)
-    counts = sp.vstack([block.astype(dtype, copy=False) for block in blocks], format="csr")
-    return ad.AnnData(X=counts, obs=obs, var=var, uns=uns), renamed
+
+        def blocks():
+            try:
+                for start, size in _cell_blocks(matrix, block_entries):
+                    yield _checked_block(matrix[start : start + size], obs.index[start : start + size], var.index,
+                                         path, field)
+            except InputError as error:
+                fix = _counts_elsewhere(file, field, block_entries)
+                if fix is None:
+                    raise
+                raise InputError(error.source, error.field, error.problem, fix) from None
+
+        yield CountBlocks(obs, var, uns, renamed, blocks())
+
+
+def checked_row_blocks(path, cell_names: pd.Index, gene_names: pd.Index, duplicate_names: str = "make_unique",
+                       layer: str | None = None, block_entries: int = 50_000_000) -> Iterator[sp.csr_matrix]:
+    """The checked counts of the named cells (in the input's order) and genes (in the given order), a block of
+    cells at a time, read as ``checked_count_blocks`` reads them: only those rows are read, so that a few
+    cells of an atlas cost little."""
+    path = Path(path)
+    fix = "the input changed after load read it; rerun the workflow with --forcerun load"
+    with _open_h5ad(path) as file:
+        matrix, field = _stored_matrix(file, layer, path)
+        names = {}
+        for axis, key in (("obs", "obs"), ("var", "raw/var" if layer == RAW_LAYER else "var")):
+            names[axis] = _unique_names(_read_element(file, key, path).index, axis, duplicate_names, path)[0]
+        rows = np.sort(_selected_positions(names["obs"], cell_names, "obs_names", "cells", path, fix))
+        genes = _selected_positions(names["var"], gene_names, "var_names", "genes", path, fix)
+        every_gene = np.array_equal(genes, np.arange(len(names["var"])))
+        _, size = _cell_blocks(matrix, block_entries)[0]
+        for start in range(0, len(rows), size):
+            block_rows = rows[start : start + size]
+            block = _checked_block(_read_rows(matrix, block_rows), names["obs"][block_rows], names["var"], path, field)
+            yield block if every_gene else block[:, genes]
 
 
 def write_selection(adata: ad.AnnData, path) -> None:
@@ -98,9 +147,17 @@ def write_selection(adata: ad.AnnData, path) -> None:
     the later rules read those from the input through it (``read_selected_counts``), so that results/
     holds no second copy of them. ``obs["total_counts"]``, each cell's total over all genes, is needed:
     it tells the reader that a cell's counts in the input changed."""
-    selection = ad.AnnData(obs=adata.obs, var=adata.var, uns={SELECTION_KEY: {"dtype": str(adata.X.dtype)}})
+    write_annotations(adata.obs, adata.var, adata.X.dtype, path)
+
+
+def write_annotations(obs: pd.DataFrame, var: pd.DataFrame, dtype, path, strings_to_categoricals: bool = True) -> None:
+    """The file ``write_selection`` writes, from cells and genes chosen without their counts in memory.
+    ``strings_to_categoricals=False`` keeps text columns as text (anndata stores one with repeated values
+    as categorical): for a file that a selection is made from, so that the selection's own file is
+    written as if from the input."""
+    selection = ad.AnnData(obs=obs, var=var, uns={SELECTION_KEY: {"dtype": str(np.dtype(dtype))}})
     with atomic_output(path) as temporary_path:
-        selection.write_h5ad(temporary_path)
+        selection.write_h5ad(temporary_path, convert_strings_to_categoricals=strings_to_categoricals)
 
 
 def read_selected_counts(path, selection_path, duplicate_names: str = "make_unique", layer: str | None = None,

@@ -3,62 +3,127 @@ and the slicing of cells and genes to fit."""
 
 import hashlib
 import numbers
+from typing import NamedTuple
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scnbvi.data import as_csr, read_counts
+from scnbvi.data import as_csr
 from scnbvi.errors import InputError
 
 QC_ACTIONS = ("keep", "drop")
 CELL_METHODS = ("all", "first", "random")
 GENE_METHODS = ("all", "first", "random", "hvg")
 HVG_MIN_VARYING_GENES = 10
+INT32_MAX = np.iinfo(np.int32).max
+
+
+class CountStatistics(NamedTuple):
+    """What the QC report, the QC actions and the loaded cells' and genes' totals need of the counts: gathered
+    a block of cells at a time (``count_statistics``), so that no step holds more than one block."""
+
+    cell_nnz: np.ndarray  # stored non-zero counts of each cell
+    cell_totals: np.ndarray  # each cell's total count
+    repeats: np.ndarray  # True for a cell whose counts equal those of an earlier cell
+    gene_nnz: np.ndarray  # cells expressing each gene
+    gene_totals: np.ndarray
+    repeat_gene_nnz: np.ndarray  # the same over the repeating cells only
+    repeat_gene_totals: np.ndarray
+    dtype: np.dtype  # the largest integer type of the blocks: the counts' type once stacked
+
+
+def count_statistics(blocks, n_genes: int) -> CountStatistics:
+    """The statistics of the counts given as consecutive blocks of cells (any matrices, stored zeros and
+    repeated entries allowed), in one pass."""
+    seen = set()
+    cell_parts = {"nnz": [], "totals": [], "repeats": []}
+    gene_nnz, gene_totals, repeat_gene_nnz, repeat_gene_totals = (np.zeros(n_genes, dtype=np.int64) for _ in range(4))
+    dtype = None
+    for block in blocks:
+        counts = _canonical_csr(block)
+        if dtype is None or counts.dtype.itemsize > dtype.itemsize:
+            dtype = counts.dtype
+        repeats = _repeated_rows(counts, seen)
+        cell_parts["nnz"].append(np.diff(counts.indptr))
+        # Sums as products with vectors of ones: compiled loops over the stored entries, in int64.
+        cell_parts["totals"].append(_as_int64(counts @ np.ones(n_genes, dtype=np.int64)))
+        cell_parts["repeats"].append(repeats)
+        gene_nnz += np.bincount(counts.indices, minlength=n_genes)
+        gene_totals += _as_int64(np.ones(counts.shape[0], dtype=np.int64) @ counts)
+        if repeats.any():
+            repeat_gene_nnz += np.bincount(counts.indices[np.repeat(repeats, np.diff(counts.indptr))],
+                                           minlength=n_genes)
+            repeat_gene_totals += _as_int64(repeats.astype(np.int64) @ counts)
+    cells = {name: np.concatenate(parts) for name, parts in cell_parts.items()}
+    return CountStatistics(cells["nnz"].astype(np.int64), cells["totals"], cells["repeats"], gene_nnz, gene_totals,
+                           repeat_gene_nnz, repeat_gene_totals, dtype)
 
 
 def qc_report(adata: ad.AnnData) -> dict:
     """Count the cells and genes that a user may want to drop before fitting."""
-    counts = _canonical_csr(adata.X)
+    statistics = count_statistics([adata.X], adata.n_vars)
+    return report_of(statistics, np.ones(adata.n_obs, dtype=bool), np.ones(adata.n_vars, dtype=bool))
+
+
+def report_of(statistics: CountStatistics, keep_cells: np.ndarray, keep_genes: np.ndarray) -> dict:
+    """``qc_report`` of the kept cells and genes, from the statistics of all of them. The QC actions drop
+    only all-zero genes, which leave every cell's counts and their equality as they were, and all-zero
+    cells and repeats whose first occurrence stays, which leave the genes expressed as they were."""
     return {
-        "n_cells": int(adata.n_obs),
-        "n_genes": int(adata.n_vars),
-        "nnz": int(counts.nnz),
-        "all_zero_cells": int(np.sum(np.diff(counts.indptr) == 0)),
-        "all_zero_genes": int(np.sum(np.bincount(counts.indices, minlength=adata.n_vars) == 0)),
-        "duplicate_cells": int(_duplicate_cell_mask(counts).sum()),
+        "n_cells": int(keep_cells.sum()),
+        "n_genes": int(keep_genes.sum()),
+        "nnz": int(statistics.cell_nnz[keep_cells].sum()),
+        "all_zero_cells": int(np.sum(statistics.cell_nnz[keep_cells] == 0)),
+        "all_zero_genes": int(np.sum(statistics.gene_nnz[keep_genes] == 0)),
+        "duplicate_cells": int(statistics.repeats[keep_cells].sum()),
     }
 
 
-def apply_qc_actions(adata: ad.AnnData, zero_cells="drop", zero_genes="keep", duplicate_cells="keep") -> ad.AnnData:
-    """Drop all-zero cells, all-zero genes or repeated cells as configured; duplicates keep their first occurrence."""
+def qc_masks(statistics: CountStatistics, zero_cells="drop", zero_genes="keep",
+             duplicate_cells="keep") -> tuple[np.ndarray, np.ndarray]:
+    """The cells and genes that the QC actions keep (``apply_qc_actions``), from the counts' statistics."""
     actions = {"zero_cells": zero_cells, "zero_genes": zero_genes, "duplicate_cells": duplicate_cells}
     for name, action in actions.items():
         if action not in QC_ACTIONS:
             raise InputError("config", f"load.{name}", f"unknown action {action!r}", "use 'keep' or 'drop'")
-    counts = _canonical_csr(adata.X)
-    keep_cells = np.ones(adata.n_obs, dtype=bool)
-    keep_genes = np.ones(adata.n_vars, dtype=bool)
+    keep_cells = np.ones(len(statistics.cell_nnz), dtype=bool)
+    keep_genes = np.ones(len(statistics.gene_nnz), dtype=bool)
     if zero_cells == "drop":
-        keep_cells &= np.diff(counts.indptr) > 0
+        keep_cells &= statistics.cell_nnz > 0
     if duplicate_cells == "drop":
-        keep_cells &= ~_duplicate_cell_mask(counts)
+        keep_cells &= ~statistics.repeats
     if zero_genes == "drop":
-        keep_genes &= np.bincount(counts.indices, minlength=adata.n_vars) > 0
+        keep_genes &= statistics.gene_nnz > 0
     if not keep_cells.any():
         raise InputError("config", "load.zero_cells", "every cell has zero counts", "check that X holds the counts")
     if not keep_genes.any():
         raise InputError("config", "load.zero_genes", "every gene has zero counts", "check that X holds the counts")
+    return keep_cells, keep_genes
+
+
+def apply_qc_actions(adata: ad.AnnData, zero_cells="drop", zero_genes="keep", duplicate_cells="keep") -> ad.AnnData:
+    """Drop all-zero cells, all-zero genes or repeated cells as configured; duplicates keep their first occurrence."""
+    keep_cells, keep_genes = qc_masks(count_statistics([adata.X], adata.n_vars), zero_cells, zero_genes,
+                                      duplicate_cells)
     return _materialise(adata, keep_cells, keep_genes)
 
 
-def loaded_counts(path, load_settings: dict) -> ad.AnnData:
-    """The counts the load rule keeps: the input read with its settings, then its QC actions applied.
-    The slice rule reads them so again rather than from a copy that load would write."""
-    actions = dict(load_settings)
-    reading = {key: actions.pop(key) for key in ("duplicate_names", "layer", "gene_symbols")}
-    return apply_qc_actions(read_counts(path, **reading), **actions)
+def loaded_annotations(obs: pd.DataFrame, var: pd.DataFrame, statistics: CountStatistics, keep_cells: np.ndarray,
+                       keep_genes: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The kept cells' obs with ``total_counts``, each one's total over all genes (its sequencing depth), and
+    the kept genes' var with ``total_counts`` and ``n_cells_expressed`` over the kept cells: what the slice
+    needs of the counts when it keeps every cell. The dropped cells are all-zero cells, which add nothing to
+    a gene, and, where repeats are dropped, every repeat."""
+    kept = ad.AnnData(obs=obs, var=var)[keep_cells, keep_genes].copy()
+    kept.obs["total_counts"] = statistics.cell_totals[keep_cells]
+    repeats_dropped = not keep_cells[statistics.repeats & (statistics.cell_nnz > 0)].any()
+    totals = statistics.gene_totals - (statistics.repeat_gene_totals if repeats_dropped else 0)
+    expressing = statistics.gene_nnz - (statistics.repeat_gene_nnz if repeats_dropped else 0)
+    kept.var["total_counts"] = totals[keep_genes]
+    kept.var["n_cells_expressed"] = expressing[keep_genes]
+    return kept.obs, kept.var
 
 
 def gene_counts(counts, var_names) -> pd.DataFrame:
@@ -66,10 +131,9 @@ def gene_counts(counts, var_names) -> pd.DataFrame:
     records them in the selection's var, so that the per-gene table needs no second read of the counts."""
     counts = as_csr(counts)
     n_genes = counts.shape[1]
-    # Sums over the entries by gene, with no transposed copy of an atlas's counts.
-    totals = np.bincount(counts.indices, weights=counts.data.astype(np.float64), minlength=n_genes)
+    totals = _gene_totals(counts.indices, counts.data, n_genes)
     expressing = np.bincount(counts.indices[counts.data > 0], minlength=n_genes)
-    return pd.DataFrame({"total_counts": np.rint(totals).astype(np.int64),
+    return pd.DataFrame({"total_counts": totals,
                          "n_cells_expressed": expressing.astype(np.int64)}, index=pd.Index(var_names, name="gene"))
 
 
@@ -114,31 +178,95 @@ def slice_counts(
     Order: obs filters, then cells, then genes (HVG is computed on the selected cells),
     then all-zero cells/genes of the result. `source` is the config key prefix used in errors.
     """
-    cell_index = cells_passing(adata.obs, obs_filters, source)
+    selection = _select(adata.obs, adata.n_vars, lambda rows: [as_csr(adata.X)[rows]], cells_method=cells_method,
+                        n_cells=n_cells, genes_method=genes_method, n_genes=n_genes, obs_filters=obs_filters,
+                        drop_zero_cells=drop_zero_cells, drop_zero_genes=drop_zero_genes, seed=seed, source=source,
+                        gene_statistics=False)
+    return _materialise(adata, selection.cells, selection.genes)
 
+
+def slice_loaded(
+    loaded: ad.AnnData,
+    read_rows,
+    *,
+    cells_method="all",
+    n_cells=None,
+    genes_method="all",
+    n_genes=None,
+    obs_filters=None,
+    drop_zero_cells=False,
+    drop_zero_genes=False,
+    seed=0,
+    source="slice",
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``slice_counts`` of the cells and genes that load kept (loaded.h5ad, without counts: obs with
+    ``total_counts``, var with ``total_counts`` and ``n_cells_expressed``): the selection's obs, and its var
+    with the genes' totals over the selected cells.
+
+    ``read_rows(positions)`` gives the counts of those loaded cells (increasing positions) in the loaded
+    genes, as CSR blocks of cells, in order. Only what needs the counts reads them, one block at a time:
+    ``drop_zero_cells``, ``drop_zero_genes`` and the genes' totals over some of the cells.
+    ``genes_method: hvg`` holds the selected cells' counts at once, the one path whose memory grows with
+    the cells. With every cell and gene, nothing is read.
+    """
+    selection = _select(loaded.obs, loaded.n_vars, read_rows, cells_method=cells_method, n_cells=n_cells,
+                        genes_method=genes_method, n_genes=n_genes, obs_filters=obs_filters,
+                        drop_zero_cells=drop_zero_cells, drop_zero_genes=drop_zero_genes, seed=seed, source=source,
+                        gene_statistics=True)
+    chosen = ad.AnnData(obs=loaded.obs, var=loaded.var)[selection.cells, selection.genes].copy()
+    if selection.gene_table is not None:
+        for column, values in selection.gene_table.items():
+            chosen.var[column] = values.to_numpy()
+    return chosen.obs, chosen.var
+
+
+class _Selection(NamedTuple):
+    cells: np.ndarray  # positions, increasing
+    genes: np.ndarray
+    gene_table: pd.DataFrame | None  # gene_counts of the selected genes over the selected cells, when read
+
+
+def _select(obs, n_available_genes, read_rows, *, cells_method, n_cells, genes_method, n_genes, obs_filters,
+            drop_zero_cells, drop_zero_genes, seed, source, gene_statistics) -> _Selection:
+    """The cells and genes of ``slice_counts``, reading counts through ``read_rows`` only where a step needs
+    them; ``gene_statistics``: the genes' totals are wanted when the cells are not all of them."""
+    cell_index = cells_passing(obs, obs_filters, source)
     cell_index = cell_index[_choose(len(cell_index), cells_method, n_cells, CELL_METHODS,
                                     np.random.default_rng(seed), f"{source}.cells")]
-    gene_rng = np.random.default_rng([seed, 1])
+    held = None  # the selected cells' counts, when a step needed them all at once
     if genes_method == "hvg":
-        gene_index = _highly_variable_gene_index(adata, cell_index, n_genes, f"{source}.genes")
+        gene_index, held = _highly_variable_gene_index(n_available_genes, read_rows, cell_index, n_genes,
+                                                       f"{source}.genes")
     else:
-        gene_index = _choose(adata.n_vars, genes_method, n_genes, GENE_METHODS, gene_rng, f"{source}.genes")
+        gene_index = _choose(n_available_genes, genes_method, n_genes, GENE_METHODS,
+                             np.random.default_rng([seed, 1]), f"{source}.genes")
 
-    if drop_zero_cells or drop_zero_genes:
-        counts = as_csr(adata.X)[cell_index][:, gene_index]
+    if not (drop_zero_cells or drop_zero_genes or (gene_statistics and len(cell_index) < len(obs))):
+        return _Selection(cell_index, gene_index, None)
+    every_gene = len(gene_index) == n_available_genes
+    cell_nnz, gene_nnz = [], np.zeros(len(gene_index), dtype=np.int64)
+    totals = np.zeros(len(gene_index), dtype=np.int64)
+    for block in [held] if held is not None else read_rows(cell_index):
+        counts = as_csr(block) if every_gene else as_csr(block)[:, gene_index]
+        nonzero = counts.data != 0
+        cell_nnz.append(np.diff(np.r_[0, np.cumsum(nonzero)][counts.indptr]))
+        gene_nnz += np.bincount(counts.indices[nonzero], minlength=len(gene_index))
+        totals += _gene_totals(counts.indices, counts.data, len(gene_index))
     if drop_zero_cells:
-        nonzero_cells = np.asarray((counts != 0).sum(axis=1)).ravel() > 0
+        nonzero_cells = np.concatenate(cell_nnz) > 0
         if not nonzero_cells.any():
             raise InputError("config", f"{source}.drop_zero_cells", "every selected cell is zero in the selected genes",
                              "select other cells or genes, or set it to false")
         cell_index = cell_index[nonzero_cells]
+    # Cells without counts in the selected genes add nothing to them: the totals hold over the cells kept.
+    gene_table = pd.DataFrame({"total_counts": totals, "n_cells_expressed": gene_nnz})
     if drop_zero_genes:
-        nonzero_genes = np.asarray((counts != 0).sum(axis=0)).ravel() > 0
+        nonzero_genes = gene_nnz > 0
         if not nonzero_genes.any():
             raise InputError("config", f"{source}.drop_zero_genes", "every gene is zero in the selected cells",
                              "select other cells or genes, or set it to false")
-        gene_index = gene_index[nonzero_genes]
-    return _materialise(adata, cell_index, gene_index)
+        gene_index, gene_table = gene_index[nonzero_genes], gene_table[nonzero_genes]
+    return _Selection(cell_index, gene_index, gene_table)
 
 
 def _canonical_csr(matrix) -> sp.csr_matrix:
@@ -152,17 +280,37 @@ def _canonical_csr(matrix) -> sp.csr_matrix:
     return counts
 
 
-def _duplicate_cell_mask(counts: sp.csr_matrix) -> np.ndarray:
-    """True for each cell whose counts equal those of an earlier cell (all-zero cells repeat each other)."""
-    seen = set()
-    duplicate = np.zeros(counts.shape[0], dtype=bool)
-    for row, (start, end) in enumerate(zip(counts.indptr[:-1], counts.indptr[1:])):
-        digest = hashlib.blake2b(counts.indices[start:end].tobytes(), digest_size=16)
-        digest.update(counts.data[start:end].tobytes())
+def _repeated_rows(counts: sp.csr_matrix, seen: set) -> np.ndarray:
+    """True for each row whose counts equal those of a row before it, in this block or in one whose row
+    digests ``seen`` holds (all-zero rows repeat each other); the block's digests are added to ``seen``.
+    Integer counts are digested as int32 where a row's fit, else as int64: blocks of one file are stored in
+    either type, and a row must digest alike in both."""
+    indices = counts.indices.astype(np.int64 if counts.shape[1] > INT32_MAX else np.int32, copy=False)
+    values, wide_values = counts.data, counts.data
+    wide_rows = np.zeros(counts.shape[0], dtype=bool)
+    if np.issubdtype(values.dtype, np.integer) and values.dtype != np.int32:
+        wide_values = values.astype(np.int64, copy=False)
+        wide = (values > INT32_MAX) | (values < -INT32_MAX - 1)
+        wide_rows[np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))[wide]] = True
+        values = values.astype(np.int32)  # the wide rows' values wrap here: they are digested from wide_values
+    repeated = np.zeros(counts.shape[0], dtype=bool)
+    for row, (start, end) in enumerate(zip(counts.indptr[:-1].tolist(), counts.indptr[1:].tolist())):
+        digest = hashlib.blake2b(indices[start:end].tobytes(), digest_size=16)
+        digest.update((wide_values if wide_rows[row] else values)[start:end].tobytes())
         key = digest.digest()
-        duplicate[row] = key in seen
+        repeated[row] = key in seen
         seen.add(key)
-    return duplicate
+    return repeated
+
+
+def _as_int64(sums: np.ndarray) -> np.ndarray:
+    """Sums of counts as int64, whether the counts were stored as integers or as floats."""
+    return (np.rint(sums) if np.issubdtype(sums.dtype, np.floating) else sums).astype(np.int64)
+
+
+def _gene_totals(indices: np.ndarray, values: np.ndarray, n_genes: int) -> np.ndarray:
+    """Each gene's sum of the given entries, with no transposed copy of an atlas's counts."""
+    return np.rint(np.bincount(indices, weights=values.astype(np.float64), minlength=n_genes)).astype(np.int64)
 
 
 def _choose(n_available, method, n, methods, rng, field) -> np.ndarray:
@@ -192,17 +340,19 @@ def _requested_size(n_available, n, field) -> int:
     return min(int(n), n_available)
 
 
-def _highly_variable_gene_index(adata, cell_index, n_genes, field) -> np.ndarray:
-    """Positions (in original order) of the n most variable genes by Seurat v3, which models raw counts."""
+def _highly_variable_gene_index(n_available, read_rows, cell_index, n_genes, field):
+    """Positions (in original order) of the n most variable genes by Seurat v3, which models raw counts, and
+    the selected cells' counts when they had to be read (all of them at once) to rank the genes."""
     import scanpy as sc
 
-    n_wanted = _requested_size(adata.n_vars, n_genes, f"{field}.n")
-    if n_wanted == adata.n_vars:
-        return np.arange(adata.n_vars)
+    n_wanted = _requested_size(n_available, n_genes, f"{field}.n")
+    if n_wanted == n_available:
+        return np.arange(n_available), None
     if len(cell_index) < 2:
         raise InputError("config", f"{field}.method", "hvg needs at least 2 selected cells",
                          "select more cells or use genes.method: first or random")
-    selected = ad.AnnData(X=as_csr(adata.X)[cell_index].astype(np.float64))
+    counts = sp.vstack([as_csr(block) for block in read_rows(cell_index)], format="csr")
+    selected = ad.AnnData(X=counts.astype(np.float64))
     # Seurat v3 fits a loess (span 0.3, degree 2) to the genes that vary: with fewer than 10 of them a
     # neighbourhood holds under 3 genes, and the fit fails or crashes the process.
     varying = int(np.count_nonzero(selected.X.max(axis=0).toarray() != selected.X.min(axis=0).toarray()))
@@ -215,7 +365,7 @@ def _highly_variable_gene_index(adata, cell_index, n_genes, field) -> np.ndarray
     except ValueError as error:  # the loess fit failing on degenerate means and variances
         raise InputError("config", f"{field}.method", f"hvg could not rank the genes ({error})",
                          "select more cells or genes, or use genes.method: first or random") from error
-    return np.flatnonzero(ranking["highly_variable"].to_numpy())
+    return np.flatnonzero(ranking["highly_variable"].to_numpy()), counts
 
 
 def _materialise(adata, cell_selector, gene_selector) -> ad.AnnData:

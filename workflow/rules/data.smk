@@ -22,6 +22,7 @@ rule load:
         input_h5ad,
     output:
         qc=f"{RESULTS}/{{dataset}}/qc.json",
+        loaded=f"{RESULTS}/{{dataset}}/loaded.h5ad",
     log:
         f"{RESULTS}/{{dataset}}/logs/load.log",
     benchmark:
@@ -29,7 +30,8 @@ rule load:
     conda:
         "../../envs/data.yaml"
     resources:
-        mem_mb=scaled_mem_mb(1000, 6),
+        # One block of cells and the per-cell statistics: not the matrix, whatever the input's size.
+        mem_mb=scaled_mem_mb(3000, 0),
         runtime=scaled_runtime(10, 20),
     params:
         code=CODE_VERSION,
@@ -40,11 +42,20 @@ rule load:
         "../scripts/load.py"
 
 
-# Reads the input again as load did (no copy of the counts between them), after load's checks and report.
+def slice_mem_mb(wildcards, input, attempt):
+    """Highly variable genes are ranked on the selected cells' counts at once; every other selection
+    reads at most a block of cells at a time."""
+    if dataset_config(wildcards)["slice"]["genes"]["method"] == "hvg":
+        return scaled_mem_mb(1000, 6)(wildcards, input, attempt)
+    return scaled_mem_mb(3000, 0)(wildcards, input, attempt)
+
+
+# Selects from the cells and genes load kept (loaded.h5ad, no counts); reads the input's counts, as load
+# did, only for what needs them. The input is an input here too: a file changed after load reruns it.
 rule slice:
     input:
         h5ad=input_h5ad,
-        qc=f"{RESULTS}/{{dataset}}/qc.json",
+        loaded=f"{RESULTS}/{{dataset}}/loaded.h5ad",
     output:
         f"{RESULTS}/{{dataset}}/selection.h5ad",
     log:
@@ -54,11 +65,11 @@ rule slice:
     conda:
         "../../envs/data.yaml"
     resources:
-        mem_mb=scaled_mem_mb(1000, 6),
+        mem_mb=slice_mem_mb,
         runtime=scaled_runtime(10, 20),
     params:
         code=CODE_VERSION,
-        load=section("load"),
+        reading=counts_reading,
         settings=section("slice"),
     script:
         "../scripts/slice.py"

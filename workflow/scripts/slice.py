@@ -4,17 +4,20 @@ from _runner import run
 def main(snakemake):
     import logging
 
-    import numpy as np
+    import anndata as ad
 
-    from scnbvi.data import write_selection
-    from scnbvi.qc import gene_counts, loaded_counts, slice_counts
+    from scnbvi.data import SELECTION_KEY, checked_row_blocks, write_annotations
+    from scnbvi.qc import slice_loaded
 
-    settings = snakemake.params.settings
-    adata = loaded_counts(snakemake.input.h5ad, snakemake.params.load)
-    # Each cell's library size over all genes, before genes are selected: its sequencing depth.
-    adata.obs["total_counts"] = np.asarray(adata.X.sum(axis=1)).ravel()
-    sliced = slice_counts(
-        adata,
+    settings, reading = snakemake.params.settings, snakemake.params.reading
+    loaded = ad.read_h5ad(snakemake.input.loaded)
+
+    def read_rows(positions):
+        return checked_row_blocks(snakemake.input.h5ad, loaded.obs_names[positions], loaded.var_names, **reading)
+
+    obs, var = slice_loaded(
+        loaded,
+        read_rows,
         cells_method=settings["cells"]["method"],
         n_cells=settings["cells"]["n"],
         genes_method=settings["genes"]["method"],
@@ -25,10 +28,8 @@ def main(snakemake):
         seed=settings["seed"],
         source="slice",
     )
-    logging.getLogger("scnbvi").info("sliced %s -> %s", adata.shape, sliced.shape)
-    for column, values in gene_counts(sliced.X, sliced.var_names).items():
-        sliced.var[column] = values.to_numpy()
-    write_selection(sliced, snakemake.output[0])
+    logging.getLogger("scnbvi").info("sliced %s -> %s", loaded.shape, (len(obs), len(var)))
+    write_annotations(obs, var, loaded.uns[SELECTION_KEY]["dtype"], snakemake.output[0])
 
 
 run(snakemake, main)
