@@ -8,7 +8,7 @@ import scipy.sparse as sp
 
 from scnbvi import batches
 from scnbvi.batches import BatchSampler, epoch_windows
-from scnbvi.cell_rows import InMemoryRows, StreamedRows, count_statistics, selected_counts
+from scnbvi.cell_rows import InMemoryRows, StreamedRows, fit_statistics, selected_counts, weighted_sums
 from scnbvi.data import SelectedCounts, read_selected_counts, write_selection
 from scnbvi.inference import InferenceSettings, fit
 from scnbvi.qc import gene_counts
@@ -42,8 +42,8 @@ def input_and_selection(tmp_path):
 def test_statistics_of_blocks_equal_those_of_the_whole_matrix():
     counts = sp.random(57, 13, density=0.3, format="csr", random_state=np.random.default_rng(2), dtype=np.float64)
     counts.data = np.ceil(counts.data * 9)
-    whole = count_statistics([counts], 13)
-    blocks = count_statistics([counts[start:start + 10] for start in range(0, 57, 10)], 13)
+    whole = fit_statistics([counts], 13)
+    blocks = fit_statistics([counts[start:start + 10] for start in range(0, 57, 10)], 13)
     for name in ("cell_totals", "cell_nnz", "gene_totals"):
         np.testing.assert_array_equal(getattr(blocks, name), getattr(whole, name))
     np.testing.assert_array_equal(blocks.cell_half_totals, whole.cell_half_totals)
@@ -52,9 +52,9 @@ def test_statistics_of_blocks_equal_those_of_the_whole_matrix():
     assert blocks.digest == whole.digest and whole.valid and whole.nnz == counts.nnz
     changed = counts.copy()
     changed.data[0] += 1
-    assert count_statistics([changed], 13).digest != whole.digest
+    assert fit_statistics([changed], 13).digest != whole.digest
     changed.data[0] = -1
-    assert not count_statistics([changed], 13).valid
+    assert not fit_statistics([changed], 13).valid
 
 
 def test_an_epoch_reads_every_cell_once_in_windows_of_whole_chunks(small_windows):
@@ -105,3 +105,14 @@ def test_a_streamed_fit_is_the_fit_in_memory(input_and_selection, small_windows)
     for name in in_memory.means:
         np.testing.assert_array_equal(streamed.means[name], in_memory.means[name])
         np.testing.assert_array_equal(streamed.stds[name], in_memory.stds[name])
+
+
+def test_group_sums_of_streamed_counts_are_those_in_memory(input_and_selection):
+    held = read_selected_counts(*input_and_selection).X
+    groups = np.random.default_rng(1).random((3, held.shape[0]))
+    with SelectedCounts(*input_and_selection) as reader:
+        streamed = StreamedRows(reader, block_entries=200)
+        assert len(list(streamed.blocks())) > 5
+        np.testing.assert_allclose(weighted_sums(streamed, groups), groups @ held.toarray(), rtol=1e-12)
+        np.testing.assert_array_equal(weighted_sums(streamed, groups > 0.5, expressed=True),
+                                      (groups > 0.5).astype(float) @ (held.toarray() > 0))

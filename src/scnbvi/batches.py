@@ -39,8 +39,8 @@ def empty_batch(mode: str, batch_size: int) -> dict[str, np.ndarray]:
 # order, SHUFFLE_WINDOW_CHUNKS of them (a window) shuffled together. A streamed fit then reads a window
 # as a few dozen sequential runs and holds only it (about 0.5 GB of an atlas's counts); a data set of
 # one window is shuffled whole, as one permutation of its cells.
-SHUFFLE_CHUNK_CELLS = 1024
-SHUFFLE_WINDOW_CHUNKS = 64
+SHUFFLE_CHUNK_CELLS = 64
+SHUFFLE_WINDOW_CHUNKS = 1024
 
 
 def epoch_windows(rng: np.random.Generator, n_cells: int) -> list[np.ndarray]:

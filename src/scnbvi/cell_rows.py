@@ -3,8 +3,9 @@ at a time, behind one small interface, so that the sampler, the closing sweep an
 model starts from are the same code, and give the same numbers, either way.
 
 A store has ``shape``, ``nnz``, ``cell_nnz`` (non-zeros per cell), ``rows(cells)`` (those cells'
-counts, CSR, in that order) and ``admit(cells, keep)`` (the cells about to be asked for: a streamed
-store reads them in one pass and keeps only them and ``keep``; in memory it does nothing).
+counts, CSR, in that order), ``admit(cells, keep)`` (the cells about to be asked for: a streamed
+store reads them in one pass and keeps only them and ``keep``; in memory it does nothing) and
+``blocks()`` (every cell's counts, in order, a block at a time).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from scnbvi.data import SelectedCounts, as_csr
 log = logging.getLogger("scnbvi")
 
 
-class CountStatistics(NamedTuple):
+class FitStatistics(NamedTuple):
     """What the fit needs of all the counts besides its minibatches, gathered in one pass."""
 
     cell_totals: np.ndarray  # per cell, over the selected genes
@@ -37,27 +38,28 @@ class CountStatistics(NamedTuple):
         return int(self.cell_nnz.sum())
 
 
-def count_statistics(blocks: Iterable[sp.csr_matrix], n_genes: int) -> CountStatistics:
+def fit_statistics(blocks: Iterable[sp.csr_matrix], n_genes: int) -> FitStatistics:
     """The statistics of consecutive blocks of cells (all genes each); a whole matrix is one block.
-    Integer counts sum exactly in float64, so any cutting into blocks gives the same numbers."""
-    totals, halves, nnz, valid = [], ([], []), [], True
+    Integer counts sum exactly in float64, so any cutting into blocks gives the same numbers. The sums
+    are sparse products (compiled loops over the entries, no temporary arrays of their size)."""
+    totals, evens, nnz, valid = [], [], [], True
     gene_totals = np.zeros(n_genes)
-    hashes = [hashlib.sha256() for _ in range(3)]
+    even_genes = (np.arange(n_genes) % 2 == 0).astype(np.float64)
+    hashes = [hashlib.blake2b(digest_size=16) for _ in range(3)]
     for block in blocks:
         block = as_csr(block)
-        data = block.data.astype(np.float64)
-        rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
-        valid &= bool(np.all(np.isfinite(data)) and np.all(data >= 0))
-        totals.append(np.bincount(rows, weights=data, minlength=block.shape[0]))
-        even = block.indices % 2 == 0
-        for half, chosen in zip(halves, (even, ~even)):
-            half.append(np.bincount(rows[chosen], weights=data[chosen], minlength=block.shape[0]))
+        if block.nnz:
+            valid &= bool(block.data.min() >= 0) and (np.issubdtype(block.dtype, np.integer)
+                                                        or bool(np.isfinite(block.data).all()))
+        totals.append(block @ np.ones(n_genes))
+        evens.append(block @ even_genes)
         nnz.append(np.diff(block.indptr).astype(np.int64))
-        gene_totals += np.bincount(block.indices, weights=data, minlength=n_genes)
-        for digest, values in zip(hashes, (nnz[-1], block.indices.astype(np.int64), data)):
-            digest.update(np.ascontiguousarray(values).tobytes())
-    return CountStatistics(np.concatenate(totals), tuple(np.concatenate(half) for half in halves),
-                           np.concatenate(nnz), gene_totals, valid, "".join(h.hexdigest()[:32] for h in hashes))
+        gene_totals += np.ones(block.shape[0]) @ block
+        for digest, values in zip(hashes, (nnz[-1], block.indices, block.data)):
+            digest.update(np.ascontiguousarray(values))
+    cell_totals, even = np.concatenate(totals), np.concatenate(evens)
+    return FitStatistics(cell_totals, (even, cell_totals - even), np.concatenate(nnz), gene_totals, valid,
+                         "".join(h.hexdigest() for h in hashes))
 
 
 class InMemoryRows:
@@ -75,8 +77,11 @@ class InMemoryRows:
     def admit(self, cells, keep=()) -> None:
         """Nothing to read ahead: every row is here."""
 
-    def statistics(self) -> CountStatistics:
-        return count_statistics([self.counts], self.shape[1])
+    def blocks(self):
+        yield self.counts
+
+    def statistics(self) -> FitStatistics:
+        return fit_statistics([self.counts], self.shape[1])
 
 
 class StreamedRows:
@@ -86,16 +91,19 @@ class StreamedRows:
     :class:`scnbvi.data.SelectedCounts`; ``block_entries`` bounds each read of the statistics' pass."""
 
     def __init__(self, reader, block_entries: int):
-        self.reader = reader
+        self.reader, self.block_entries = reader, block_entries
         self.shape = reader.shape
-        self._statistics = count_statistics(reader.blocks(block_entries), self.shape[1])
+        self._statistics = fit_statistics(reader.blocks(block_entries), self.shape[1])
         self.cell_nnz = self._statistics.cell_nnz
         self.nnz = self._statistics.nnz
         self._held = sp.csr_matrix((0, self.shape[1]), dtype=reader.dtype)
         self._slot = np.full(self.shape[0], -1, dtype=np.int64)  # each cell's row in _held, or -1
 
-    def statistics(self) -> CountStatistics:
+    def statistics(self) -> FitStatistics:
         return self._statistics
+
+    def blocks(self):
+        return self.reader.blocks(self.block_entries)
 
     def rows(self, cells) -> sp.csr_matrix:
         cells = np.asarray(cells)
@@ -116,6 +124,21 @@ class StreamedRows:
         self._held = sp.vstack(parts, format="csr")
         self._slot[:] = -1
         self._slot[np.concatenate([wanted[held], wanted[~held]])] = np.arange(len(wanted))
+
+
+def weighted_sums(counts, weights: np.ndarray, expressed: bool = False) -> np.ndarray:
+    """``weights @ counts`` (weights: rows x cells) over a matrix or a store of rows, a block of cells
+    at a time: per-gene sums over groups of cells, or over their cells expressing the gene (counts
+    above zero) with ``expressed``."""
+    weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    rows = counts if hasattr(counts, "admit") else InMemoryRows(counts)
+    sums, first = np.zeros((weights.shape[0], rows.shape[1])), 0
+    for block in rows.blocks():
+        if expressed:
+            block = (block > 0).astype(np.float64)
+        sums += (block.T @ weights[:, first:first + block.shape[0]].T).T
+        first += block.shape[0]
+    return sums
 
 
 @contextlib.contextmanager

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
+from scnbvi.cell_rows import weighted_sums
 from scnbvi.design import Design
 from scnbvi.samples import sample_contrast
 from scnbvi.shrinkage import adaptive_shrinkage
@@ -57,7 +57,7 @@ def contrast_table(
     idata: az.InferenceData,
     design: Design,
     contrast: tuple[str, str, str],
-    counts: sp.spmatrix,
+    counts,
     depth: np.ndarray,
     *,
     lfc_threshold: float = 0.5,
@@ -72,7 +72,8 @@ def contrast_table(
     at least as significant (the share of sign errors among them that the model expects; on
     real cells ``lfsr < 0.05`` is the call that held its rate); ``prob_large_change`` is
     P(|log2FC| > ``lfc_threshold``). ``base_mean`` is the gene's mean count per cell after
-    scaling each cell to the mean depth, as DESeq2's baseMean. ``symbols`` (indexed by gene,
+    scaling each cell to the mean depth, as DESeq2's baseMean, read from ``counts`` (a matrix, or a
+    store of rows that streams them: :mod:`scnbvi.cell_rows`) a block at a time. ``symbols`` (indexed by gene,
     from ``load.gene_symbols``) become the first column, ``symbol``.
     """
     column, numerator, denominator = contrast
@@ -83,7 +84,6 @@ def contrast_table(
     mean = statistics["beta"].sel(statistic="mean").transpose("gene", "coefficient").values / np.log(2.0)
     covariance = statistics["beta_covariance"].transpose("gene", "coefficient", "other_coefficient").values
     covariance = covariance.astype(np.float64) / np.log(2.0) ** 2
-    counts = sp.csr_matrix(counts)
     masks = {level: design.level_mask(column, level) for level in (numerator, denominator)}
     extra, sample_sd = {}, None
     if design.is_sample_level(column):
@@ -114,8 +114,8 @@ def contrast_table(
     shrunk = adaptive_shrinkage(estimate, se, df=df, lfc_threshold=lfc_threshold, credible_mass=credible_mass)
 
     size_factor = np.asarray(depth, dtype=np.float64) / np.mean(depth)
-    normalised_mean = np.asarray((sp.diags(1.0 / size_factor) @ counts).mean(axis=0)).ravel()
-    expressed = counts > 0
+    normalised_mean = weighted_sums(counts, 1.0 / size_factor / len(size_factor))[0]
+    expressing = weighted_sums(counts, np.stack(list(masks.values())), expressed=True).round().astype(np.int64)
     label = f"{int(round(100 * credible_mass))}"
     table = pd.DataFrame(
         {
@@ -130,7 +130,7 @@ def contrast_table(
             "log2_fold_change_unshrunk": estimate,
             "log2_fold_change_unshrunk_sd": se,
             **extra,
-            **{f"cells_expressing_{level}": _cells_expressing(expressed, mask) for level, mask in masks.items()},
+            **{f"cells_expressing_{level}": cells for level, cells in zip(masks, expressing)},
         },
         index=pd.Index(genes, name="gene"),
     )
@@ -144,7 +144,3 @@ def composition_shift(estimate: np.ndarray, se: np.ndarray) -> float:
     """The median log2 fold change of the better-measured half of the genes: the shift most genes
     share when only a minority truly change."""
     return float(np.median(estimate[se <= np.median(se)]))
-
-
-def _cells_expressing(expressed: sp.csr_matrix, cells: np.ndarray) -> np.ndarray:
-    return np.asarray(expressed[cells].sum(axis=0)).ravel().astype(np.int64)

@@ -5,22 +5,23 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from scipy import stats
 
+from scnbvi.cell_rows import weighted_sums
 from scnbvi.design import Design
 
 
-def pseudobulk_counts(counts: sp.spmatrix, design: Design, column: str, gene_names) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Counts summed per sample and level of ``column`` (one group per sample for a column
-    constant within samples; sample x level for one that varies within them, a paired design):
-    (groups x genes counts, groups' sample and level)."""
+def pseudobulk_counts(counts, design: Design, column: str, gene_names) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Counts (a matrix, or a store of rows: :mod:`scnbvi.cell_rows`) summed per sample and level of
+    ``column`` (one group per sample for a column constant within samples; sample x level for one that
+    varies within them, a paired design): (groups x genes counts, groups' sample and level)."""
     sample = np.asarray(design.samples.levels)[design.sample_of_cells()]
     level = design.level_of_cells(column)
     groups = pd.Series(sample, dtype=str).str.cat(pd.Series(level, dtype=str), sep="|")
     codes, names = pd.factorize(groups, sort=True)
-    membership = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(len(names), len(codes)))
-    summed = np.asarray((membership @ sp.csr_matrix(counts, dtype=np.float64)).todense()).round().astype(np.int64)
+    membership = np.zeros((len(names), len(codes)))
+    membership[codes, np.arange(len(codes))] = 1.0
+    summed = weighted_sums(counts, membership).round().astype(np.int64)
     metadata = pd.DataFrame([name.split("|", 1) for name in names], columns=["sample", column],
                             index=pd.Index([f"group{i}" for i in range(len(names))], name="group"))
     return pd.DataFrame(summed, index=metadata.index, columns=list(gene_names)), metadata

@@ -4,7 +4,8 @@ from _runner import run
 def main(snakemake):
     import logging
 
-    from scnbvi.data import read_selected_counts, symbols_from_var
+    from scnbvi.cell_rows import selected_counts
+    from scnbvi.data import symbols_from_var
     from scnbvi.de import contrast_table
     from scnbvi.design import read_design
     from scnbvi.offsets import aligned_covariates
@@ -14,21 +15,24 @@ def main(snakemake):
     from scnbvi.trace import read_trace
 
     settings = snakemake.params.settings
-    adata = read_selected_counts(snakemake.input.h5ad, snakemake.input.selection, **snakemake.params.reading)
-    cells, genes = aligned_covariates(snakemake.input.cells, snakemake.input.genes, adata)
-    design = read_design(snakemake.input.design, cells)
-    contrast = tuple(str(part) for part in snakemake.params.contrast)
-    result = contrast_table(
-        read_trace(snakemake.input.trace),
-        design,
-        contrast,
-        adata.X,
-        cells["depth"].to_numpy(),
-        lfc_threshold=settings["lfc_threshold"],
-        credible_mass=settings["credible_mass"],
-        centre=settings["centre"],
-        symbols=symbols_from_var(adata.var, snakemake.params.gene_symbols),
-    )
+    # How the counts are held only says how the sums run, not what they are: from the config, as the fit does.
+    stream_above_gb = snakemake.config["datasets"][snakemake.wildcards.dataset]["inference"]["stream_above_gb"]
+    with selected_counts(snakemake.input.h5ad, snakemake.input.selection, stream_above_gb,
+                         **snakemake.params.reading) as (selection, counts):
+        cells, genes = aligned_covariates(snakemake.input.cells, snakemake.input.genes, selection)
+        design = read_design(snakemake.input.design, cells)
+        contrast = tuple(str(part) for part in snakemake.params.contrast)
+        result = contrast_table(
+            read_trace(snakemake.input.trace),
+            design,
+            contrast,
+            counts,
+            cells["depth"].to_numpy(),
+            lfc_threshold=settings["lfc_threshold"],
+            credible_mass=settings["credible_mass"],
+            centre=settings["centre"],
+            symbols=symbols_from_var(selection.var, snakemake.params.gene_symbols),
+        )
     # The files' name: the user's (contrasts as a mapping) or made from the parts.
     name = snakemake.wildcards.contrast
     logging.getLogger("scnbvi.progress").info("%s (%s %s vs %s): %s", name, *contrast, result.describe())

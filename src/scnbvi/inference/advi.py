@@ -8,7 +8,7 @@ import numpy as np
 import pymc as pm
 
 from scnbvi.batches import BatchSampler, cell_rows
-from scnbvi.cell_rows import CountStatistics
+from scnbvi.cell_rows import FitStatistics
 from scnbvi.design import Design
 from scnbvi.errors import InputError
 from scnbvi.inference import jax_engine, pymc_engine
@@ -28,7 +28,7 @@ log = logging.getLogger("scnbvi")
 ENGINES = {"pymc": pymc_engine.run, "jax": jax_engine.run}
 
 
-def require_finite_inputs(statistics: CountStatistics, cell_log_offset, gene_log_offset, design: Design | None) -> None:
+def require_finite_inputs(statistics: FitStatistics, cell_log_offset, gene_log_offset, design: Design | None) -> None:
     """Stop before fitting on inputs that make the log density non-finite, so a loss that is
     not finite later can only come from the optimisation (and lowering the step size helps)."""
     def usable(offsets) -> bool:

@@ -40,7 +40,7 @@ class FitInterrupted(ScnbviError):
 def fingerprint(counts_digest: str, arrays: dict, settings: InferenceSettings, options: dict) -> str:
     """What a fit's numbers depend on, hashed, the package's code included: a checkpoint of any
     other fit, or of another version of the engine (whose saved state may differ), is never used.
-    ``counts_digest``: the counts' (:class:`scnbvi.cell_rows.CountStatistics`)."""
+    ``counts_digest``: the counts' (:class:`scnbvi.cell_rows.FitStatistics`)."""
     digest = hashlib.sha256((source_hash() + counts_digest).encode())
     for array in (np.asarray(a) for a in arrays.values()):
         digest.update(np.ascontiguousarray(array).tobytes())

@@ -6,11 +6,11 @@ import math
 
 import numpy as np
 
-from scnbvi.cell_rows import CountStatistics
+from scnbvi.cell_rows import FitStatistics
 from scnbvi.inference.settings import InferenceSettings
 
 
-def data_driven_initvals(statistics: CountStatistics, cell_log_offset, gene_log_offset) -> dict:
+def data_driven_initvals(statistics: FitStatistics, cell_log_offset, gene_log_offset) -> dict:
     """Start gene effects at log mean expression and cell effects at log library size.
 
     The cell effects are centred (their prior mean is 0), so the shared level starts in the
