@@ -419,7 +419,7 @@ def test_closing_sweep_blocks_hold_about_four_million_entries_within_bounds(n_ge
     assert sweep_block_size(n_genes) == cells
 
 
-def test_jax_closing_sweep_settles_every_cell_in_fewer_passes_than_a_fixed_count(simulated, monkeypatch):
+def test_jax_closing_sweep_settles_every_cell_in_fewer_passes_than_a_fixed_count(simulated, monkeypatch, caplog):
     """From a start far from the optimum (every cell at zero, most of them sds away), the sweep leaves
     every cell within ``SETTLED_ERROR`` sds of the mode that twelve refits reach, and spends
     fewer refits than three per cell."""
@@ -440,7 +440,10 @@ def test_jax_closing_sweep_settles_every_cell_in_fewer_passes_than_a_fixed_count
     refitted = []
     monkeypatch.setattr(closing_sweep, "cell_block",
                         lambda c, cells: refitted.append(len(cells)) or cell_block(c, cells))
-    swept = closing_sweep.refit_every_cell(closing_sweep.closing_refit(target), start, counts, block_size=32)
+    with caplog.at_level("INFO", logger="scnbvi.progress"):
+        swept = closing_sweep.refit_every_cell(closing_sweep.closing_refit(target), start, counts, block_size=32,
+                                               log_every_seconds=0.0)
+    assert f"closing sweep, pass 1: 32 of {adata.n_obs} cells refitted" in caplog.text  # long passes say so
     exact = start
     for cells in np.split(np.arange(adata.n_obs), 10):
         exact = repeat_refit(target, exact, cell_block(counts, cells), times=12)

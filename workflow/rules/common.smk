@@ -206,6 +206,14 @@ def scaled_runtime(base_minutes, minutes_per_gb):
     return runtime
 
 
+def slice_mem_mb(wildcards, input, attempt):
+    """Highly variable genes are ranked on the selected cells' counts at once; every other selection
+    reads at most a block of cells at a time."""
+    if dataset_config(wildcards)["slice"]["genes"]["method"] == "hvg":
+        return scaled_mem_mb(1000, 6)(wildcards, input, attempt)
+    return scaled_mem_mb(3000, 0)(wildcards, input, attempt)
+
+
 def fit_mem_mb(wildcards, input, attempt):
     """Memory that grows with the input, up to what the fit holds when it streams its counts (the
     counts it holds are at most inference.stream_above_gb; larger ones stay on disk)."""

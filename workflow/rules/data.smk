@@ -42,14 +42,6 @@ rule load:
         "../scripts/load.py"
 
 
-def slice_mem_mb(wildcards, input, attempt):
-    """Highly variable genes are ranked on the selected cells' counts at once; every other selection
-    reads at most a block of cells at a time."""
-    if dataset_config(wildcards)["slice"]["genes"]["method"] == "hvg":
-        return scaled_mem_mb(1000, 6)(wildcards, input, attempt)
-    return scaled_mem_mb(3000, 0)(wildcards, input, attempt)
-
-
 # Selects from the cells and genes load kept (loaded.h5ad, no counts); reads the input's counts, as load
 # did, only for what needs them. The input is an input here too: a file changed after load reruns it.
 rule slice:

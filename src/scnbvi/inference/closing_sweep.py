@@ -3,12 +3,17 @@ parameters, block by block, until each has settled."""
 
 from __future__ import annotations
 
+import logging
+import time
+
 import numpy as np
 
 from scnbvi import batches
 from scnbvi.batches import BATCH_LAYOUT, block_capacity, cell_block, cell_rows, nonzero_capacity, pad_nonzeros
 from scnbvi.inference.elbo import cells_per_block
 from scnbvi.inference.jax_objective import Objective
+
+log = logging.getLogger("scnbvi.progress")
 
 # The closing sweep's stopping rule: a cell has settled once the error its last Newton step
 # left is below this fraction of its posterior sd; passes at most.
@@ -47,7 +52,7 @@ def sweep_shapes(rows, block_size: int) -> tuple[int, int]:
     return block_size, block_capacity(rows.cell_nnz, block_size)
 
 
-def refit_every_cell(refit, params: dict, counts, block_size: int) -> dict:
+def refit_every_cell(refit, params: dict, counts, block_size: int, log_every_seconds: float = 10.0) -> dict:
     """Every cell at its optimum given the final global parameters, block by block: a cell's
     q was last updated when its block came round, before the global parameters settled.
     ``refit`` is :func:`closing_refit` of the fit's objective.
@@ -57,15 +62,21 @@ def refit_every_cell(refit, params: dict, counts, block_size: int) -> dict:
     ``SETTLED_ERROR`` sds. On the stacked atlas one pass settles 81 % of the cells and five
     settle all: 1.2 steps per cell, where a fixed count needed three. ``counts``: a matrix or a
     store of rows (:mod:`scnbvi.cell_rows`), which holds a window of the sampler's size at a time.
+    A pass that runs longer than ``log_every_seconds`` says how far it is.
     """
     rows = cell_rows(counts)
     block_size, capacity = sweep_shapes(rows, block_size)
     fillers = np.argsort(rows.cell_nnz, kind="stable")[:block_size]
     blocks_per_window = max(1, batches.SHUFFLE_CHUNK_CELLS * batches.SHUFFLE_WINDOW_CHUNKS // block_size)
     moving = np.arange(rows.shape[0])
-    for _ in range(MAX_CLOSING_PASSES):
+    for sweep in range(1, MAX_CLOSING_PASSES + 1):
         blocks, errors = blocks_covering(moving, block_size, fillers), []
+        started = last_line = time.perf_counter()
         for number, cells in enumerate(blocks):
+            if time.perf_counter() - last_line >= log_every_seconds:
+                last_line = time.perf_counter()
+                log.info("closing sweep, pass %d: %d of %d cells refitted (%.0f s)", sweep, number * block_size,
+                         len(moving), last_line - started)
             if number % blocks_per_window == 0:
                 rows.admit(np.unique(np.concatenate(blocks[number:number + blocks_per_window])))
             block = cell_block(rows, cells)
