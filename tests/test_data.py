@@ -159,7 +159,8 @@ def test_a_missing_or_broken_zarr_store_is_one_line_with_the_fix(tmp_path):
         "empty.zarr": r"file: is a directory, not a zarr store \(GroupNotFoundError: .*\); fix: give an .h5ad file, or",
         "plain.zarr": "file: is a zarr store but not an AnnData one",
         "file.zarr": "file: is a file, not the directory of a zarr store; fix: ",
-        "no_obs.zarr": r"obs: not readable \(.*\); fix: write the input again with a current anndata's AnnData.write_zarr",
+        "no_obs.zarr": r"obs: not readable \(.*\); fix: write the input again with a current anndata's "
+                       "AnnData.write_zarr",
     }
     for name, problem in problems.items():
         with pytest.raises(InputError, match=f"^{tmp_path / name}: {problem}") as raised:
@@ -190,14 +191,16 @@ def test_an_input_reads_the_same_from_h5ad_and_from_zarr(tmp_path, as_stored, la
     h5ad, store = write_h5ad_and_zarr(stored, tmp_path, zarr_format)
 
     assert_identical(read_counts(store, layer=layer), read_counts(h5ad, layer=layer))
-    with checked_count_blocks(h5ad, 3 * 80, layer=layer) as left, checked_count_blocks(store, 3 * 80, layer=layer) as right:
+    with (checked_count_blocks(h5ad, 3 * 80, layer=layer) as left,
+          checked_count_blocks(store, 3 * 80, layer=layer) as right):
         pd.testing.assert_frame_equal(right.obs, left.obs)
         pd.testing.assert_frame_equal(right.var, left.var)
         assert right.uns == left.uns == {"note": "kept"}
         pairs = list(zip(left.blocks, right.blocks, strict=True))
     assert len(pairs) > 1 and all((a != b).nnz == 0 and a.dtype == b.dtype for a, b in pairs)
     sliced = select_as_the_slice_rule_does(h5ad, tmp_path / "selection.h5ad", load={"layer": layer}, **RANDOM_SLICE)
-    assert_identical(read_selected_counts(store, tmp_path / "selection.h5ad", layer=layer, block_entries=3 * 80), sliced)
+    read = read_selected_counts(store, tmp_path / "selection.h5ad", layer=layer, block_entries=3 * 80)
+    assert_identical(read, sliced)
     rows = [sp.vstack(list(checked_row_blocks(path, sliced.obs_names, sliced.var_names, layer=layer,
                                               block_entries=3 * 80))) for path in (h5ad, store)]
     assert (rows[0] != rows[1]).nnz == 0

@@ -362,7 +362,8 @@ def test_a_zarr_store_runs_to_the_results_streamed_and_a_rewritten_store_reruns_
     counts = sp.csr_matrix(np.random.default_rng(0).poisson(2.0, (40, 8)).astype(np.float32))
     obs = {"condition": np.resize(["control", "treated"], 40)}
     path = write_zarr(make_adata(counts, obs), workflow_copy / "data.zarr")
-    dataset = {"path": path, "design": {"categorical": ["condition"]}, "contrasts": [["condition", "treated", "control"]],
+    dataset = {"path": path, "design": {"categorical": ["condition"]},
+               "contrasts": [["condition", "treated", "control"]],
                "inference": {"max_iterations": 300, "stream_above_gb": 0}}
     config = write_config(workflow_copy, {"datasets": {"mine": dataset}})
     result = snakemake(workflow_copy, "--configfile", config)
