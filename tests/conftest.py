@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -73,6 +74,14 @@ def _frame(columns, prefix: str, n: int) -> pd.DataFrame:
 def write_h5ad(path: Path, counts, obs=None, var=None) -> str:
     """``make_adata`` written to ``path``; returns the path as a string, ready for a config."""
     make_adata(counts, obs, var).write_h5ad(path)
+    return str(path)
+
+
+def write_zarr(adata: ad.AnnData, path: Path, zarr_format: int = 3) -> str:
+    """``adata`` written as an AnnData zarr store (a directory) at ``path``; returns the path as a string."""
+    with ad.settings.override(zarr_write_format=zarr_format), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # anndata's and zarr's notices of coming defaults
+        adata.write_zarr(path)
     return str(path)
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from conftest import write_zarr
 from scnbvi import batches
 from scnbvi.batches import BatchSampler, epoch_windows
 from scnbvi.cell_rows import InMemoryRows, StreamedRows, fit_statistics, selected_counts, weighted_sums
@@ -105,6 +107,21 @@ def test_a_streamed_fit_is_the_fit_in_memory(input_and_selection, small_windows)
     for name in in_memory.means:
         np.testing.assert_array_equal(streamed.means[name], in_memory.means[name])
         np.testing.assert_array_equal(streamed.stds[name], in_memory.stds[name])
+
+
+def test_a_zarr_input_streams_the_counts_of_the_same_h5ad_input(input_and_selection, small_windows):
+    h5ad, selection = input_and_selection
+    store = h5ad.with_suffix(".zarr")
+    write_zarr(ad.read_h5ad(h5ad), store)
+    with SelectedCounts(h5ad, selection) as from_h5ad, SelectedCounts(store, selection) as from_zarr:
+        streamed = [StreamedRows(reader, block_entries=200) for reader in (from_h5ad, from_zarr)]
+        assert streamed[1].statistics().digest == streamed[0].statistics().digest
+        cells = np.array([5, 280, 3, 64, 100])
+        for rows in streamed:
+            rows.admit(np.arange(100, 180), keep=np.array([3, 5]))
+        assert (streamed[1].rows(cells) != streamed[0].rows(cells)).nnz == 0
+    with selected_counts(store, selection, stream_above_gb=0, block_entries=200) as (_, counts):
+        assert isinstance(counts, StreamedRows) and counts.statistics().digest == streamed[0].statistics().digest
 
 
 def test_group_sums_of_streamed_counts_are_those_in_memory(input_and_selection):

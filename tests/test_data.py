@@ -1,5 +1,6 @@
 """Tests for reading, checking, cleaning and slicing count matrices."""
 
+import shutil
 import warnings
 from pathlib import Path
 
@@ -9,10 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import zarr
 
+from conftest import write_zarr
 from scnbvi import data
-from scnbvi.data import (read_counts, read_counts_with_renames, read_selected_counts, validate_counts,
-                         write_counts, write_selection)
+from scnbvi.data import (checked_count_blocks, checked_row_blocks, read_counts, read_counts_with_renames,
+                         read_selected_counts, validate_counts, write_counts, write_selection)
 from scnbvi.errors import InputError
 from scnbvi.qc import apply_qc_actions, gene_counts, qc_report, slice_counts
 
@@ -143,6 +146,64 @@ def test_read_counts_reports_missing_and_unreadable_files(tmp_path):
         read_counts(tmp_path / "folder.h5ad")
     with pytest.raises(InputError, match="/dev/zero: file: is not a regular file"):
         read_counts("/dev/zero")
+
+
+def test_a_missing_or_broken_zarr_store_is_one_line_with_the_fix(tmp_path):
+    write_zarr(simulated_counts(), tmp_path / "no_obs.zarr")
+    shutil.rmtree(tmp_path / "no_obs.zarr" / "obs")
+    (tmp_path / "empty.zarr").mkdir()
+    zarr.open_group(tmp_path / "plain.zarr", mode="w")
+    (tmp_path / "file.zarr").write_text("not a directory")
+    problems = {
+        "absent.zarr": "file: zarr store not found; fix: check the path, or write the store",
+        "empty.zarr": r"file: is a directory, not a zarr store \(GroupNotFoundError: .*\); fix: give an .h5ad file, or",
+        "plain.zarr": "file: is a zarr store but not an AnnData one",
+        "file.zarr": "file: is a file, not the directory of a zarr store; fix: ",
+        "no_obs.zarr": r"obs: not readable \(.*\); fix: write the input again with a current anndata's "
+                       "AnnData.write_zarr",
+    }
+    for name, problem in problems.items():
+        with pytest.raises(InputError, match=f"^{tmp_path / name}: {problem}") as raised:
+            read_counts(tmp_path / name)
+        assert "\n" not in str(raised.value)
+
+
+def write_h5ad_and_zarr(adata: ad.AnnData, directory: Path, zarr_format: int = 3) -> tuple[Path, Path]:
+    """The same AnnData written as input.h5ad and as the zarr store input.zarr."""
+    adata.write_h5ad(directory / "input.h5ad")
+    write_zarr(adata, directory / "input.zarr", zarr_format)
+    return directory / "input.h5ad", directory / "input.zarr"
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+@pytest.mark.parametrize("layer", [None, "counts", "raw"])
+@pytest.mark.parametrize("as_stored", [sp.csr_matrix, sp.csc_matrix, lambda m: m.toarray().astype(np.float32)],
+                         ids=["csr", "csc", "dense-float32"])
+def test_an_input_reads_the_same_from_h5ad_and_from_zarr(tmp_path, as_stored, layer, zarr_format):
+    counts = simulated_counts()
+    stored = counts.copy()
+    stored.X = as_stored(counts.X)
+    stored.uns["note"] = "kept"
+    if layer is not None:  # scanpy's and CELLxGENE's layouts: scaled values in X
+        stored.layers["counts"] = stored.X
+        stored.raw = stored
+        stored.X = counts.X.astype(np.float32) / 3
+    h5ad, store = write_h5ad_and_zarr(stored, tmp_path, zarr_format)
+
+    assert_identical(read_counts(store, layer=layer), read_counts(h5ad, layer=layer))
+    with (checked_count_blocks(h5ad, 3 * 80, layer=layer) as left,
+          checked_count_blocks(store, 3 * 80, layer=layer) as right):
+        pd.testing.assert_frame_equal(right.obs, left.obs)
+        pd.testing.assert_frame_equal(right.var, left.var)
+        assert right.uns == left.uns == {"note": "kept"}
+        pairs = list(zip(left.blocks, right.blocks, strict=True))
+    assert len(pairs) > 1 and all((a != b).nnz == 0 and a.dtype == b.dtype for a, b in pairs)
+    sliced = select_as_the_slice_rule_does(h5ad, tmp_path / "selection.h5ad", load={"layer": layer}, **RANDOM_SLICE)
+    read = read_selected_counts(store, tmp_path / "selection.h5ad", layer=layer, block_entries=3 * 80)
+    assert_identical(read, sliced)
+    rows = [sp.vstack(list(checked_row_blocks(path, sliced.obs_names, sliced.var_names, layer=layer,
+                                              block_entries=3 * 80))) for path in (h5ad, store)]
+    assert (rows[0] != rows[1]).nnz == 0
 
 
 def test_float16_counts_read_as_the_same_integers(tmp_path):

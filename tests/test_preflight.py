@@ -14,7 +14,7 @@ import pytest
 import scipy.sparse as sp
 from snakemake.utils import validate
 
-from conftest import REPO, SHARED_DATA, write_h5ad
+from conftest import REPO, SHARED_DATA, write_h5ad, write_zarr
 from scnbvi.design import design_from_config
 from scnbvi.errors import InputError
 from scnbvi.preflight import design_error, read_obs
@@ -109,6 +109,13 @@ def test_columns_the_workflow_adds_and_inputs_it_cannot_read_are_left_to_their_r
 def test_read_obs_is_the_obs_that_the_covariates_rule_reads(tmp_path):
     path = _file(tmp_path)
     pd.testing.assert_frame_equal(read_obs(path), ad.read_h5ad(path).obs)
+    write_zarr(ad.read_h5ad(path), tmp_path / "cells.zarr")
+    pd.testing.assert_frame_equal(read_obs(tmp_path / "cells.zarr"), ad.read_h5ad(path).obs)
+    bad = {"design": {"categorical": ["conditon"]}}
+    assert "obs has no column 'conditon'" in design_error("bad", _settings({"path": str(tmp_path / "cells.zarr"),
+                                                                            **bad}))
+    (tmp_path / "empty.zarr").mkdir()
+    assert design_error("bad", _settings({"path": str(tmp_path / "empty.zarr"), **bad})) is None
 
 
 @pytest.mark.shared_data("microglia_20k.h5ad")

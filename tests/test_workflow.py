@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from conftest import PRESETS, SHARED_DATA, SMALL_SIMULATED, preset, snakemake, write_config, write_h5ad
+from conftest import (PRESETS, SHARED_DATA, SMALL_SIMULATED, make_adata, preset, snakemake, write_config, write_h5ad,
+                      write_zarr)
 from scnbvi.data import read_counts, read_selected_counts
 from scnbvi.qc import apply_qc_actions, gene_counts, slice_counts
 
@@ -353,4 +354,30 @@ def test_an_input_replaced_by_other_counts_with_an_older_time_reruns_load(workfl
     write_h5ad(workflow_copy / "data.h5ad", sp.csr_matrix(_good_counts().toarray()[::-1]))
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns - 10**12))
     rerun = snakemake(workflow_copy, "--configfile", config, "--until", "load", "-n")
+    assert "rule load:" in rerun.stdout + rerun.stderr, rerun.stdout
+
+
+def test_a_zarr_store_runs_to_the_results_streamed_and_a_rewritten_store_reruns_load(workflow_copy):
+    """A .zarr input (a directory) read through every rule, the fit and DE streaming it."""
+    counts = sp.csr_matrix(np.random.default_rng(0).poisson(2.0, (40, 8)).astype(np.float32))
+    obs = {"condition": np.resize(["control", "treated"], 40)}
+    path = write_zarr(make_adata(counts, obs), workflow_copy / "data.zarr")
+    dataset = {"path": path, "design": {"categorical": ["condition"]},
+               "contrasts": [["condition", "treated", "control"]],
+               "inference": {"max_iterations": 300, "stream_above_gb": 0}}
+    config = write_config(workflow_copy, {"datasets": {"mine": dataset}})
+    result = snakemake(workflow_copy, "--configfile", config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = workflow_copy / "results" / "mine"
+    assert all((out / name).stat().st_size > 0 for name in OUTPUTS)
+    assert "streaming the counts from" in (out / "logs" / "fit.log").read_text()
+    assert_no_copy_of_the_counts(workflow_copy / "results", inputs=set())
+
+    # Snakemake sees the store's directory only: other counts written with old times still rerun load.
+    earlier = os.stat(path).st_mtime_ns - 10**12
+    write_zarr(make_adata(sp.csr_matrix(counts.toarray()[::-1]), obs), workflow_copy / "data.zarr")
+    for folder, _, names in os.walk(path):
+        for name in [".", *names]:
+            os.utime(os.path.join(folder, name), ns=(earlier, earlier))
+    rerun = snakemake(workflow_copy, "--configfile", config, "-n")
     assert "rule load:" in rerun.stdout + rerun.stderr, rerun.stdout

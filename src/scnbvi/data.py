@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import zarr
 from anndata.io import read_elem, sparse_dataset
 from anndata.utils import make_index_unique
 
@@ -33,7 +34,7 @@ YAML_WORDS = {"null", "true", "false", "yes", "no", "on", "off", "y", "n"}  # re
 
 def read_counts(path, block_entries: int = 50_000_000, duplicate_names: str = "make_unique",
                 layer: str | None = None, gene_symbols: str | None = None) -> ad.AnnData:
-    """Load an .h5ad as checked integer counts in CSR, with unique cell and gene names.
+    """Load an .h5ad file or AnnData zarr store as checked integer counts in CSR, with unique cell and gene names.
 
     See ``read_counts_with_renames``, which also says which names were changed.
     """
@@ -42,7 +43,7 @@ def read_counts(path, block_entries: int = 50_000_000, duplicate_names: str = "m
 
 def read_counts_with_renames(path, block_entries: int = 50_000_000, duplicate_names: str = "make_unique",
                              layer: str | None = None, gene_symbols: str | None = None) -> tuple[ad.AnnData, dict]:
-    """Load an .h5ad as checked integer counts in CSR, the layout every later step expects: the blocks of
+    """Load an .h5ad or .zarr input as checked integer counts in CSR, the layout every later step expects: the blocks of
     ``checked_count_blocks`` stacked, in the largest integer type any of them needs, so that a file whose
     matrix would not fit in memory as stored (dense, or float64 values with int64 indices) loads as long
     as its non-zero counts fit. The second value is ``CountBlocks.renamed``, the names made unique."""
@@ -85,14 +86,14 @@ def checked_count_blocks(path, block_entries: int = 50_000_000, duplicate_names:
     Each block (``block_entries`` dense entries or stored values) is read from disk, checked and
     shrunk to int32 CSR (int64 where a count needs it) when the iteration reaches it: a caller that
     keeps statistics of the blocks rather than the blocks handles a matrix that would not fit in
-    memory. The file is opened with h5py, not anndata's backed mode, which would load every layer
-    and obsm into memory.
+    memory. The input is opened with h5py or zarr (:func:`input_store`), not anndata's backed mode, which
+    would load every layer and obsm into memory.
     """
     if duplicate_names not in DUPLICATE_NAME_ACTIONS:
         raise InputError("config", "load.duplicate_names", f"unknown action {duplicate_names!r}",
                          f"use one of {list(DUPLICATE_NAME_ACTIONS)}")
     path = Path(path)
-    with _open_h5ad(path) as file:
+    with input_store(path) as file:
         matrix, field = _stored_matrix(file, layer, path)
         obs = _read_element(file, "obs", path)
         var = _read_element(file, "raw/var" if layer == RAW_LAYER else "var", path)
@@ -100,7 +101,7 @@ def checked_count_blocks(path, block_entries: int = 50_000_000, duplicate_names:
         _require_symbol_column(var, gene_symbols, layer, path)
         if matrix.shape != (len(obs), len(var)):
             raise InputError(path, field, f"shape {matrix.shape} differs from obs x var ({len(obs)} x {len(var)})",
-                             "write the file again with anndata's AnnData.write_h5ad")
+                             f"write the input again with anndata's {_rewrite_fix(file)}")
         _require_cells_and_genes(*matrix.shape, path, field)
         renamed = {}
         for axis, frame in (("obs", obs), ("var", var)):
@@ -112,7 +113,7 @@ def checked_count_blocks(path, block_entries: int = 50_000_000, duplicate_names:
                     yield _checked_block(matrix[start : start + size], obs.index[start : start + size], var.index,
                                          path, field)
             except InputError as error:
-                fix = _counts_elsewhere(file, field, block_entries)
+                fix = _counts_elsewhere(file, field, block_entries, path)
                 if fix is None:
                     raise
                 raise InputError(error.source, error.field, error.problem, fix) from None
@@ -127,7 +128,7 @@ def checked_row_blocks(path, cell_names: pd.Index, gene_names: pd.Index, duplica
     cells of an atlas cost little."""
     path = Path(path)
     fix = "the input changed after load read it; rerun the workflow with --forcerun load"
-    with _open_h5ad(path) as file:
+    with input_store(path) as file:
         matrix, field = _stored_matrix(file, layer, path)
         names = {}
         for axis, key in (("obs", "obs"), ("var", "raw/var" if layer == RAW_LAYER else "var")):
@@ -184,7 +185,7 @@ class SelectedCounts:
         self.path = Path(path)
         self._fix = (f"the input changed after {selection_path} was written from it; rerun the workflow with "
                      "--forcerun load, so that its cells and genes are selected again")
-        self._file = _open_h5ad(self.path)
+        self._file = _open_input(self.path)
         try:
             self._matrix, self._field = _stored_matrix(self._file, layer, self.path)
             names = {}
@@ -198,7 +199,7 @@ class SelectedCounts:
                                               self.path, self._fix)
             self.uns = _read_element(self._file, "uns", self.path) if "uns" in self._file else {}
         except BaseException:
-            self._file.close()
+            _close_input(self._file)
             raise
         self._every_gene = np.array_equal(self._genes, np.arange(len(self._gene_names)))
         self.dtype = np.dtype(self.selection.uns[SELECTION_KEY]["dtype"])
@@ -212,7 +213,7 @@ class SelectedCounts:
         self.close()
 
     def close(self) -> None:
-        self._file.close()
+        _close_input(self._file)
 
     def anndata(self, block_entries: int = 50_000_000, cells=None) -> ad.AnnData:
         """The counts of the selection's cells (of ``cells`` only, in that order, when given) with their
@@ -275,7 +276,7 @@ def _read_rows(matrix, rows: np.ndarray):
 
 
 def _read_csr_runs(group, runs: list[tuple[int, int]], n_columns: int) -> sp.csr_matrix:
-    """The rows of runs [start, end) of a CSR matrix stored as an h5py group (data, indices, indptr),
+    """The rows of runs [start, end) of a CSR matrix stored as an h5py or zarr group (data, indices, indptr),
     straight from its datasets: one read of each per run, where anndata's row slicing costs a few
     milliseconds a call (a window of the fit's shuffle is a thousand runs)."""
     bounds = [group["indptr"][start : end + 1] for start, end in runs]
@@ -300,12 +301,30 @@ def _selected_positions(names: pd.Index, selected: pd.Index, field, items, sourc
     return positions
 
 
-def _open_h5ad(path: Path) -> h5py.File:
-    """The file opened for reading, or an InputError saying why it cannot be."""
-    if path.is_dir():
-        raise InputError(path, "file", "is a directory, not an .h5ad file", "give the path of the .h5ad file itself")
+@contextmanager
+def input_store(path) -> Iterator[h5py.File | zarr.Group]:
+    """The input opened for reading (see ``_open_input``), closed when the block ends."""
+    store = _open_input(Path(path))
+    try:
+        yield store
+    finally:
+        _close_input(store)
+
+
+def _open_input(path: Path) -> h5py.File | zarr.Group:
+    """An .h5ad file as an h5py file, a directory as the root group of an AnnData zarr store: anndata reads
+    the elements of either (read_elem, sparse_dataset) and their arrays slice alike, so every reader takes
+    both. An InputError says why the input cannot be opened."""
     if not path.exists():
+        if path.suffix == ".zarr":
+            raise InputError(path, "file", "zarr store not found",
+                             "check the path, or write the store (anndata's AnnData.write_zarr) before running")
         raise InputError(path, "file", "file not found", "check the path, or create the file before running")
+    if path.is_dir():
+        return _open_zarr(path)
+    if path.suffix == ".zarr":
+        raise InputError(path, "file", "is a file, not the directory of a zarr store",
+                         "give the directory that anndata's AnnData.write_zarr wrote, or an .h5ad file")
     if not path.is_file():
         raise InputError(path, "file", "is not a regular file (a device, pipe or socket)",
                          "give the path of an .h5ad file on disk")
@@ -314,6 +333,33 @@ def _open_h5ad(path: Path) -> h5py.File:
     except OSError as error:
         raise InputError(path, "file", f"not a readable .h5ad file ({type(error).__name__}: {error})",
                          "write the counts with anndata's AnnData.write_h5ad") from error
+
+
+def _open_zarr(path: Path) -> zarr.Group:
+    """The root group of the AnnData zarr store in directory ``path``."""
+    fix = "give an .h5ad file, or the directory of a store written by anndata's AnnData.write_zarr"
+    try:
+        root = zarr.open_group(path, mode="r")
+    except Exception as error:  # zarr raises many types for a directory without (valid) zarr metadata
+        raise InputError(path, "file", f"is a directory, not a zarr store ({type(error).__name__}: {error})",
+                         fix) from error
+    if root.attrs.get("encoding-type") != "anndata":
+        _close_input(root)
+        raise InputError(path, "file", "is a zarr store but not an AnnData one (its root has no encoding-type "
+                         "'anndata')", fix)
+    return root
+
+
+def _close_input(store: h5py.File | zarr.Group) -> None:
+    if isinstance(store, h5py.File):
+        store.close()
+    else:
+        store.store.close()
+
+
+def _rewrite_fix(store) -> str:
+    """anndata's writer of the input's format (file, group or array), for the fixes that say to write it again."""
+    return "AnnData.write_zarr" if isinstance(store, (zarr.Group, zarr.Array)) else "AnnData.write_h5ad"
 
 
 def _require_symbol_column(var: pd.DataFrame, column, layer, source) -> None:
@@ -343,7 +389,7 @@ def _matrix_field(layer) -> str:
     return "X" if layer is None else "raw.X" if layer == RAW_LAYER else f"layers[{layer!r}]"
 
 
-def _stored_matrix(file: h5py.File, layer, source):
+def _stored_matrix(file: h5py.File | zarr.Group, layer, source):
     """The matrix ``load.layer`` names, as it lies on disk, and the field that names it in errors."""
     field = _matrix_field(layer)
     if layer is None and "X" not in file:
@@ -358,34 +404,34 @@ def _stored_matrix(file: h5py.File, layer, source):
     return _on_disk(file[_matrix_key(layer)], field, source), field
 
 
-def _layer_names(file: h5py.File) -> list[str]:
-    return list(file["layers"].keys()) if isinstance(file.get("layers"), h5py.Group) else []
+def _layer_names(file: h5py.File | zarr.Group) -> list[str]:
+    return list(file["layers"].keys()) if isinstance(file.get("layers"), (h5py.Group, zarr.Group)) else []
 
 
-def _available_matrices(file: h5py.File) -> str:
+def _available_matrices(file: h5py.File | zarr.Group) -> str:
     return f"layers: {_layer_names(file)}; adata.raw: {'present' if 'raw/X' in file else 'absent'}"
 
 
 def _on_disk(element, field, source):
-    """A sparse dataset or an h5py dataset: both read a block of rows without loading the rest."""
-    if isinstance(element, h5py.Dataset) and element.ndim == 2:
+    """A sparse dataset or a dense h5py or zarr array: each reads a block of rows without loading the rest."""
+    if isinstance(element, (h5py.Dataset, zarr.Array)) and element.ndim == 2:
         return element
     encoding = element.attrs.get("encoding-type")
-    if isinstance(element, h5py.Group) and encoding in SPARSE_ENCODINGS:
+    if isinstance(element, (h5py.Group, zarr.Group)) and encoding in SPARSE_ENCODINGS:
         return sparse_dataset(element)
     raise InputError(source, field, f"not a matrix (stored as {encoding or type(element).__name__!r})",
-                     "store the counts as a sparse or dense matrix with anndata's AnnData.write_h5ad")
+                     f"store the counts as a sparse or dense matrix with anndata's {_rewrite_fix(element)}")
 
 
-def _read_element(file: h5py.File, key: str, source):
+def _read_element(file: h5py.File | zarr.Group, key: str, source):
     try:
         return read_elem(file[key])
-    except Exception as error:  # h5py and anndata raise many types for a missing or outdated element
+    except Exception as error:  # h5py, zarr and anndata raise many types for a missing or outdated element
         raise InputError(source, key, f"not readable ({type(error).__name__}: {error})",
-                         "write the file again with a current anndata's AnnData.write_h5ad") from error
+                         f"write the input again with a current anndata's {_rewrite_fix(file)}") from error
 
 
-def _counts_elsewhere(file: h5py.File, chosen: str, block_entries: int) -> str | None:
+def _counts_elsewhere(file: h5py.File | zarr.Group, chosen: str, block_entries: int, source) -> str | None:
     """The fix naming the config line that reads another matrix of the file holding counts, if any.
 
     Only the first cells of each matrix are read, so the error comes fast on big files. Layers
@@ -399,7 +445,7 @@ def _counts_elsewhere(file: h5py.File, chosen: str, block_entries: int) -> str |
         if field == chosen or _matrix_key(layer) not in file:
             continue
         try:
-            matrix = _on_disk(file[_matrix_key(layer)], field, file.filename)
+            matrix = _on_disk(file[_matrix_key(layer)], field, source)
             _, size = _cell_blocks(matrix, min(block_entries, CANDIDATE_ENTRIES))[0]
             if _holds_counts(matrix[:size]):
                 found.append((layer, field))

@@ -1,5 +1,7 @@
+import bisect
 import copy
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -155,19 +157,40 @@ def counts_reading(wildcards):
     return {key: load[key] for key in ("layer", "duplicate_names")}
 
 
+def input_files(path):
+    """The files an input is stored in: the .h5ad file, or every file of a zarr store's directory, in
+    a fixed order."""
+    if os.path.isdir(path):
+        return sorted(os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names)
+    return [path]
+
+
 def input_identity(wildcards):
     """The input's size and a hash of 64 evenly spaced 64 KiB pieces of it (4 MiB read at most):
     a file replaced by other counts with an older modification time (cp -p, rsync -t, a restore
-    from backup) still reruns load. The simulated data set is made by the workflow: no identity."""
+    from backup) still reruns load. A zarr store is read as its files one after the other, and
+    their names and sizes are hashed too: Snakemake sees only its directory's modification time,
+    which a rewritten chunk leaves as it was. The simulated data set is made by the workflow: no
+    identity."""
     path = dataset_config(wildcards).get("path")
-    if not path or not os.path.isfile(path):
+    if not path or not os.path.exists(path):
         return ""
-    size = os.path.getsize(path)
+    files = input_files(path)
+    sizes = [os.path.getsize(name) for name in files]
+    size = sum(sizes)
     digest = hashlib.sha256(str(size).encode())
+    if os.path.isdir(path):
+        for name, file_size in zip(files, sizes):
+            digest.update(f"{os.path.relpath(name, path)} {file_size}\n".encode())
+    ends = list(itertools.accumulate(sizes))
     piece = 1 << 16
-    with open(path, "rb") as file:
-        for index in range(64):
-            file.seek(index * max(size - piece, 0) // 63)
+    for index in range(64):
+        offset = index * max(size - piece, 0) // 63
+        which = bisect.bisect_right(ends, offset)  # the file holding byte `offset` of them all
+        if which == len(files):
+            break  # no bytes at all
+        with open(files[which], "rb") as file:
+            file.seek(offset - (ends[which] - sizes[which]))
             digest.update(file.read(piece))
     return f"{size} bytes, sha256 of 64 pieces {digest.hexdigest()[:16]}"
 
@@ -185,7 +208,7 @@ def covariate_files(wildcards):
 
 
 def input_mb(input):
-    return sum(os.path.getsize(f) for f in input if os.path.exists(f)) / 1e6
+    return sum(os.path.getsize(name) for f in input if os.path.exists(f) for name in input_files(f)) / 1e6
 
 
 def scaled_mem_mb(base_mb, per_input_mb):
