@@ -219,6 +219,10 @@ def test_memory_estimate_grows_with_the_data():
     small = sum(estimate_memory_bytes(1_000, 500, 50_000, QUICK).values())
     atlas = sum(estimate_memory_bytes(186_224, 39_241, 154_000_000, QUICK).values())
     assert small < 2e9 < atlas < 12e9
+    # 1.1 million cells: held in memory the counts alone take 16 GB; streamed, the fit took 4.7 GB.
+    million = 1_100_000, 39_241, 1_009_641_490, QUICK
+    assert sum(estimate_memory_bytes(*million).values()) > 16e9
+    assert 4.7e9 < sum(estimate_memory_bytes(*million, streamed=True).values()) < 9e9
 
 
 def test_a_plateau_shrinks_the_learning_rate_before_the_fit_stops():

@@ -27,6 +27,7 @@ RENAMED_RECORD_LIMIT = 1000  # renamed entries listed per axis in qc.json; the c
 RAW_LAYER = "raw"  # load.layer's name for adata.raw.X
 SELECTION_KEY = "scnbvi_selection"  # uns entry of a selection file: the dtype of its counts
 MIN_MEAN_RUN = 8  # consecutive rows per slice, on average, below which rows are read one by one
+SPAN_GAP_ROWS = 16  # rows between two wanted runs of a CSR matrix below which both are read as one span
 CANDIDATE_ENTRIES = 1_000_000  # entries read from each other matrix when looking for the counts
 SPARSE_ENCODINGS = ("csr_matrix", "csc_matrix")
 YAML_WORDS = {"null", "true", "false", "yes", "no", "on", "off", "y", "n"}  # read back as no string
@@ -248,8 +249,12 @@ class SelectedCounts:
         """The counts of the selection's ``cells`` (increasing positions), checked and canonical, in the
         selected genes and the recorded dtype; an InputError if a cell's total is not what it was."""
         rows = self._rows[cells]
-        block = _checked_block(_read_rows(self._matrix, rows), self._cell_names[rows], self._gene_names, self.path,
-                               self._field)
+        # Files are read in increasing rows; the input may list the selected cells in another order.
+        order = np.argsort(rows, kind="stable")
+        block = _checked_block(_read_rows(self._matrix, rows[order]), self._cell_names[rows[order]],
+                               self._gene_names, self.path, self._field)
+        if np.any(np.diff(order) != 1):
+            block = block[np.argsort(order)]
         totals = np.asarray(block.sum(axis=1, dtype=np.int64)).ravel()
         changed = np.flatnonzero(totals != self._totals[cells])
         if len(changed):
@@ -264,27 +269,38 @@ class SelectedCounts:
 
 
 def _read_rows(matrix, rows: np.ndarray):
-    """Rows (increasing positions) of a matrix on disk. A CSR matrix is read as one slice of its entries
-    per run of consecutive rows (:func:`_read_csr_runs`); other layouts by their runs as slices when the
-    runs are long, as when most cells are kept, else row by row."""
-    runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
+    """Rows (increasing positions) of a matrix on disk. A CSR matrix is read by spans of rows
+    (:func:`_read_csr_spans`): runs of consecutive rows, joined where fewer than ``SPAN_GAP_ROWS``
+    rows lie between them, whose rows are then picked (scattered rows, as the closing sweep's later
+    passes ask for, cost a read each otherwise). Other layouts by their runs as slices when the runs
+    are long, as when most cells are kept, else row by row."""
     if isinstance(matrix, ad.abc.CSRDataset):
-        return _read_csr_runs(matrix.group, [(run[0], run[-1] + 1) for run in runs if len(run)], matrix.shape[1])
+        if not len(rows):
+            return sp.csr_matrix((0, matrix.shape[1]), dtype=matrix.dtype)
+        breaks = np.flatnonzero(np.diff(rows) > SPAN_GAP_ROWS) + 1
+        spans = [(int(span[0]), int(span[-1]) + 1) for span in np.split(rows, breaks)]
+        read = _read_csr_spans(matrix.group, spans, matrix.shape[1])
+        if read.shape[0] == len(rows):
+            return read
+        lengths = np.array([end - start for start, end in spans])
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) - [start for start, _ in spans]
+        return read[rows + np.repeat(offsets, np.diff(np.r_[0, breaks, len(rows)]))]
+    runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
     if len(runs) * MIN_MEAN_RUN > len(rows):
         return matrix[rows]
     return sp.vstack([as_csr(matrix[run[0] : run[-1] + 1]) for run in runs], format="csr")
 
 
-def _read_csr_runs(group, runs: list[tuple[int, int]], n_columns: int) -> sp.csr_matrix:
-    """The rows of runs [start, end) of a CSR matrix stored as an h5py or zarr group (data, indices, indptr),
-    straight from its datasets: one read of each per run, where anndata's row slicing costs a few
-    milliseconds a call (a window of the fit's shuffle is a thousand runs)."""
-    bounds = [group["indptr"][start : end + 1] for start, end in runs]
+def _read_csr_spans(group, spans: list[tuple[int, int]], n_columns: int) -> sp.csr_matrix:
+    """The rows of spans [start, end) of a CSR matrix stored as an h5py or zarr group (data, indices,
+    indptr), straight from its arrays: one read of each per span, where anndata's row slicing costs a
+    few milliseconds a call (a window of the fit's shuffle is a thousand spans)."""
+    bounds = [group["indptr"][start : end + 1] for start, end in spans]
     data, indices = group["data"], group["indices"]
     values = [data[int(b[0]) : int(b[-1])] for b in bounds] or [np.zeros(0, data.dtype)]
     columns = [indices[int(b[0]) : int(b[-1])] for b in bounds] or [np.zeros(0, indices.dtype)]
     row_nnz = [np.diff(b) for b in bounds] or [np.zeros(0, np.int64)]
-    if len(bounds) > 1:  # one run, as when every cell is read, needs no copy
+    if len(bounds) > 1:  # one span, as when every cell is read, needs no copy
         values, columns, row_nnz = ([np.concatenate(parts)] for parts in (values, columns, row_nnz))
     indptr = np.concatenate([[0], np.cumsum(row_nnz[0])])
     return sp.csr_matrix((values[0], columns[0], indptr), shape=(len(row_nnz[0]), n_columns))

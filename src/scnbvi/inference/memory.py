@@ -12,6 +12,8 @@ from scnbvi.inference.settings import InferenceSettings
 
 log = logging.getLogger("scnbvi")
 WINDOW_CELLS = SHUFFLE_CHUNK_CELLS * SHUFFLE_WINDOW_CHUNKS
+POSTERIOR_CHUNK = 100  # draws at a time (scnbvi.posterior.sample_posterior's chunk)
+CELL_DRAWS_KEPT = 10_000  # inference.cell_draws_max_cells's default
 
 
 def estimate_memory_bytes(n_cells: int, n_genes: int, nnz: int, settings: InferenceSettings,
@@ -29,7 +31,9 @@ def estimate_memory_bytes(n_cells: int, n_genes: int, nnz: int, settings: Infere
         "variational parameters": parameters * 8 * 12,
         "minibatch step": step + 2 * 256e6,
         "convergence check": evaluation_cells(settings, n_genes) * n_genes * 8 * 8,
-        "posterior draws": settings.draws * (2 * n_cells + 3 * n_genes) * 4 * 1.5,
+        # Per-cell variables are drawn POSTERIOR_CHUNK draws at a time (normal draws, constrained values and
+        # their moments); per-gene ones keep every draw until thinned, and at most CELL_DRAWS_KEPT cells theirs.
+        "posterior draws": POSTERIOR_CHUNK * n_cells * 8 * 4 + settings.draws * (3 * n_genes + CELL_DRAWS_KEPT) * 4 * 1.5,
         "libraries": 600e6,
     }
 
