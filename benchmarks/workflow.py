@@ -126,7 +126,7 @@ def row(case: str, measured: dict) -> list[str]:
         f"{measured['wall']:.1f}",
         f"{rules['fit']:.1f} ({measured['fit_seconds']:.1f}, {measured['epochs']:.1f} epochs)",
         f"{measured['wall'] / rules['fit']:.2f}",
-        f"{measured['seconds_per_epoch']:.1f}",
+        f"{measured['seconds_per_epoch']:.3g}",
         f"{rules['ppc']:.1f}",
         f"{rules['summary']:.1f}",
         ", ".join(f"{rule} {seconds:.1f}" for rule, seconds in others),

@@ -22,7 +22,7 @@ import pymc as pm
 import scipy.sparse as sp
 import xarray as xr
 
-from scnbvi.batches import cell_block
+from scnbvi.batches import cell_block, cell_rows
 from scnbvi.design import Design
 from scnbvi.errors import InputError
 from scnbvi.inference import InferenceSettings, fit
@@ -75,13 +75,14 @@ class Subset:
     design: Design | None
 
 
-def select_subset(counts: sp.spmatrix, n_cells: int, n_genes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def select_subset(counts, n_cells: int, n_genes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (in file order) of a seeded random choice of cells, then of genes among those
-    detected in at least ``MIN_DETECTED_FRACTION`` of the chosen cells."""
-    counts = sp.csr_matrix(counts)
+    detected in at least ``MIN_DETECTED_FRACTION`` of the chosen cells. ``counts``: a matrix, or a
+    store of rows that reads only the chosen cells (:mod:`scnbvi.cell_rows`)."""
+    rows = cell_rows(counts)
     rng = np.random.default_rng([seed, 21])
-    cells = np.sort(rng.choice(counts.shape[0], min(n_cells, counts.shape[0]), replace=False))
-    detected = np.asarray((counts[cells] > 0).sum(axis=0)).ravel()
+    cells = np.sort(rng.choice(rows.shape[0], min(n_cells, rows.shape[0]), replace=False))
+    detected = np.asarray((rows.rows(cells) > 0).sum(axis=0)).ravel()
     expressed = np.flatnonzero(detected >= max(1, np.ceil(MIN_DETECTED_FRACTION * len(cells))))
     if len(expressed) < 2:
         raise InputError("config", "check.nuts", f"the {len(cells)} chosen cells detect {len(expressed)} genes in at "
@@ -106,7 +107,7 @@ def make_subset(counts, cell_log_offset, gene_log_offset, cell_names, gene_names
     else:
         design = None
     return Subset(
-        counts=sp.csr_matrix(counts)[cells][:, genes],
+        counts=cell_rows(counts).rows(cells)[:, genes],
         cell_log_offset=np.asarray(cell_log_offset, dtype=float)[cells],
         gene_log_offset=np.asarray(gene_log_offset, dtype=float)[genes],
         cell_names=[cell_names[i] for i in cells],

@@ -27,7 +27,7 @@ rule check_nuts:
         "../../envs/fit.yaml"
     threads: config["threads"]
     resources:
-        mem_mb=scaled_mem_mb(2000, 4),
+        mem_mb=streamed_mem_mb(2000, 4),
         runtime=nuts_runtime,
     params:
         code=CODE_VERSION,

@@ -237,11 +237,26 @@ def slice_mem_mb(wildcards, input, attempt):
     return scaled_mem_mb(3000, 0)(wildcards, input, attempt)
 
 
-def fit_mem_mb(wildcards, input, attempt):
-    """Memory that grows with the input, up to what the fit holds when it streams its counts (the
-    counts it holds are at most inference.stream_above_gb; larger ones stay on disk)."""
-    stream_above_mb = dataset_config(wildcards)["inference"]["stream_above_gb"] * 1000
-    return int((2000 + min(8 * input_mb(input), 3 * stream_above_mb)) * attempt)
+def streamed_mem_mb(base_mb, per_input_mb):
+    """Memory for a job that reads the selected counts as the fit does (scnbvi.cell_rows.selected_counts),
+    it grows with the input, up to what is held when the counts are streamed (at most
+    inference.stream_above_gb of them; larger ones stay on disk), and with each retry."""
+
+    def mem_mb(wildcards, input, attempt):
+        stream_above_mb = dataset_config(wildcards)["inference"]["stream_above_gb"] * 1000
+        return int((base_mb + min(per_input_mb * input_mb(input), 3 * stream_above_mb)) * attempt)
+
+    return mem_mb
+
+
+def mem_mb_besides_counts(base_mb, per_input_mb):
+    """Memory for a job that reads only a few cells of the input (its other inputs set the size)."""
+
+    def mem_mb(wildcards, input, attempt):
+        others = [name for name in input if name != input.h5ad]
+        return int((base_mb + per_input_mb * input_mb(others)) * attempt)
+
+    return mem_mb
 
 
 def fit_runtime(wildcards, input, attempt):

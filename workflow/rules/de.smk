@@ -38,7 +38,7 @@ rule de:
     conda:
         "../../envs/fit.yaml"
     resources:
-        mem_mb=scaled_mem_mb(2000, 4),
+        mem_mb=streamed_mem_mb(2000, 4),
         runtime=scaled_runtime(15, 20),
     params:
         code=CODE_VERSION,
@@ -79,7 +79,7 @@ rule pseudobulk:
     conda:
         "../../envs/pseudobulk.yaml"
     resources:
-        mem_mb=scaled_mem_mb(1000, 4),
+        mem_mb=streamed_mem_mb(1000, 4),
         runtime=scaled_runtime(10, 10),
     params:
         code=CODE_VERSION,

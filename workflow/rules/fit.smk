@@ -18,7 +18,7 @@ rule fit:
         "../../envs/fit.yaml"
     threads: config["threads"]
     resources:
-        mem_mb=fit_mem_mb,
+        mem_mb=streamed_mem_mb(2000, 8),
         runtime=fit_runtime,
     params:
         code=CODE_VERSION,

@@ -40,10 +40,12 @@ rule ppc:
         f"{RESULTS}/{{dataset}}/logs/ppc.log",
     benchmark:
         f"{RESULTS}/{{dataset}}/benchmarks/ppc.tsv"
+    # The longest of the jobs that wait for the fit: started first, the others share the other cores meanwhile.
+    priority: 1
     conda:
         "../../envs/fit.yaml"
     resources:
-        mem_mb=scaled_mem_mb(2000, 4),
+        mem_mb=mem_mb_besides_counts(2000, 4),
         runtime=scaled_runtime(30, 20),
     params:
         code=CODE_VERSION,

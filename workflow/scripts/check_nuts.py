@@ -2,7 +2,7 @@ from _runner import run
 
 
 def main(snakemake):
-    from scnbvi.data import read_selected_counts
+    from scnbvi.cell_rows import selected_counts
     from scnbvi.design import read_design
     from scnbvi.inference import InferenceSettings
     from scnbvi.nuts_check import INTERVAL_MASS, NutsSettings, check_nuts
@@ -10,22 +10,25 @@ def main(snakemake):
     from scnbvi.outputs import atomic_output, code_version, write_json, write_table
     from scnbvi.plotting import plot_nuts_check
 
-    adata = read_selected_counts(snakemake.input.h5ad, snakemake.input.selection, **snakemake.params.reading)
-    cells, genes = aligned_covariates(snakemake.input.cells, snakemake.input.genes, adata)
-    design = read_design(snakemake.input.design, cells)
-    table, record = check_nuts(
-        adata.X,
-        cells["log_offset"].to_numpy(),
-        genes["log_offset"].to_numpy(),
-        list(adata.obs_names),
-        list(adata.var_names),
-        design if design.n_coefficients else None,
-        nuts=NutsSettings.from_config(snakemake.params.nuts),
-        inference=InferenceSettings.from_config(snakemake.params.inference),
-        backend=snakemake.params.backend,
-        gene_dispersion=snakemake.params.model["gene_dispersion"],
-        cores=snakemake.threads,
-    )
+    # How the counts are held only says how they are read, not what they are: from the config, as the fit does.
+    stream_above_gb = snakemake.config["datasets"][snakemake.wildcards.dataset]["inference"]["stream_above_gb"]
+    with selected_counts(snakemake.input.h5ad, snakemake.input.selection, stream_above_gb,
+                         **snakemake.params.reading) as (selection, counts):
+        cells, genes = aligned_covariates(snakemake.input.cells, snakemake.input.genes, selection)
+        design = read_design(snakemake.input.design, cells)
+        table, record = check_nuts(
+            counts,
+            cells["log_offset"].to_numpy(),
+            genes["log_offset"].to_numpy(),
+            list(selection.obs_names),
+            list(selection.var_names),
+            design if design.n_coefficients else None,
+            nuts=NutsSettings.from_config(snakemake.params.nuts),
+            inference=InferenceSettings.from_config(snakemake.params.inference),
+            backend=snakemake.params.backend,
+            gene_dispersion=snakemake.params.model["gene_dispersion"],
+            cores=snakemake.threads,
+        )
     write_table(table, snakemake.output.table)
     write_json({**record, **code_version()}, snakemake.output.record)
     title = (f"{snakemake.wildcards.dataset}: ADVI vs NUTS on {record['cells']} cells x {record['genes']} genes "
