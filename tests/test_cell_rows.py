@@ -133,3 +133,21 @@ def test_group_sums_of_streamed_counts_are_those_in_memory(input_and_selection):
         np.testing.assert_allclose(weighted_sums(streamed, groups), groups @ held.toarray(), rtol=1e-12)
         np.testing.assert_array_equal(weighted_sums(streamed, groups > 0.5, expressed=True),
                                       (groups > 0.5).astype(float) @ (held.toarray() > 0))
+
+
+def test_an_admitted_window_is_taken_from_the_read_ahead(input_and_selection, monkeypatch):
+    held = InMemoryRows(read_selected_counts(*input_and_selection).X)
+    with SelectedCounts(*input_and_selection) as reader:
+        streamed = StreamedRows(reader, block_entries=200)
+        streamed.admit(np.arange(0, 50))
+        streamed.prefetch(np.arange(30, 120))  # those held already are not read again
+        reads = []
+        monkeypatch.setattr(reader, "read", lambda cells: reads.append(cells) or SelectedCounts.read(reader, cells))
+        streamed.admit(np.arange(50, 120), keep=np.arange(40, 50))
+        assert not reads
+        cells = np.arange(40, 120)
+        assert (streamed.rows(cells) != held.rows(cells)).nnz == 0
+        streamed.prefetch(np.arange(200, 210))
+        streamed.admit(np.arange(205, 215))  # not all read ahead: read now
+        assert sorted(map(tuple, reads)) == [tuple(range(200, 210)), tuple(range(205, 215))]
+        assert (streamed.rows(np.arange(205, 215)) != held.rows(np.arange(205, 215))).nnz == 0

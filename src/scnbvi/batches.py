@@ -98,6 +98,9 @@ class BatchSampler:
             window = self._windows.pop(0)
             self.rows.admit(window, keep=self._queue)
             self._queue = np.concatenate([self._queue, window])
+            if not self._windows:  # the next epoch's order, drawn now so that its first window reads ahead
+                self._windows = epoch_windows(self._rng, self.n_cells)
+            self.rows.prefetch(self._windows[0])
         cells, self._queue = self._queue[: self.batch_size], self._queue[self.batch_size :]
         return np.sort(cells)
 

@@ -4,8 +4,9 @@ model starts from are the same code, and give the same numbers, either way.
 
 A store has ``shape``, ``nnz``, ``cell_nnz`` (non-zeros per cell), ``rows(cells)`` (those cells'
 counts, CSR, in that order), ``admit(cells, keep)`` (the cells about to be asked for: a streamed
-store reads them in one pass and keeps only them and ``keep``; in memory it does nothing) and
-``blocks()`` (every cell's counts, in order, a block at a time).
+store reads them in one pass and keeps only them and ``keep``; in memory it does nothing),
+``prefetch(cells)`` (the cells to be admitted next: a streamed store reads them in the background
+meanwhile) and ``blocks()`` (every cell's counts, in order, a block at a time).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, NamedTuple
 
 import numpy as np
@@ -77,6 +79,9 @@ class InMemoryRows:
     def admit(self, cells, keep=()) -> None:
         """Nothing to read ahead: every row is here."""
 
+    def prefetch(self, cells) -> None:
+        """Nothing to read ahead: every row is here."""
+
     def blocks(self):
         yield self.counts
 
@@ -98,6 +103,10 @@ class StreamedRows:
         self.nnz = self._statistics.nnz
         self._held = sp.csr_matrix((0, self.shape[1]), dtype=reader.dtype)
         self._slot = np.full(self.shape[0], -1, dtype=np.int64)  # each cell's row in _held, or -1
+        # One read ahead, in a thread: the read's I/O and array copies release the GIL, so it runs
+        # while the engine computes on what is held.
+        self._reading = ThreadPoolExecutor(max_workers=1)
+        self._next = None  # (cells, future of their rows) of the last prefetch
 
     def statistics(self) -> FitStatistics:
         return self._statistics
@@ -113,18 +122,35 @@ class StreamedRows:
         unique, where = np.unique(cells, return_inverse=True)
         return self.reader.read(unique)[where]
 
+    def prefetch(self, cells) -> None:
+        """Read ``cells`` that are not held in the background, for the next ``admit``."""
+        cells = np.unique(np.asarray(cells, dtype=np.int64))
+        cells = cells[self._slot[cells] < 0]
+        self._next = (cells, self._reading.submit(self.reader.read, cells)) if len(cells) else None
+
     def admit(self, cells, keep=()) -> None:
         """Hold ``cells`` and ``keep``, and nothing else: those held already are kept, the others read
-        from the input in increasing order."""
+        from the input in increasing order (or taken from the last prefetch, when it read them)."""
         wanted = np.union1d(np.asarray(cells, dtype=np.int64), np.asarray(keep, dtype=np.int64))
         held = self._slot[wanted] >= 0
+        missing = wanted[~held]
         parts = [self._held[self._slot[wanted[held]]]]
-        if not held.all():
-            parts.append(self.reader.read(wanted[~held]))
+        if len(missing):
+            parts.append(self._read(missing))
         self._held = sp.vstack(parts, format="csr")
         self._slot[:] = -1
-        self._slot[np.concatenate([wanted[held], wanted[~held]])] = np.arange(len(wanted))
+        self._slot[np.concatenate([wanted[held], missing])] = np.arange(len(wanted))
 
+    def _read(self, cells: np.ndarray) -> sp.csr_matrix:
+        """The rows of ``cells`` (increasing): from the last prefetch if it read them all, else read now."""
+        if self._next is not None:
+            fetched, rows = self._next
+            where = np.searchsorted(fetched, cells)
+            if np.all(where < len(fetched)) and np.array_equal(fetched[np.minimum(where, len(fetched) - 1)], cells):
+                self._next = None
+                rows = rows.result()
+                return rows if len(cells) == len(fetched) else rows[where]
+        return self.reader.read(cells)
 
 def weighted_sums(counts, weights: np.ndarray, expressed: bool = False) -> np.ndarray:
     """``weights @ counts`` (weights: rows x cells) over a matrix or a store of rows, a block of cells

@@ -265,7 +265,7 @@ class SelectedCounts:
         if not self._every_gene:
             block = block[:, self._genes]
             block.sort_indices()  # genes listed in another order than the input's
-        return block.astype(self.dtype)
+        return block.astype(self.dtype, copy=False)
 
 
 def _read_rows(matrix, rows: np.ndarray):

@@ -1,8 +1,7 @@
-from _runner import run
+from _runner import run, selected_counts
 
 
 def main(snakemake):
-    from scnbvi.cell_rows import selected_counts
     from scnbvi.design import read_design
     from scnbvi.inference import InferenceSettings
     from scnbvi.nuts_check import INTERVAL_MASS, NutsSettings, check_nuts
@@ -10,10 +9,7 @@ def main(snakemake):
     from scnbvi.outputs import atomic_output, code_version, write_json, write_table
     from scnbvi.plotting import plot_nuts_check
 
-    # How the counts are held only says how they are read, not what they are: from the config, as the fit does.
-    stream_above_gb = snakemake.config["datasets"][snakemake.wildcards.dataset]["inference"]["stream_above_gb"]
-    with selected_counts(snakemake.input.h5ad, snakemake.input.selection, stream_above_gb,
-                         **snakemake.params.reading) as (selection, counts):
+    with selected_counts(snakemake) as (selection, counts):
         cells, genes = aligned_covariates(snakemake.input.cells, snakemake.input.genes, selection)
         design = read_design(snakemake.input.design, cells)
         table, record = check_nuts(

@@ -1,10 +1,9 @@
-from _runner import run
+from _runner import run, selected_counts
 
 
 def main(snakemake):
     import logging
 
-    from scnbvi.cell_rows import selected_counts
     from scnbvi.data import symbols_from_var
     from scnbvi.de import contrast_table
     from scnbvi.design import read_design
@@ -15,10 +14,7 @@ def main(snakemake):
     from scnbvi.trace import read_trace
 
     settings = snakemake.params.settings
-    # How the counts are held only says how the sums run, not what they are: from the config, as the fit does.
-    stream_above_gb = snakemake.config["datasets"][snakemake.wildcards.dataset]["inference"]["stream_above_gb"]
-    with selected_counts(snakemake.input.h5ad, snakemake.input.selection, stream_above_gb,
-                         **snakemake.params.reading) as (selection, counts):
+    with selected_counts(snakemake) as (selection, counts):
         cells, genes = aligned_covariates(snakemake.input.cells, snakemake.input.genes, selection)
         design = read_design(snakemake.input.design, cells)
         contrast = tuple(str(part) for part in snakemake.params.contrast)

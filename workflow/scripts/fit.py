@@ -1,8 +1,7 @@
-from _runner import run
+from _runner import run, selected_counts
 
 
 def main(snakemake):
-    from scnbvi.cell_rows import selected_counts
     from scnbvi.design import read_design
     from scnbvi.inference import InferenceSettings, fit
     from scnbvi.inference.checkpoint import remove_checkpoint
@@ -17,8 +16,7 @@ def main(snakemake):
         {**snakemake.params.inference, **{key: run_only[key] for key in snakemake.params.run_only}}
     )
     gene_dispersion = snakemake.params.model["gene_dispersion"]
-    with selected_counts(snakemake.input.h5ad, snakemake.input.selection, run_only["stream_above_gb"],
-                         **snakemake.params.reading) as (selection, counts):
+    with selected_counts(snakemake) as (selection, counts):
         cells, genes = aligned_covariates(snakemake.input.cells, snakemake.input.genes, selection)
         design = read_design(snakemake.input.design, cells)
         model, result = fit(

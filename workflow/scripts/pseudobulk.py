@@ -1,4 +1,4 @@
-from _runner import run
+from _runner import run, selected_counts
 
 
 def main(snakemake):
@@ -6,16 +6,12 @@ def main(snakemake):
 
     import pandas as pd
 
-    from scnbvi.cell_rows import selected_counts
     from scnbvi.design import read_design
     from scnbvi.offsets import aligned_covariates
     from scnbvi.outputs import write_table
     from scnbvi.pseudobulk import agreement, pseudobulk_counts, pydeseq2_table
 
-    # How the counts are held only says how the sums run, not what they are: from the config, as the fit does.
-    stream_above_gb = snakemake.config["datasets"][snakemake.wildcards.dataset]["inference"]["stream_above_gb"]
-    with selected_counts(snakemake.input.h5ad, snakemake.input.selection, stream_above_gb,
-                         **snakemake.params.reading) as (selection, counts):
+    with selected_counts(snakemake) as (selection, counts):
         cells, _ = aligned_covariates(snakemake.input.cells, snakemake.input.genes, selection)
         design = read_design(snakemake.input.design, cells)
         contrast = tuple(str(part) for part in snakemake.params.contrast)

@@ -79,6 +79,9 @@ def refit_every_cell(refit, params: dict, counts, block_size: int, log_every_sec
                          len(moving), last_line - started)
             if number % blocks_per_window == 0:
                 rows.admit(np.unique(np.concatenate(blocks[number:number + blocks_per_window])))
+                following = blocks[number + blocks_per_window:number + 2 * blocks_per_window]
+                if following:
+                    rows.prefetch(np.concatenate(following))
             block = cell_block(rows, cells)
             capacity = max(capacity, nonzero_capacity(len(block["nz_count"])))
             params, block_errors = refit(params, pad_nonzeros(block, capacity))
