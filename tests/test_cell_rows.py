@@ -151,3 +151,13 @@ def test_an_admitted_window_is_taken_from_the_read_ahead(input_and_selection, mo
         streamed.admit(np.arange(205, 215))  # not all read ahead: read now
         assert sorted(map(tuple, reads)) == [tuple(range(200, 210)), tuple(range(205, 215))]
         assert (streamed.rows(np.arange(205, 215)) != held.rows(np.arange(205, 215))).nnz == 0
+
+
+def test_entries_drawn_from_streamed_counts_stop_with_the_fix(input_and_selection):
+    from scnbvi.errors import InputError
+
+    with selected_counts(*input_and_selection, 0.0) as (selection, counts):
+        with pytest.raises(InputError, match="inference.minibatch: .*needs the counts in memory.*fix: use minibatch: "
+                                             "cells, or raise inference.stream_above_gb"):
+            fit(counts, np.zeros(selection.n_obs), np.zeros(selection.n_vars), InferenceSettings(minibatch="entries"),
+                backend="jax")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from scnbvi.cell_rows import as_rows
+
 MINIBATCH_MODES = ("cells", "entries")
 
 # The arrays of one minibatch, by layout, with their dtypes: the model declares one data
@@ -37,8 +39,9 @@ def empty_batch(mode: str, batch_size: int) -> dict[str, np.ndarray]:
 
 # The shuffle of each epoch: cells in chunks of SHUFFLE_CHUNK_CELLS consecutive ones, chunks in a random
 # order, SHUFFLE_WINDOW_CHUNKS of them (a window) shuffled together. A streamed fit then reads a window
-# as a few dozen sequential runs and holds only it (about 0.5 GB of an atlas's counts); a data set of
-# one window is shuffled whole, as one permutation of its cells.
+# as a thousand sequential runs and holds only it (about 0.5 GB of an atlas's counts); chunks this
+# small mix cells that a file keeps in order of sample. A data set of one window is shuffled whole,
+# as one permutation of its cells.
 SHUFFLE_CHUNK_CELLS = 64
 SHUFFLE_WINDOW_CHUNKS = 1024
 
@@ -57,13 +60,6 @@ def epoch_windows(rng: np.random.Generator, n_cells: int) -> list[np.ndarray]:
     return windows
 
 
-def cell_rows(counts):
-    """A store of the cells' counts (:mod:`scnbvi.cell_rows`) as is, any matrix as one held in memory."""
-    from scnbvi.cell_rows import InMemoryRows
-
-    return counts if hasattr(counts, "admit") else InMemoryRows(counts)
-
-
 class BatchSampler:
     """Draws minibatches in one of the model's layouts from the cells' counts (cells x genes): a
     matrix, or a store of :mod:`scnbvi.cell_rows` that streams them from disk.
@@ -78,7 +74,7 @@ class BatchSampler:
     def __init__(self, counts, mode: str, batch_size: int, seed: int):
         if mode not in MINIBATCH_MODES:
             raise ValueError(f"minibatch mode must be one of {MINIBATCH_MODES}, got {mode!r}")
-        self.rows = cell_rows(counts)
+        self.rows = as_rows(counts)
         if mode == "entries" and not hasattr(self.rows, "counts"):
             raise ValueError("the entries layout draws entries from anywhere in the matrix: it needs the counts "
                              "in memory")
@@ -88,7 +84,7 @@ class BatchSampler:
         self.batch_size = int(min(batch_size, limit))
         self._rng = np.random.default_rng(seed)
         self._queue = np.empty(0, dtype=np.int64)
-        self._windows: list[np.ndarray] = []  # the current epoch's windows not queued yet
+        self._windows: list[np.ndarray] = []  # windows not queued yet (the next epoch's once this one's are)
         self.steps_per_epoch = limit / self.batch_size
 
     def _next_cells(self) -> np.ndarray:
@@ -159,7 +155,7 @@ def entry_positions(rows: sp.csr_matrix, positions: np.ndarray) -> np.ndarray:
 def cell_block(counts, cells: np.ndarray) -> dict[str, np.ndarray]:
     """The given cells (of a matrix or a store of rows) in the ``cells`` layout: their indices and
     their non-zero entries."""
-    rows = cell_rows(counts).rows(np.asarray(cells))
+    rows = as_rows(counts).rows(np.asarray(cells))
     return make_batch("cells", cell_index=cells, nz_row=entry_positions(rows, np.arange(len(cells))),
                       nz_gene=rows.indices, nz_count=rows.data)
 
@@ -173,7 +169,7 @@ def stack_cell_blocks(counts, blocks: list[np.ndarray], capacity: int = 0) -> tu
     capacity used."""
     size = len(blocks[0])
     cells = np.concatenate(blocks)
-    rows = cell_rows(counts).rows(cells)  # scipy's row gather: a copy in C of just these cells' entries
+    rows = as_rows(counts).rows(cells)  # scipy's row gather: a copy in C of just these cells' entries
     bounds = rows.indptr[::size]
     per_block = np.diff(bounds)
     capacity = max(capacity, nonzero_capacity(int(per_block.max())))

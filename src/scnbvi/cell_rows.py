@@ -152,12 +152,18 @@ class StreamedRows:
                 return rows if len(cells) == len(fetched) else rows[where]
         return self.reader.read(cells)
 
+
+def as_rows(counts):
+    """A store of the cells' counts as is, any matrix as one held in memory."""
+    return counts if hasattr(counts, "admit") else InMemoryRows(counts)
+
+
 def weighted_sums(counts, weights: np.ndarray, expressed: bool = False) -> np.ndarray:
     """``weights @ counts`` (weights: rows x cells) over a matrix or a store of rows, a block of cells
     at a time: per-gene sums over groups of cells, or over their cells expressing the gene (counts
     above zero) with ``expressed``."""
     weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
-    rows = counts if hasattr(counts, "admit") else InMemoryRows(counts)
+    rows = as_rows(counts)
     sums, first = np.zeros((weights.shape[0], rows.shape[1])), 0
     for block in rows.blocks():
         if expressed:

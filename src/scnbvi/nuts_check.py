@@ -22,7 +22,8 @@ import pymc as pm
 import scipy.sparse as sp
 import xarray as xr
 
-from scnbvi.batches import cell_block, cell_rows
+from scnbvi.batches import cell_block
+from scnbvi.cell_rows import as_rows
 from scnbvi.design import Design
 from scnbvi.errors import InputError
 from scnbvi.inference import InferenceSettings, fit
@@ -79,7 +80,7 @@ def select_subset(counts, n_cells: int, n_genes: int, seed: int) -> tuple[np.nda
     """Indices (in file order) of a seeded random choice of cells, then of genes among those
     detected in at least ``MIN_DETECTED_FRACTION`` of the chosen cells. ``counts``: a matrix, or a
     store of rows that reads only the chosen cells (:mod:`scnbvi.cell_rows`)."""
-    rows = cell_rows(counts)
+    rows = as_rows(counts)
     rng = np.random.default_rng([seed, 21])
     cells = np.sort(rng.choice(rows.shape[0], min(n_cells, rows.shape[0]), replace=False))
     detected = np.asarray((rows.rows(cells) > 0).sum(axis=0)).ravel()
@@ -107,7 +108,7 @@ def make_subset(counts, cell_log_offset, gene_log_offset, cell_names, gene_names
     else:
         design = None
     return Subset(
-        counts=cell_rows(counts).rows(cells)[:, genes],
+        counts=as_rows(counts).rows(cells)[:, genes],
         cell_log_offset=np.asarray(cell_log_offset, dtype=float)[cells],
         gene_log_offset=np.asarray(gene_log_offset, dtype=float)[genes],
         cell_names=[cell_names[i] for i in cells],

@@ -7,8 +7,8 @@ import logging
 import numpy as np
 import pymc as pm
 
-from scnbvi.batches import BatchSampler, cell_rows
-from scnbvi.cell_rows import FitStatistics
+from scnbvi.batches import BatchSampler
+from scnbvi.cell_rows import FitStatistics, as_rows
 from scnbvi.design import Design
 from scnbvi.errors import InputError
 from scnbvi.inference import jax_engine, pymc_engine
@@ -74,13 +74,17 @@ def fit(
     if settings.hyperparameters not in HYPERPARAMETER_ESTIMATES:
         raise ValueError(f"hyperparameters must be one of {HYPERPARAMETER_ESTIMATES}, got {settings.hyperparameters!r}")
     engine = engine_for(backend)
-    rows = cell_rows(counts)
+    rows = as_rows(counts)
+    streamed = not hasattr(rows, "counts")
+    if streamed and settings.minibatch == "entries":
+        raise InputError("config", "inference.minibatch", "entries are drawn from anywhere in the matrix, which "
+                         "needs the counts in memory, and they are larger than inference.stream_above_gb",
+                         "use minibatch: cells, or raise inference.stream_above_gb")
     statistics = rows.statistics()
     require_finite_inputs(statistics, cell_log_offset, gene_log_offset, design)
     sampler = BatchSampler(rows, settings.minibatch, settings.batch_size, settings.seed)
     settings = effective_settings(settings, sampler.batch_size, sampler.steps_per_epoch,
                                   refits_cells=engine == "jax" and settings.minibatch == "cells")
-    streamed = not hasattr(rows, "counts")
     log.info("fitting %d cells x %d genes with engine %s, backend %s, counts %s, effective %s",
              *rows.shape, engine, backend, "streamed from disk" if streamed else "in memory", settings)
     check_memory(*rows.shape, rows.nnz, settings, streamed=streamed)

@@ -9,7 +9,8 @@ import time
 import numpy as np
 
 from scnbvi import batches
-from scnbvi.batches import BATCH_LAYOUT, block_capacity, cell_block, cell_rows, nonzero_capacity, pad_nonzeros
+from scnbvi.batches import BATCH_LAYOUT, block_capacity, cell_block, nonzero_capacity, pad_nonzeros
+from scnbvi.cell_rows import as_rows
 from scnbvi.inference.elbo import cells_per_block
 from scnbvi.inference.jax_objective import Objective
 
@@ -64,7 +65,7 @@ def refit_every_cell(refit, params: dict, counts, block_size: int, log_every_sec
     store of rows (:mod:`scnbvi.cell_rows`), which holds a window of the sampler's size at a time.
     A pass that runs longer than ``log_every_seconds`` says how far it is.
     """
-    rows = cell_rows(counts)
+    rows = as_rows(counts)
     block_size, capacity = sweep_shapes(rows, block_size)
     fillers = np.argsort(rows.cell_nnz, kind="stable")[:block_size]
     blocks_per_window = max(1, batches.SHUFFLE_CHUNK_CELLS * batches.SHUFFLE_WINDOW_CHUNKS // block_size)
