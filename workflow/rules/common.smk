@@ -238,8 +238,8 @@ def slice_mem_mb(wildcards, input, attempt):
 
 
 def streamed_mem_mb(base_mb, per_input_mb):
-    """Memory for a job that reads the selected counts as the fit does (scnbvi.cell_rows.selected_counts),
-    it grows with the input, up to what is held when the counts are streamed (at most
+    """Memory for a job that reads the selected counts as the fit does (scnbvi.cell_rows.selected_counts).
+    It grows with the input up to what is held when the counts are streamed (at most
     inference.stream_above_gb of them; larger ones stay on disk), and with each retry."""
 
     def mem_mb(wildcards, input, attempt):
