@@ -26,6 +26,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import special
 
+from scnbvi.compilation_cache import use_compilation_cache
 from scnbvi.design import Design
 from scnbvi.errors import InputError
 from scnbvi.likelihood.moments import cumulants, log_zero_probability
@@ -309,6 +310,7 @@ def check(
     """The posterior predictive check of ``counts`` (the checked cells x all genes), whose rows
     are the cells of ``draws``. The replicated library sizes (for the histogram) are drawn, with
     ``seed``, from each draw's normal approximation; the bands and p-values need no draws."""
+    use_compilation_cache()
     started = time.perf_counter()
     replicated, (library_means, library_sds) = replicated_moments(draws, cell_log_offset, gene_log_offset, covariates,
                                                                   block_entries)

@@ -8,16 +8,15 @@ in one jitted program, and ``run`` hands them, with the checks' ELBO and the clo
 from __future__ import annotations
 
 import math
-import os
 import time
 from functools import partial
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import pymc as pm
 
 from scnbvi.batches import BatchSampler, block_capacity
+from scnbvi.compilation_cache import use_compilation_cache
 from scnbvi.inference.checkpoint import Checkpoint
 from scnbvi.inference.closing_sweep import closing_refit, compile_sweep, refit_every_cell, sweep_block_size
 from scnbvi.inference.elbo import evaluation_cells, fixed_normal_draws
@@ -125,22 +124,6 @@ def chunk_length(sampler: BatchSampler, settings: InferenceSettings, noise_size:
     bytes_per_step += 4 * noise_size
     pieces = max(1, math.ceil(settings.check_every * bytes_per_step / budget_bytes))
     return max(1, settings.check_every // pieces)
-
-
-def use_compilation_cache() -> None:
-    """Keep XLA's compiled programs on disk, as PyTensor keeps its C: a rerun of a fit on the
-    same data (after a change of settings, say) skips compilation, several seconds of it.
-    ``JAX_COMPILATION_CACHE_DIR`` picks the place; by default the user's cache directory.
-    JAX keeps by default only programs that took a second or more to compile: the fit's
-    programs each take less on small data, and together most of a warm start's compile time
-    (``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` still sets the threshold)."""
-    import jax
-
-    if jax.config.jax_compilation_cache_dir is None:
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scnbvi" / "jax"
-        jax.config.update("jax_compilation_cache_dir", str(cache))
-    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def run(model: pm.Model, sampler: BatchSampler, settings: InferenceSettings, backend: str,
