@@ -58,7 +58,7 @@ CONDA_PACKAGE = {
 }
 SCRIPTS = REPO / "workflow" / "scripts"
 # Local top-level modules -> the folder they are imported from.
-LOCAL_MODULES = {"scnbvi": REPO / "src", "_runner": SCRIPTS}
+LOCAL_MODULES = {"scnbvi": REPO / "src", "_runner": SCRIPTS, "_counts": SCRIPTS}
 
 
 def _rules() -> dict[str, tuple[Path, Path]]:

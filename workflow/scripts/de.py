@@ -1,4 +1,5 @@
-from _runner import run, selected_counts
+from _counts import selected_counts
+from _runner import run
 
 
 def main(snakemake):
