@@ -223,8 +223,8 @@ class SelectedCounts:
         positions = np.arange(self.shape[0])
         if cells is not None:
             wanted = pd.Index([str(cell) for cell in cells])
-            positions = _selected_positions(selection.obs_names, wanted, "obs_names", "cells",
-                                            self.selection_path, "ask only for cells of the selection", among="the selection")
+            positions = _selected_positions(selection.obs_names, wanted, "obs_names", "cells", self.selection_path,
+                                            "ask only for cells of the selection", among="the selection")
             selection = selection[wanted].copy()
         order = np.argsort(positions, kind="stable")
         counts = sp.vstack([self.read(positions[order[start:start + size]])

@@ -29,7 +29,8 @@ ADDED_BY_CELL_CYCLE = ("S_score", "G2M_score", "phase")
 
 
 def read_obs(path) -> pd.DataFrame:
-    """Only the obs of the input (.h5ad or .zarr): 10 ms for 20,000 cells, where anndata's backed mode takes 30-40 ms."""
+    """Only the obs of the input (.h5ad or .zarr): 10 ms for 20,000 cells, where anndata's backed mode takes
+    30-40 ms."""
     with input_store(path) as store:
         return read_elem(store["obs"])
 

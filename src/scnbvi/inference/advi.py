@@ -96,7 +96,8 @@ def fit(
         gene_dispersion=gene_dispersion,
         cell_names=cell_names,
         gene_names=gene_names,
-        initvals=data_driven_initvals(statistics, cell_log_offset, gene_log_offset) if settings.init == "data" else None,
+        initvals=(data_driven_initvals(statistics, cell_log_offset, gene_log_offset)
+                  if settings.init == "data" else None),
         jax_forms=engine == "jax",
         design=None if design is None else design.matrix,
         coefficient_names=None if design is None else design.names,

@@ -33,7 +33,8 @@ def estimate_memory_bytes(n_cells: int, n_genes: int, nnz: int, settings: Infere
         "convergence check": evaluation_cells(settings, n_genes) * n_genes * 8 * 8,
         # Per-cell variables are drawn POSTERIOR_CHUNK draws at a time (normal draws, constrained values and
         # their moments); per-gene ones keep every draw until thinned, and at most CELL_DRAWS_KEPT cells theirs.
-        "posterior draws": POSTERIOR_CHUNK * n_cells * 8 * 4 + settings.draws * (3 * n_genes + CELL_DRAWS_KEPT) * 4 * 1.5,
+        "posterior draws": (POSTERIOR_CHUNK * n_cells * 8 * 4
+                            + settings.draws * (3 * n_genes + CELL_DRAWS_KEPT) * 4 * 1.5),
         "libraries": 600e6,
     }
 
