@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import copy_workflow, snakemake, write_config
 
-from scnbvi.data import checked_count_blocks, checked_row_blocks, read_counts, read_counts_with_renames
+from scnbvi.data import SelectedCounts, checked_count_blocks, read_counts, read_counts_with_renames
 from scnbvi.offsets import impute_gene_lengths, log_offsets, sequencing_depth
 from scnbvi.inference import InferenceSettings
 from scnbvi.nuts_check import NutsSettings
@@ -66,7 +66,7 @@ def test_load_defaults_match_schema(dataset_defaults):
     assert_defaults(read_counts, read_options)
     assert_defaults(read_counts_with_renames, read_options)
     assert_defaults(checked_count_blocks, read_options)
-    assert_defaults(checked_row_blocks, {key: read_options[key] for key in ("duplicate_names", "layer")})
+    assert_defaults(SelectedCounts, {key: read_options[key] for key in ("duplicate_names", "layer")})
     assert_defaults(apply_qc_actions, section)
     assert_defaults(qc_masks, section)
 

@@ -14,7 +14,7 @@ import zarr
 
 from conftest import write_zarr
 from scnbvi import data
-from scnbvi.data import (checked_count_blocks, checked_row_blocks, read_counts, read_counts_with_renames,
+from scnbvi.data import (SelectedCounts, checked_count_blocks, read_counts, read_counts_with_renames,
                          read_selected_counts, validate_counts, write_counts, write_selection)
 from scnbvi.errors import InputError
 from scnbvi.qc import apply_qc_actions, gene_counts, qc_report, slice_counts
@@ -201,8 +201,10 @@ def test_an_input_reads_the_same_from_h5ad_and_from_zarr(tmp_path, as_stored, la
     sliced = select_as_the_slice_rule_does(h5ad, tmp_path / "selection.h5ad", load={"layer": layer}, **RANDOM_SLICE)
     read = read_selected_counts(store, tmp_path / "selection.h5ad", layer=layer, block_entries=3 * 80)
     assert_identical(read, sliced)
-    rows = [sp.vstack(list(checked_row_blocks(path, sliced.obs_names, sliced.var_names, layer=layer,
-                                              block_entries=3 * 80))) for path in (h5ad, store)]
+    rows = []
+    for path in (h5ad, store):
+        with SelectedCounts(path, tmp_path / "selection.h5ad", layer=layer) as counts:
+            rows.append(sp.vstack(list(counts.blocks(3 * 80))))
     assert (rows[0] != rows[1]).nnz == 0
 
 

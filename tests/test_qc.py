@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from scnbvi.data import (SELECTION_KEY, checked_count_blocks, checked_row_blocks, read_counts, write_annotations,
+from scnbvi.data import (SELECTION_KEY, SelectedCounts, checked_count_blocks, read_counts, write_annotations,
                          write_selection)
 from scnbvi.errors import InputError
 from scnbvi.qc import (apply_qc_actions, count_statistics, gene_counts, loaded_annotations, qc_masks, qc_report,
@@ -150,7 +150,8 @@ def test_slice_from_loaded_is_the_slice_of_the_counts_in_memory(tmp_path, slicin
 
     def read_rows(positions):
         rows_read.append(len(positions))
-        return checked_row_blocks(path, loaded.obs_names[positions], loaded.var_names, block_entries=5 * 40)
+        with SelectedCounts(path, tmp_path / "loaded.h5ad") as counts:
+            yield from counts.blocks(5 * 40, positions)
 
     obs, var = slice_loaded(loaded, read_rows, **slicing)
     write_annotations(obs, var, loaded.uns[SELECTION_KEY]["dtype"], tmp_path / "selection.h5ad")

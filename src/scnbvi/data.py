@@ -122,28 +122,6 @@ def checked_count_blocks(path, block_entries: int = 50_000_000, duplicate_names:
         yield CountBlocks(obs, var, uns, renamed, blocks())
 
 
-def checked_row_blocks(path, cell_names: pd.Index, gene_names: pd.Index, duplicate_names: str = "make_unique",
-                       layer: str | None = None, block_entries: int = 50_000_000) -> Iterator[sp.csr_matrix]:
-    """The checked counts of the named cells (in the input's order) and genes (in the given order), a block of
-    cells at a time, read as ``checked_count_blocks`` reads them: only those rows are read, so that a few
-    cells of an atlas cost little."""
-    path = Path(path)
-    fix = "the input changed after load read it; rerun the workflow with --forcerun load"
-    with input_store(path) as file:
-        matrix, field = _stored_matrix(file, layer, path)
-        names = {}
-        for axis, key in (("obs", "obs"), ("var", "raw/var" if layer == RAW_LAYER else "var")):
-            names[axis] = _unique_names(_read_element(file, key, path).index, axis, duplicate_names, path)[0]
-        rows = np.sort(_selected_positions(names["obs"], cell_names, "obs_names", "cells", path, fix))
-        genes = _selected_positions(names["var"], gene_names, "var_names", "genes", path, fix)
-        every_gene = np.array_equal(genes, np.arange(len(names["var"])))
-        _, size = _cell_blocks(matrix, block_entries)[0]
-        for start in range(0, len(rows), size):
-            block_rows = rows[start : start + size]
-            block = _checked_block(_read_rows(matrix, block_rows), names["obs"][block_rows], names["var"], path, field)
-            yield block if every_gene else block[:, genes]
-
-
 def write_selection(adata: ad.AnnData, path) -> None:
     """Write the cells and genes of ``adata`` (its obs and var) and its counts' dtype, but not its counts:
     the later rules read those from the input through it (``read_selected_counts``), so that results/
@@ -227,23 +205,18 @@ class SelectedCounts:
                                             "ask only for cells of the selection", among="the selection")
             selection = selection[wanted].copy()
         order = np.argsort(positions, kind="stable")
-        counts = sp.vstack([self.read(positions[order[start:start + size]])
-                            for start, size in self.block_spans(block_entries, len(positions))], format="csr")
+        counts = sp.vstack(list(self.blocks(block_entries, positions[order])), format="csr")
         if (order != np.arange(len(order))).any():
             counts = counts[np.argsort(order)]
         return ad.AnnData(X=counts, obs=selection.obs, var=selection.var, uns=self.uns)
 
-    def block_spans(self, block_entries: int, n_cells: int | None = None) -> list[tuple[int, int]]:
-        """(first, number) of consecutive blocks of ``n_cells`` cells (all of them by default), each about
-        ``block_entries`` stored values of the input."""
-        n_cells = self.shape[0] if n_cells is None else n_cells
+    def blocks(self, block_entries: int = 50_000_000, cells: np.ndarray | None = None):
+        """The counts of ``cells`` (increasing positions; every selected cell by default), in order, a
+        block of about ``block_entries`` stored values of the input at a time."""
+        cells = np.arange(self.shape[0]) if cells is None else np.asarray(cells)
         _, size = _cell_blocks(self._matrix, block_entries)[0]
-        return [(start, min(size, n_cells - start)) for start in range(0, n_cells, size)]
-
-    def blocks(self, block_entries: int):
-        """Every selected cell's counts, in order, a block at a time."""
-        for start, size in self.block_spans(block_entries):
-            yield self.read(np.arange(start, start + size))
+        for start in range(0, len(cells), size):
+            yield self.read(cells[start:start + size])
 
     def read(self, cells: np.ndarray) -> sp.csr_matrix:
         """The counts of the selection's ``cells`` (increasing positions), checked and canonical, in the

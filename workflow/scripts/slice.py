@@ -6,14 +6,17 @@ def main(snakemake):
 
     import anndata as ad
 
-    from scnbvi.data import SELECTION_KEY, checked_row_blocks, write_annotations
+    from scnbvi.data import SELECTION_KEY, SelectedCounts, write_annotations
     from scnbvi.qc import slice_loaded
 
     settings, reading = snakemake.params.settings, snakemake.params.reading
     loaded = ad.read_h5ad(snakemake.input.loaded)
 
     def read_rows(positions):
-        return checked_row_blocks(snakemake.input.h5ad, loaded.obs_names[positions], loaded.var_names, **reading)
+        # The input is opened only when a step needs counts, and read through loaded.h5ad as the fit reads it
+        # through the selection.
+        with SelectedCounts(snakemake.input.h5ad, snakemake.input.loaded, **reading) as counts:
+            yield from counts.blocks(cells=positions)
 
     obs, var = slice_loaded(
         loaded,
