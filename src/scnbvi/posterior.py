@@ -18,6 +18,7 @@ from scnbvi.outputs import code_version
 from scnbvi.trace import GLOBAL_GROUP, STATISTICS_GROUP, draw_statistics
 
 RECORDED_PACKAGES = ("scnbvi", "pymc", "pytensor", "arviz", "numpy", "jax", "anndata")
+DRAWS_PER_CHUNK = 100  # draws made and mapped through the model at a time: per-cell values for every cell
 
 
 def posterior_variables(model: pm.Model) -> list[str]:
@@ -57,7 +58,7 @@ def point_estimate(model: pm.Model, result: FitResult) -> dict[str, np.ndarray]:
 
 
 def draw_posterior(
-    model: pm.Model, result: FitResult, draws: int, seed: int, chunk: int = 100, attrs: dict | None = None
+    model: pm.Model, result: FitResult, draws: int, seed: int, chunk: int = DRAWS_PER_CHUNK, attrs: dict | None = None
 ) -> az.InferenceData:
     """Draws of every variable, per-cell ones for every cell (see :func:`sample_posterior`)."""
     return sample_posterior(model, result, draws, seed, chunk=chunk, attrs=attrs)[0]
@@ -70,7 +71,7 @@ def sample_posterior(
     seed: int,
     max_cells: int | None = None,
     local_draws: int | None = None,
-    chunk: int = 100,
+    chunk: int = DRAWS_PER_CHUNK,
     attrs: dict | None = None,
 ) -> tuple[az.InferenceData, pd.DataFrame]:
     """Draw from q in the unconstrained space and map the draws through the model's transforms.

@@ -4,9 +4,7 @@ from _runner import run, stage_logger
 def main(snakemake):
     import logging
 
-    import anndata as ad
-
-    from scnbvi.data import read_selected_counts
+    from scnbvi.data import SelectedCounts
     from scnbvi.design import read_design
     from scnbvi.offsets import aligned_covariates
     from scnbvi.outputs import atomic_output, write_json, write_table
@@ -25,15 +23,16 @@ def main(snakemake):
 
     stage = stage_logger("posterior predictive check")
     settings = snakemake.params.settings
-    # Every fitted cell's covariates (the design is centred over them all), the checked cells' counts only.
-    selection = ad.read_h5ad(snakemake.input.selection)
-    cells, genes = aligned_covariates(snakemake.input.cells, snakemake.input.genes, selection)
-    design = read_design(snakemake.input.design, cells)
-    idata = read_trace(snakemake.input.trace)
-    checked = select_cells(idata["posterior"]["cell"].values, settings["cells"], settings["seed"])
-    rows = cell_positions(checked, selection.obs_names, snakemake.input.trace)
-    counts = read_selected_counts(snakemake.input.h5ad, snakemake.input.selection, **snakemake.params.reading,
-                                  cells=checked).X
+    # Every fitted cell's covariates (the design is centred over them all), the checked cells' counts only:
+    # the selection is read once, for both.
+    with SelectedCounts(snakemake.input.h5ad, snakemake.input.selection, **snakemake.params.reading) as reader:
+        selection = reader.selection
+        cells, genes = aligned_covariates(snakemake.input.cells, snakemake.input.genes, selection)
+        design = read_design(snakemake.input.design, cells)
+        idata = read_trace(snakemake.input.trace)
+        checked = select_cells(idata["posterior"]["cell"].values, settings["cells"], settings["seed"])
+        rows = cell_positions(checked, selection.obs_names, snakemake.input.trace)
+        counts = reader.anndata(cells=checked).X
     draws = posterior_draws(idata, checked, settings["draws"], settings["seed"])
     covariates = centred_covariates(design, draws.coefficients)[rows] if draws.beta is not None else None
     stage(f"read the counts, the design and {draws.n_draws} draws of {len(checked)} cells")

@@ -9,10 +9,10 @@ from scnbvi.errors import InsufficientMemoryError
 from scnbvi.batches import SHUFFLE_CHUNK_CELLS, SHUFFLE_WINDOW_CHUNKS
 from scnbvi.inference.elbo import evaluation_cells
 from scnbvi.inference.settings import InferenceSettings
+from scnbvi.posterior import DRAWS_PER_CHUNK
 
 log = logging.getLogger("scnbvi")
 WINDOW_CELLS = SHUFFLE_CHUNK_CELLS * SHUFFLE_WINDOW_CHUNKS
-POSTERIOR_CHUNK = 100  # draws at a time (scnbvi.posterior.sample_posterior's chunk)
 CELL_DRAWS_KEPT = 10_000  # inference.cell_draws_max_cells's default
 
 
@@ -31,9 +31,9 @@ def estimate_memory_bytes(n_cells: int, n_genes: int, nnz: int, settings: Infere
         "variational parameters": parameters * 8 * 12,
         "minibatch step": step + 2 * 256e6,
         "convergence check": evaluation_cells(settings, n_genes) * n_genes * 8 * 8,
-        # Per-cell variables are drawn POSTERIOR_CHUNK draws at a time (normal draws, constrained values and
+        # Per-cell variables are drawn DRAWS_PER_CHUNK draws at a time (normal draws, constrained values and
         # their moments); per-gene ones keep every draw until thinned, and at most CELL_DRAWS_KEPT cells theirs.
-        "posterior draws": (POSTERIOR_CHUNK * n_cells * 8 * 4
+        "posterior draws": (DRAWS_PER_CHUNK * n_cells * 8 * 4
                             + settings.draws * (3 * n_genes + CELL_DRAWS_KEPT) * 4 * 1.5),
         "libraries": 600e6,
     }
