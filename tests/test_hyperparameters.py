@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from scnbvi.inference import FitResult, InferenceSettings
-from scnbvi.inference.hyperparameters import INTERVAL_MASS, collapse_hyperparameters, density_grid
+from scnbvi.inference.hyperparameters import GRID_POINTS, INTERVAL_MASS, collapse_hyperparameters, density_grid
 from scnbvi.model import PRIOR_SIGMA_SD, RAW_CELL_EFFECT, build_model
 
 N_CELLS, N_GENES = 30, 60
@@ -101,6 +101,18 @@ def test_density_grid_reaches_the_tails_of_a_skewed_density():
     median = np.interp(0.5, np.cumsum(weights) - weights / 2, points)
     assert median == pytest.approx(stats.loggamma(shape).median(), abs=1e-3)
 
+
+
+def test_density_grid_finds_a_mode_far_from_its_start():
+    """On atlas-sized data q's mean of log sigma_cond sat 400 of its sds below the collapsed
+    density's mode; the grid must cover the density, not the few thousand small steps near q."""
+    density = stats.norm(loc=-0.25, scale=0.004)
+    points, weights = density_grid(density.logpdf, center=-0.626, sd=0.0009)
+    assert len(points) == GRID_POINTS
+    assert points[0] < density.ppf(1e-6) and points[-1] > density.ppf(1 - 1e-6)
+    median = np.interp(0.5, np.cumsum(weights) - weights / 2, points)
+    assert median == pytest.approx(-0.25, abs=1e-4)
+    assert np.sqrt(weights @ points**2 - (weights @ points) ** 2) == pytest.approx(0.004, rel=1e-3)
 
 @BACKENDS
 def test_cell_effects_and_their_scale_are_integrated_over_its_exact_marginal(backend):

@@ -36,7 +36,7 @@ import pytensor.tensor as pt
 from pytensor.graph.replace import graph_replace
 from pytensor.graph.traversal import ancestors
 from pytensor.tensor.random.basic import NormalRV
-from scipy import stats
+from scipy import optimize, stats
 
 from scnbvi.inference.backends import pytensor_mode
 from scnbvi.inference.jax_graph import jaxify
@@ -50,11 +50,13 @@ HYPERPARAMETER_ESTIMATES = ("collapsed", "mean-field")
 # the width of its central interval of this mass: the long tail towards zero would inflate an
 # sd matched to moments (on droplet cells 1.5x NUTS's).
 INTERVAL_MASS = 0.9
-# The grid of log sigma_cond: steps of a tenth of its Laplace sd, out on each side to where the
-# collapsed log density has fallen this far below its peak (the funnel's tail falls slowly).
-GRID_STEPS_PER_SD = 10
+# The grid of log sigma_cond: evenly spaced points between where the collapsed log density has
+# fallen this far below its mode on either side (the funnel's tail falls slowly), about 20 per
+# sd of a Gaussian.
 GRID_LOG_DENSITY_DROP = 15.0
-MAX_GRID_POINTS = 4000
+GRID_POINTS = 221
+# Bisections that place each end of the grid: its width known to within 2^-30 of the search span.
+END_BISECTIONS = 30
 
 
 @dataclass(frozen=True)
@@ -230,22 +232,55 @@ def integrate_out_sigma_cond(model: pm.Model, result: FitResult, cells: EffectGr
 
 
 def density_grid(log_density, center: float, sd: float) -> tuple[np.ndarray, np.ndarray]:
-    """Points of a 1-D log density, a tenth of ``sd`` apart, from ``center`` out on each side to
-    where it has fallen ``GRID_LOG_DENSITY_DROP`` below the highest value seen, and their
-    normalised weights."""
-    step = sd / GRID_STEPS_PER_SD
-    points, values = [center], [log_density(center)]
-    peak = values[0]
-    for direction in (-1.0, 1.0):
-        x, value = center, values[0]
-        while len(points) < MAX_GRID_POINTS and value > peak - GRID_LOG_DENSITY_DROP:
-            x += direction * step
-            value = log_density(x)
-            value = value if np.isfinite(value) else -np.inf
-            points.append(x)
-            values.append(value)
-            peak = max(peak, value)
-    order = np.argsort(points)
-    points, values = np.asarray(points)[order], np.asarray(values)[order]
+    """Points of a 1-D log density, ``GRID_POINTS`` evenly spaced from where it has fallen
+    ``GRID_LOG_DENSITY_DROP`` below its mode on one side to where it has on the other, and their
+    normalised weights. The mode is searched from ``center`` in steps that start at ``sd`` and
+    double: on atlas-sized data q's mean of log sigma_cond sat hundreds of its sds from the mode."""
+
+    def value(x: float) -> float:
+        result = float(log_density(x))
+        return result if np.isfinite(result) else -np.inf
+
+    mode = _mode(value, center, sd)
+    level = value(mode) - GRID_LOG_DENSITY_DROP
+    low, high = (_crossing(value, mode, direction * sd, level) for direction in (-1.0, 1.0))
+    points = np.linspace(low, high, GRID_POINTS)
+    values = np.array([value(x) for x in points])
     weights = np.exp(values - values.max())
     return points, weights / weights.sum()
+
+
+def _mode(value, center: float, step: float) -> float:
+    """The maximum of a unimodal ``value``: uphill from ``center`` in doubling steps until it falls,
+    then Brent's method within the last three points."""
+    here = value(center)
+    direction = 1.0 if value(center + step) >= here else -1.0
+    behind, x = center - direction * step, center
+    for _ in range(200):
+        ahead = x + direction * step
+        if value(ahead) < here:
+            break
+        behind, x, here = x, ahead, value(ahead)
+        step *= 2.0
+    else:
+        raise ValueError(f"no mode of the log density within {step:g} of {center:g}")
+    bounds = sorted([behind, ahead])
+    solution = optimize.minimize_scalar(lambda y: -value(y), bounds=bounds, method="bounded",
+                                        options={"xatol": 1e-6 * (bounds[1] - bounds[0])})
+    return float(solution.x) if value(float(solution.x)) >= here else x
+
+
+def _crossing(value, mode: float, step: float, level: float) -> float:
+    """Where ``value`` falls to ``level`` on the side of ``mode`` that ``step`` points to: steps
+    doubling until below it, then bisection."""
+    inside, outside = mode, mode + step
+    for _ in range(200):
+        if value(outside) < level:
+            break
+        inside, outside = outside, outside + 2 * (outside - inside)
+    else:
+        raise ValueError(f"the log density does not fall below {level:g} on one side of {mode:g}")
+    for _ in range(END_BISECTIONS):
+        middle = (inside + outside) / 2
+        inside, outside = (middle, outside) if value(middle) >= level else (inside, middle)
+    return outside
