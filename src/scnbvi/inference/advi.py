@@ -17,6 +17,7 @@ from scnbvi.inference.checkpoint import Checkpoint, fingerprint
 from scnbvi.inference.hyperparameters import HYPERPARAMETER_ESTIMATES, collapse_hyperparameters
 from scnbvi.inference.initialization import data_driven_initvals
 from scnbvi.inference.memory import check_memory
+from scnbvi.inference.recentring import recentre_cell_effects
 from scnbvi.inference.result import FitResult
 from scnbvi.inference.settings import InferenceSettings, effective_settings
 from scnbvi.model import build_model, centring_weights
@@ -88,6 +89,7 @@ def fit(
     log.info("fitting %d cells x %d genes with engine %s, backend %s, counts %s, effective %s",
              *rows.shape, engine, backend, "streamed from disk" if streamed else "in memory", settings)
     check_memory(*rows.shape, rows.nnz, settings, streamed=streamed)
+    cell_centring = centring_weights(statistics, cell_log_offset)
     model = build_model(
         cell_log_offset=cell_log_offset,
         gene_log_offset=gene_log_offset,
@@ -102,7 +104,7 @@ def fit(
         design=None if design is None else design.matrix,
         coefficient_names=None if design is None else design.names,
         sample_coefficients=0 if design is None else design.n_sample_coefficients,
-        cell_centring=centring_weights(statistics, cell_log_offset),
+        cell_centring=cell_centring,
     )
     checkpoint = None
     if checkpoint_path is not None:
@@ -111,7 +113,7 @@ def fit(
         options = {"backend": backend, "gene_dispersion": gene_dispersion}
         checkpoint = Checkpoint(checkpoint_path, fingerprint(statistics.digest, arrays, settings, options),
                                 60 * settings.checkpoint_minutes)
-    result = ENGINES[engine](model, sampler, settings, backend, checkpoint)
+    result = recentre_cell_effects(ENGINES[engine](model, sampler, settings, backend, checkpoint), cell_centring)
     if settings.hyperparameters == "collapsed":
         result = collapse_hyperparameters(model, result)
     log.info(
