@@ -102,7 +102,6 @@ def test_density_grid_reaches_the_tails_of_a_skewed_density():
     assert median == pytest.approx(stats.loggamma(shape).median(), abs=1e-3)
 
 
-
 def test_density_grid_finds_a_mode_far_from_its_start():
     """On atlas-sized data q's mean of log sigma_cond sat 400 of its sds below the collapsed
     density's mode; the grid must cover the density, not the few thousand small steps near q."""
@@ -113,6 +112,7 @@ def test_density_grid_finds_a_mode_far_from_its_start():
     median = np.interp(0.5, np.cumsum(weights) - weights / 2, points)
     assert median == pytest.approx(-0.25, abs=1e-4)
     assert np.sqrt(weights @ points**2 - (weights @ points) ** 2) == pytest.approx(0.004, rel=1e-3)
+
 
 @BACKENDS
 def test_cell_effects_and_their_scale_are_integrated_over_its_exact_marginal(backend):

@@ -17,7 +17,7 @@ def _drifted(seed=0, n_cells=5000, n_genes=40, drift=0.88, weak_share=0.0):
     """q as a fit of one or two epochs leaves it: each cell's posterior given gene effects lowered
     by ``drift`` and sigma_cond = 0.5, from Gaussian likelihoods around 0.37-sd true effects;
     pinned cells (sd 0.02), and a share of cells whose likelihood is as wide as the prior.
-    Returns the result, the centring weights and each cell's likelihood precision."""
+    Returns the result, the centring weights, and each cell's likelihood precision and estimate."""
     rng = np.random.default_rng(seed)
     weights = rng.uniform(0.05, 0.99, n_cells)
     likelihood_sd = np.where(rng.random(n_cells) < weak_share, SIGMA_COND, 0.02)
