@@ -26,6 +26,7 @@ posterior sds off.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, replace
 
@@ -122,19 +123,20 @@ def collapsed_log_posterior(model: pm.Model, groups: list[EffectGroup], result: 
                                  mode=pytensor_mode(result.backend), on_unused_input="ignore")
     fitted = evaluate(*(result.means[v.name] for v in hyper_values))
     for k, group in enumerate(groups):
-        precision, natural_mean = likelihood_as_normal(group, fitted[2 * k], fitted[2 * k + 1])
+        precision, natural_mean = likelihood_as_normal(group.means, group.sds, fitted[2 * k], fitted[2 * k + 1])
         location, scale = graph_replace([group.location, group.scale], at_vector, strict=False)
         total = total + _integrated_effects(location, scale**2, precision, natural_mean)
     return total, vector, hyper_values
 
 
-def likelihood_as_normal(group: EffectGroup, location, scale) -> tuple[np.ndarray, np.ndarray]:
-    """Each effect's likelihood as a Gaussian (precision, precision-weighted mean): its q, which
-    is its posterior given its prior's ``location`` and ``scale`` at q's means, less that prior."""
-    location, scale = (np.broadcast_to(value, group.means.shape) for value in (location, scale))
-    precision = np.maximum(1.0 / group.sds**2 - 1.0 / scale**2, 0.0)
+def likelihood_as_normal(means: np.ndarray, sds: np.ndarray, location, scale) -> tuple[np.ndarray, np.ndarray]:
+    """Each effect's likelihood as a Gaussian (precision, precision-weighted mean): its q (``means``,
+    ``sds``), which is its posterior given its prior's ``location`` and ``scale`` at q's means,
+    less that prior."""
+    location, scale = (np.broadcast_to(value, means.shape) for value in (location, scale))
+    precision = np.maximum(1.0 / sds**2 - 1.0 / scale**2, 0.0)
     # An effect its data do not inform adds nothing; its eta is then only fitting noise.
-    natural_mean = np.where(precision > 0, group.means / group.sds**2 - location / scale**2, 0.0)
+    natural_mean = np.where(precision > 0, means / sds**2 - location / scale**2, 0.0)
     return precision, natural_mean
 
 
@@ -208,7 +210,7 @@ def integrate_out_sigma_cond(model: pm.Model, result: FitResult, cells: EffectGr
         return float(log_density(point))
 
     points, weights = density_grid(along, at[index], float(result.stds[name]))
-    precision, natural_mean = likelihood_as_normal(cells, 0.0, np.exp(at[index]))
+    precision, natural_mean = likelihood_as_normal(cells.means, cells.sds, 0.0, np.exp(at[index]))
     per_raw_unit = cell_effect_per_raw_unit(model, result.backend)
     raw_mean, raw_square = np.zeros_like(precision), np.zeros_like(precision)
     for x, weight in zip(points, weights):
@@ -237,6 +239,7 @@ def density_grid(log_density, center: float, sd: float) -> tuple[np.ndarray, np.
     normalised weights. The mode is searched from ``center`` in steps that start at ``sd`` and
     double: on atlas-sized data q's mean of log sigma_cond sat hundreds of its sds from the mode."""
 
+    @functools.cache  # the searches come back to points they have seen (the start, the mode)
     def value(x: float) -> float:
         result = float(log_density(x))
         return result if np.isfinite(result) else -np.inf

@@ -22,6 +22,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from scnbvi.inference.hyperparameters import likelihood_as_normal
 from scnbvi.inference.result import FitResult
 from scnbvi.model import PRIOR_MU_SD, RAW_CELL_EFFECT
 
@@ -37,15 +38,14 @@ def recentre_cell_effects(result: FitResult, cell_centring: np.ndarray) -> FitRe
     sigma_cond = float(np.exp(means["sigma_cond_log__"]))
     per_raw_unit = sigma_cond ** (1.0 - np.asarray(cell_centring, dtype=np.float64))
     mean = per_raw_unit * np.asarray(means[RAW_CELL_EFFECT], dtype=np.float64)
-    variance = (per_raw_unit * np.asarray(result.stds[RAW_CELL_EFFECT], dtype=np.float64)) ** 2
-    precision = np.maximum(1.0 / variance - 1.0 / sigma_cond**2, 0.0)  # the cell's likelihood
+    sd = per_raw_unit * np.asarray(result.stds[RAW_CELL_EFFECT], dtype=np.float64)
+    precision, natural_mean = likelihood_as_normal(mean, sd, 0.0, sigma_cond)
     # Each cell's estimate eta_i / lambda_i is N(k, sigma^2 + 1/lambda_i): weights lambda_i / (1 + lambda_i sigma^2).
-    natural_mean = np.where(precision > 0, mean / variance, 0.0)
     spread = 1.0 + precision * sigma_cond**2
     mu_gene = float(means["mu_gene"])
     shift = ((np.sum(natural_mean / spread) - mu_gene / PRIOR_MU_SD**2)
              / (np.sum(precision / spread) + 1.0 / PRIOR_MU_SD**2))
-    moved = mean - shift * precision * variance
+    moved = mean - shift * precision * sd**2
     means[RAW_CELL_EFFECT] = (moved / per_raw_unit).astype(means[RAW_CELL_EFFECT].dtype)
     means["gene_effect"] = (means["gene_effect"] + shift).astype(means["gene_effect"].dtype)
     means["mu_gene"] = np.asarray(mu_gene + shift, dtype=np.asarray(means["mu_gene"]).dtype)
